@@ -1,0 +1,233 @@
+"""PEFT LoRA adapters: the config, the tensor index, and the per-module factors.
+
+An adapter becomes one ``LoraAdapter``: its validated config, and for every LoRA module the keys
+of ``lora_A`` (r, in) and ``lora_B`` (out, r) with the module's scaling. Tensors are read only
+when the merge reaches the base tensor they belong to.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from .errors import InputError, PlanError, UnsupportedError
+from .header import SafetensorsHeader, TensorInfo, read_header
+
+if TYPE_CHECKING:
+    import torch
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAMES = ("adapter_model.safetensors", "adapter_model.bin")
+PEFT_PREFIX = "base_model.model."
+MAX_RANK = 1 << 16
+
+_LORA_KEY = re.compile(r"^(?P<module>.+)\.(?P<factor>lora_A|lora_B)\.weight$")
+# Saved tensors of PEFT features this version cannot merge exactly; named in the refusal.
+_UNSUPPORTED_KEYS = (
+    (re.compile(r"\.lora_magnitude_vector(\.weight)?$"), "DoRA (lora_magnitude_vector)"),
+    (re.compile(r"\.lora_embedding_[AB]$"), "LoRA on Embedding layers (lora_embedding_A/B)"),
+    (re.compile(r"\.lora_B\.bias$"), "lora_bias"),
+    (re.compile(r"\.trainable_tokens_delta$"), "trainable_token_indices"),
+)
+_SAFE_INIT = (True, False, "gaussian", "eva", "orthogonal")
+# Config fields whose truthy value means the saved factors alone do not reproduce the model.
+_UNSUPPORTED_FIELDS = {
+    "use_dora": "DoRA",
+    "lora_bias": "lora_bias",
+    "layer_replication": "layer_replication (the merged model would need duplicated layers)",
+    "alora_invocation_tokens": "aLoRA (activated only after invocation tokens)",
+    "target_parameters": "target_parameters (LoRA on fused parameters such as MoE experts)",
+    "trainable_token_indices": "trainable_token_indices",
+    "modules_to_save": "modules_to_save (full replacement modules)",
+    "use_qalora": "QA-LoRA",
+    "use_bdlora": "BD-LoRA",
+    "velora_config": "VeLoRA",
+    "monteclora_config": "MonteCLoRA",
+    "arrow_config": "Arrow routing",
+    "kasa_config": "KaSA",
+    "megatron_config": "Megatron parallel LoRA layers",
+}
+
+
+@dataclass(frozen=True)
+class LoraModule:
+    """One adapted module: ``delta = scaling * (B @ A)`` with A (r, in) and B (out, r)."""
+
+    module: str  # in-memory module path, e.g. "model.layers.0.self_attn.q_proj"
+    a_key: str
+    b_key: str
+    r: int
+    lora_alpha: float
+    scaling: float
+
+
+@dataclass
+class LoraAdapter:
+    """A PEFT LoRA adapter directory, validated, with lazy access to its tensors."""
+
+    path: Path
+    weights_path: Path
+    config: dict[str, Any]
+    weight: float  # this adapter's share when several are merged: delta *= weight
+    tensors: dict[str, TensorInfo]  # key -> header entry (for .bin: shape/dtype only)
+    modules: dict[str, LoraModule]
+    _header: SafetensorsHeader | None = None
+    _bin: dict[str, Any] | None = None
+
+    @property
+    def label(self) -> str:
+        return self.path.name or str(self.path)
+
+    def load(self, key: str) -> torch.Tensor:
+        """Read one adapter tensor as float32 (adapters are small; bf16 factors are widened exactly)."""
+        import torch
+
+        if self._bin is not None:
+            return self._bin[key].to(torch.float32)
+        from .tensors import read_tensor
+
+        assert self._header is not None
+        return read_tensor(self.weights_path, self._header, key).to(torch.float32)
+
+
+def _read_config(path: Path) -> dict[str, Any]:
+    config_path = path / CONFIG_NAME
+    if not config_path.is_file():
+        raise InputError(
+            f"adapter {path}: no {CONFIG_NAME}; pass the directory written by PEFT's save_pretrained"
+        )
+    try:
+        config = json.loads(config_path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise InputError(f"{config_path}: not valid JSON ({exc})") from None
+    if not isinstance(config, dict):
+        raise InputError(f"{config_path}: must hold a JSON object")
+    return config
+
+
+def _check_config(config: dict[str, Any], where: Path) -> None:
+    peft_type = config.get("peft_type")
+    if peft_type != "LORA":
+        raise UnsupportedError(
+            f"{where}: peft_type {peft_type!r} is not mergeable by streammerge (only 'LORA' is)"
+        )
+    r, alpha = config.get("r"), config.get("lora_alpha")
+    if not isinstance(r, int) or isinstance(r, bool) or not 0 < r <= MAX_RANK:
+        raise InputError(f"{where}: 'r' must be an integer from 1 to {MAX_RANK}, got {r!r}")
+    if not isinstance(alpha, (int, float)) or isinstance(alpha, bool) or not math.isfinite(alpha):
+        raise InputError(f"{where}: 'lora_alpha' must be a finite number, got {alpha!r}")
+    for name in ("rank_pattern", "alpha_pattern"):
+        pattern = config.get(name) or {}
+        if not isinstance(pattern, dict) or not all(
+            isinstance(v, (int, float)) and not isinstance(v, bool) for v in pattern.values()
+        ):
+            raise InputError(f"{where}: '{name}' must map regexes to numbers, got {pattern!r}")
+        for key in pattern:
+            try:
+                re.compile(key)
+            except re.error as exc:
+                raise InputError(f"{where}: '{name}' key {key!r} is not a valid regex ({exc})") from None
+    for field_name, feature in _UNSUPPORTED_FIELDS.items():
+        if config.get(field_name):
+            raise UnsupportedError(
+                f"{where}: the adapter uses {feature}, which this streammerge version does not "
+                "merge; nothing was written"
+            )
+    if config.get("bias", "none") != "none":
+        raise UnsupportedError(
+            f"{where}: bias={config['bias']!r} saves trained biases, which this version does not merge"
+        )
+    init = config.get("init_lora_weights", True)
+    if init not in _SAFE_INIT:
+        raise UnsupportedError(
+            f"{where}: init_lora_weights={init!r} changes the base weights at initialisation; "
+            "convert the adapter to a plain LoRA first (PEFT's path_initial_model_for_weight_conversion)"
+        )
+
+
+def _pattern_value(pattern: dict[str, Any], module: str, default: float) -> float:
+    """PEFT's rule: the first key (in dict order) with ``re.match(rf"(.*\\.)?({key})$", module)``."""
+    for key, value in pattern.items():
+        if re.match(rf"(.*\.)?({key})$", module):
+            return value
+    return default
+
+
+def _module_of(config: dict[str, Any], module: str, a: TensorInfo, b: TensorInfo, where: Path) -> LoraModule:
+    r = int(_pattern_value(config.get("rank_pattern") or {}, module, config["r"]))
+    alpha = float(_pattern_value(config.get("alpha_pattern") or {}, module, config["lora_alpha"]))
+    if len(a.shape) != 2 or len(b.shape) != 2 or a.shape[0] != r or b.shape[1] != r:
+        raise InputError(
+            f"{where}: module {module!r} has lora_A {list(a.shape)} and lora_B {list(b.shape)} "
+            f"but the config says r={r}; the adapter files are inconsistent"
+        )
+    scaling = alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r
+    return LoraModule(module, a.name, b.name, r, alpha, scaling)
+
+
+def _index_tensors(path: Path) -> tuple[Path, dict[str, TensorInfo], SafetensorsHeader | None, dict | None]:
+    st, binary = (path / n for n in WEIGHTS_NAMES)
+    if st.is_file():
+        header = read_header(st)
+        return st, dict(header.tensors), header, None
+    if binary.is_file():
+        import torch
+
+        try:
+            state = torch.load(binary, map_location="cpu", weights_only=True, mmap=True)
+        except Exception as exc:  # pickle errors come in many types; all mean "unreadable"
+            raise InputError(f"{binary}: cannot load safely with weights_only=True ({exc})") from None
+        if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+            raise InputError(f"{binary}: expected a dict of tensors")
+        infos = {
+            k: TensorInfo(k, "F32", tuple(v.shape), 0, v.numel() * 4) for k, v in state.items()
+        }
+        return binary, infos, None, state
+    raise InputError(f"adapter {path}: no {' or '.join(WEIGHTS_NAMES)}")
+
+
+def read_adapter(path: Path, *, weight: float = 1.0) -> LoraAdapter:
+    """Read and validate a PEFT LoRA adapter directory; group its tensors into modules."""
+    if not path.is_dir():
+        raise InputError(f"adapter {path}: not a directory (pass the folder holding {CONFIG_NAME})")
+    config = _read_config(path)
+    _check_config(config, path / CONFIG_NAME)
+    weights_path, tensors, header, state = _index_tensors(path)
+    pairs: dict[str, dict[str, TensorInfo]] = {}
+    for key, info in tensors.items():
+        for pattern, feature in _UNSUPPORTED_KEYS:
+            if pattern.search(key):
+                raise UnsupportedError(
+                    f"{weights_path}: tensor {key!r} belongs to {feature}, which this version "
+                    "does not merge; nothing was written"
+                )
+        match = _LORA_KEY.match(key)
+        if match is None:
+            raise PlanError(
+                f"{weights_path}: tensor {key!r} is not a LoRA factor (expected "
+                "'<module>.lora_A.weight' / '<module>.lora_B.weight'); refusing to drop it silently"
+            )
+        module = match["module"].removeprefix(PEFT_PREFIX)
+        pairs.setdefault(module, {})[match["factor"]] = info
+    modules: dict[str, LoraModule] = {}
+    for module, factors in pairs.items():
+        if set(factors) != {"lora_A", "lora_B"}:
+            missing = ({"lora_A", "lora_B"} - set(factors)).pop()
+            raise InputError(f"{weights_path}: module {module!r} has no {missing} tensor")
+        modules[module] = _module_of(config, module, factors["lora_A"], factors["lora_B"], weights_path)
+    if not modules:
+        raise InputError(f"{weights_path}: the adapter holds no LoRA tensors")
+    if not math.isfinite(weight):
+        raise InputError(f"adapter {path}: weight {weight!r} is not a finite number")
+    return LoraAdapter(path, weights_path, config, weight, tensors, modules, header, state)
+
+
+def adapter_fingerprint(adapter: LoraAdapter) -> dict[str, Any]:
+    """What identifies the adapter's inputs, for the report (path, size, mtime)."""
+    st = os.stat(adapter.weights_path)
+    return {"path": str(adapter.path), "weight": adapter.weight, "bytes": st.st_size, "mtime": st.st_mtime}

@@ -1,0 +1,210 @@
+"""Base checkpoints on disk: the index, shard headers, reading byte ranges, writing shards.
+
+Everything here validates before it reads data: the index and every shard header are checked
+when the checkpoint is opened, so a broken base fails before a single output byte is written.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .errors import InputError, OutputError
+from .header import SafetensorsHeader, TensorInfo, encode_header, read_header
+
+INDEX_NAME = "model.safetensors.index.json"
+SINGLE_NAME = "model.safetensors"
+
+
+@dataclass(frozen=True)
+class BaseCheckpoint:
+    """A validated base: shard headers in index order and the tensor -> shard map."""
+
+    root: Path
+    shards: dict[str, SafetensorsHeader]  # shard file name -> header
+    weight_map: dict[str, str]  # tensor name -> shard file name
+    index_metadata: dict[str, Any] | None  # None for a single-file checkpoint
+
+    @property
+    def sharded(self) -> bool:
+        return self.index_metadata is not None
+
+    def info(self, name: str) -> TensorInfo:
+        return self.shards[self.weight_map[name]].tensors[name]
+
+    @property
+    def total_size(self) -> int:
+        return sum(h.data_size for h in self.shards.values())
+
+
+def _check_shard_name(name: Any, root: Path, index: Path) -> str:
+    """Index shard names are untrusted: plain file names inside the base, ending .safetensors."""
+    if not isinstance(name, str) or not name:
+        raise InputError(f"{index}: shard name {name!r} is not a file name")
+    if (
+        os.path.isabs(name)
+        or "/" in name
+        or "\\" in name
+        or name in (".", "..")
+        or not name.endswith(".safetensors")
+    ):
+        raise InputError(
+            f"{index}: shard name {name!r} is not allowed; shards must be plain "
+            "'*.safetensors' file names inside the base directory"
+        )
+    return name
+
+
+def _read_index(path: Path) -> tuple[dict[str, str], dict[str, Any]]:
+    try:
+        doc = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise InputError(f"{path}: cannot read the index ({exc})") from None
+    if not isinstance(doc, dict) or not isinstance(doc.get("weight_map"), dict):
+        raise InputError(f"{path}: the index has no 'weight_map' object; is it a safetensors index?")
+    metadata = doc.get("metadata", {})
+    if not isinstance(metadata, dict):
+        raise InputError(f"{path}: the index 'metadata' must be an object")
+    root = path.parent
+    weight_map = {
+        str(tensor): _check_shard_name(shard, root, path) for tensor, shard in doc["weight_map"].items()
+    }
+    if not weight_map:
+        raise InputError(f"{path}: the index lists no tensors")
+    return weight_map, metadata
+
+
+def open_base(root: Path) -> BaseCheckpoint:
+    """Open a base directory (index + shards, or a single model.safetensors) and validate it."""
+    if not root.is_dir():
+        raise InputError(f"base {root}: not a directory (pass the folder holding config.json)")
+    index = root / INDEX_NAME
+    if index.is_file():
+        weight_map, metadata = _read_index(index)
+        shard_names = list(dict.fromkeys(weight_map.values()))
+    elif (root / SINGLE_NAME).is_file():
+        weight_map, metadata, shard_names = {}, None, [SINGLE_NAME]
+    else:
+        found = sorted(p.name for p in root.glob("*.safetensors"))
+        hint = f" (found {', '.join(found[:3])} but no index)" if found else ""
+        raise InputError(
+            f"base {root}: no {INDEX_NAME} or {SINGLE_NAME}{hint}; "
+            "streammerge reads Hugging Face safetensors checkpoints"
+        )
+    shards: dict[str, SafetensorsHeader] = {}
+    for name in shard_names:
+        path = root / name
+        if not path.is_file():
+            raise InputError(f"base {root}: shard {name} listed in the index is missing")
+        shards[name] = read_header(path)
+    if metadata is None:
+        weight_map = {t: SINGLE_NAME for t in shards[SINGLE_NAME].tensors}
+    for tensor, shard in weight_map.items():
+        if tensor not in shards[shard].tensors:
+            raise InputError(
+                f"{root / shard}: tensor {tensor!r} is listed in the index but not in the shard"
+            )
+    return BaseCheckpoint(root, shards, weight_map, metadata)
+
+
+def pread_into(fd: int, offset: int, view: memoryview, *, path: Path) -> None:
+    """Fill ``view`` from ``fd`` at ``offset``; a short read means the file changed under us."""
+    done = 0
+    while done < len(view):
+        n = os.preadv(fd, [view[done:]], offset + done)
+        if n == 0:
+            raise InputError(f"{path}: unexpected end of file at byte {offset + done}")
+        done += n
+
+
+def pwrite_all(fd: int, offset: int, data: memoryview, *, path: Path) -> None:
+    done = 0
+    while done < len(data):
+        try:
+            done += os.pwrite(fd, data[done:], offset + done)
+        except OSError as exc:
+            raise OutputError(f"{path}: write failed ({exc.strerror}); {_space_hint(path)}") from None
+
+
+def _space_hint(path: Path) -> str:
+    try:
+        import shutil
+
+        free = shutil.disk_usage(path.parent).free
+        return f"{free} bytes free on that disk"
+    except OSError:
+        return "check the disk"
+
+
+class ShardWriter:
+    """Writes one output shard at ``<dir>/<name>``: header first, then data at fixed offsets.
+
+    The file is fsynced on ``commit()``; ``abort()`` removes it. Use as a context manager: leaving
+    the block without ``commit()`` aborts.
+    """
+
+    def __init__(
+        self,
+        path: Path,
+        entries: list[tuple[str, str, tuple[int, ...]]],
+        metadata: dict[str, str],
+    ) -> None:
+        self.path = path
+        header, self.offsets = encode_header(entries, metadata)
+        self.data_start = len(header)
+        self.size = self.data_start + (max((e for _, e in self.offsets.values()), default=0))
+        try:
+            self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+            os.ftruncate(self.fd, self.size)
+        except OSError as exc:
+            raise OutputError(f"{path}: cannot create ({exc.strerror})") from None
+        self._done = False
+        pwrite_all(self.fd, 0, memoryview(header), path=path)
+
+    def write(self, name: str, offset_in_tensor: int, data: memoryview) -> None:
+        pwrite_all(self.fd, self.data_start + self.offsets[name][0] + offset_in_tensor, data, path=self.path)
+
+    def copy_range(self, src_fd: int, src_offset: int, name: str, nbytes: int, bounce: memoryview) -> None:
+        """Copy ``nbytes`` of an untouched tensor: in the kernel where possible, else via ``bounce``."""
+        dst = self.data_start + self.offsets[name][0]
+        done = 0
+        if hasattr(os, "copy_file_range"):
+            try:
+                while done < nbytes:
+                    n = os.copy_file_range(src_fd, self.fd, nbytes - done, src_offset + done, dst + done)
+                    if n == 0:
+                        break
+                    done += n
+            except OSError as exc:
+                if exc.errno == 28:  # ENOSPC
+                    raise OutputError(f"{self.path}: disk full ({_space_hint(self.path)})") from None
+                # EXDEV/EINVAL/ENOSYS on some filesystems: fall back to the buffer copy
+        while done < nbytes:
+            view = bounce[: min(len(bounce), nbytes - done)]
+            pread_into(src_fd, src_offset + done, view, path=self.path)
+            pwrite_all(self.fd, dst + done, view, path=self.path)
+            done += len(view)
+
+    def commit(self) -> None:
+        try:
+            os.fsync(self.fd)
+        except OSError as exc:
+            raise OutputError(f"{self.path}: flushing failed ({exc.strerror})") from None
+        finally:
+            os.close(self.fd)
+        self._done = True
+
+    def abort(self) -> None:
+        if not self._done:
+            os.close(self.fd)
+            self._done = True
+            self.path.unlink(missing_ok=True)
+
+    def __enter__(self) -> ShardWriter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.abort()

@@ -1,0 +1,192 @@
+"""Command line: ``main(argv) -> int``, the only place that prints errors and sets exit codes.
+
+    streammerge --base DIR --adapter DIR[:WEIGHT] [...]     merge (the default command)
+    streammerge plan --base DIR --adapter DIR [...]          dry run from headers only
+    streammerge demo [DIR]                                   build a tiny model + adapter, merge, check
+
+Imports no torch until a merge actually starts, so ``--help`` is instant.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import signal
+import sys
+import traceback
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from . import __version__
+from .errors import ExitCode, Interrupted, StreamMergeError
+from .memory import DEFAULT_MAX_MEM, format_size, parse_size
+
+SUBCOMMANDS = ("plan", "demo")
+
+
+def _size(text: str) -> int:
+    try:
+        return parse_size(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _adapter_spec(text: str) -> Any:
+    """``DIR`` or ``DIR:WEIGHT`` (the weight is a float after the last colon)."""
+    from .merge import AdapterSpec
+
+    head, sep, tail = text.rpartition(":")
+    if sep and head and not Path(text).exists():
+        try:
+            return AdapterSpec(Path(head), float(tail))
+        except ValueError:
+            pass
+    return AdapterSpec(Path(text))
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--base", required=True, help="base checkpoint directory (safetensors, sharded or single file)")
+    p.add_argument("--adapter", required=True, action="append", type=_adapter_spec, metavar="DIR[:WEIGHT]",
+                   help="PEFT LoRA adapter directory; repeat to merge a weighted sum of adapters")
+    p.add_argument("--dtype", choices=("auto", "bf16", "fp16", "fp32"), default="auto",
+                   help="output dtype of floating tensors (auto: keep each tensor's dtype)")
+    p.add_argument("--map", action="append", default=[], metavar="REGEX=REPLACEMENT",
+                   help="extra module-name rule, tried before the built-in table (repeatable)")
+    p.add_argument("--json", action="store_true", help="print the result as JSON on stdout")
+    p.add_argument("--traceback", action="store_true", help="show the Python traceback on errors")
+    verbosity = p.add_mutually_exclusive_group()
+    verbosity.add_argument("-q", "--quiet", action="store_true", help="no progress bar, errors only")
+    verbosity.add_argument("-v", "--verbose", action="store_true", help="log each step")
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="streammerge",
+        description="Merge LoRA adapters into a safetensors checkpoint shard by shard, in bounded memory. "
+        f"Other commands: 'streammerge plan ...' (dry run), 'streammerge demo' (built-in example).",
+    )
+    p.add_argument("--version", action="version", version=f"streammerge {__version__}")
+    _common(p)
+    p.add_argument("--output", type=Path, help="output directory (default: BASE-merged beside the base)")
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (CUDA when present; default)")
+    p.add_argument("--max-mem", type=_size, default=DEFAULT_MAX_MEM, metavar="SIZE",
+                   help="working-memory cap (host RAM on CPU, GPU memory on CUDA), e.g. 512MB, 20GB, 20GiB "
+                   f"(default {format_size(DEFAULT_MAX_MEM)})")
+    p.add_argument("--overwrite", action="store_true", help="replace the merged checkpoint in a non-empty --output")
+    return p
+
+
+def _plan_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="streammerge plan", description="Dry run: map adapter modules to base "
+                                "tensors from the headers alone and print the plan. Writes nothing.")
+    _common(p)
+    return p
+
+
+def _demo_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="streammerge demo", description="Build a tiny Llama-shaped checkpoint and a "
+                                "LoRA adapter, merge them, and check the result against float64 arithmetic.")
+    p.add_argument("dir", nargs="?", type=Path, default=Path("streammerge-demo"),
+                   help="working directory (default ./streammerge-demo; replaced if it holds an earlier demo)")
+    p.add_argument("--max-mem", type=_size, default=parse_size("64MB"), metavar="SIZE")
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--traceback", action="store_true")
+    return p
+
+
+def _setup_logging(args: argparse.Namespace) -> None:
+    level = logging.ERROR if getattr(args, "quiet", False) else logging.INFO if getattr(args, "verbose", False) else logging.WARNING
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("streammerge: %(levelname)s: %(message)s"))
+    root = logging.getLogger("streammerge")
+    root.handlers[:] = [handler]
+    root.setLevel(level)
+    root.propagate = False
+
+
+def _print_report(report: dict[str, Any], as_json: bool) -> None:
+    if as_json:
+        print(json.dumps(report, indent=2))
+        return
+    print(
+        f"merged {report['tensors_merged']} tensors ({report['adapter_modules']} adapter modules), "
+        f"converted {report['tensors_converted']}, copied {report['tensors_copied']} unchanged "
+        f"-> {report['output']}"
+    )
+    gpu = f", GPU peak {format_size(report['peak_gpu'])}" if report.get("peak_gpu") is not None else ""
+    print(
+        f"{report['shards']} shard(s), {format_size(report['bytes_written'])} in {report['seconds']:.1f} s on "
+        f"{report['device']}; peak RSS {format_size(report['peak_rss'])} (baseline "
+        f"{format_size(report['baseline_rss'])}, budget {format_size(report['max_mem'])}){gpu}"
+    )
+    for note in report["notes"]:
+        print(f"note: {note}")
+
+
+def _print_plan(summary: dict[str, Any], as_json: bool) -> None:
+    if as_json:
+        print(json.dumps(summary, indent=2))
+        return
+    for m in summary["modules"]:
+        print(f"{m['adapter']}: {m['module']} -> {m['tensor']}  [r={m['r']} scale={m['scale']:g}; {m['rule']}]")
+    print(f"{summary['tensors_merged']} of {summary['tensors_total']} base tensors change; "
+          f"output {format_size(summary['output_bytes'])}, dtype {summary['out_dtype']}")
+
+
+def _run(argv: list[str]) -> int:
+    if argv and argv[0] in SUBCOMMANDS:
+        command, argv = argv[0], argv[1:]
+    else:
+        command = "merge"
+    parser = {"merge": _parser, "plan": _plan_parser, "demo": _demo_parser}[command]()
+    args = parser.parse_args(argv)
+    _setup_logging(args)
+    try:
+        if command == "demo":
+            from .demo import run_demo
+
+            report = run_demo(args.dir, max_mem=args.max_mem)
+            _print_report(report, args.json)
+            print(f"demo check passed: every merged element within one rounding of float64, "
+                  f"untouched tensors bit-identical ({args.dir})")
+            return ExitCode.OK
+        from .merge import load_inputs, merge
+
+        if command == "plan":
+            plan = load_inputs(args.base, args.adapter, dtype=args.dtype, maps=args.map)
+            _print_plan(plan.summary(), args.json)
+            return ExitCode.OK
+        report = merge(args.base, args.adapter, output=args.output, device=args.device, max_mem=args.max_mem,
+                       dtype=args.dtype, overwrite=args.overwrite, maps=args.map, progress=not args.quiet)
+        _print_report(report.to_dict(), args.json)
+        return ExitCode.OK
+    except StreamMergeError as exc:
+        if args.traceback:
+            traceback.print_exc()
+        print(f"streammerge: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("streammerge: interrupted; the unfinished output was removed", file=sys.stderr)
+        return ExitCode.INTERRUPTED
+    except Exception as exc:  # the error boundary: a bug, shown briefly unless asked
+        if args.traceback:
+            traceback.print_exc()
+        print(f"streammerge: internal error: {type(exc).__name__}: {exc} (rerun with --traceback and report it)",
+              file=sys.stderr)
+        return ExitCode.ERROR
+
+
+def _on_sigterm(signum: int, frame: object) -> None:
+    raise Interrupted("terminated by SIGTERM; the unfinished output was removed", exit_code=ExitCode.TERMINATED)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line; returns the exit code (tests call this in-process)."""
+    return _run(list(sys.argv[1:] if argv is None else argv))
+
+
+def console_main() -> None:
+    signal.signal(signal.SIGTERM, _on_sigterm)
+    sys.exit(main())

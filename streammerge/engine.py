@@ -1,0 +1,155 @@
+"""The streaming loop: one shard open at a time, one tensor at a time, one row chunk at a time.
+
+Memory model (``max_mem`` = M bytes, on the merge device):
+  fixed   = float32 A and B of the tensor being merged (largest over the plan) + a 32 MiB reserve
+  chunk   = E elements, each costing 4 bytes (float32 accumulator) + k bytes (raw/rounded I/O,
+            k = the widest input or output itemsize)
+  E       = (M - fixed) // (4 + k), at least one row of the widest tensor
+On CUDA the same E is used for the device buffers and one pinned host buffer of E*k bytes.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+from tqdm import tqdm
+
+from .checkpoint import ShardWriter, pread_into
+from .header import DTYPE_SIZES, SafetensorsHeader
+from .kernels import Factors, Processor, is_cuda_oom, resolve_device
+from .memory import chunk_capacity, format_size
+from .plan import MergePlan, TensorPlan
+
+if TYPE_CHECKING:
+    from .merge import MergeReport
+
+log = logging.getLogger(__name__)
+
+RESERVE = 32 * 1024**2  # runtime allocations outside our buffers (BLAS packing, file objects)
+
+
+class Engine:
+    def __init__(self, plan: MergePlan, *, device: str, max_mem: int) -> None:
+        self.plan = plan
+        self.max_mem = max_mem
+        self.device = resolve_device(device)
+        rewritten = [t for t in plan.tensors() if t.rewritten]
+        self.io_itemsize = max(
+            (max(DTYPE_SIZES[t.info.dtype], DTYPE_SIZES[t.out_dtype]) for t in rewritten), default=1
+        )
+        self.widest = max((t.rows_cols[1] for t in rewritten), default=1)
+        self.largest = max((t.info.numel for t in rewritten), default=1)
+        self.processor = self._processor(self.device, self._capacity())
+        if self.device.type == "cuda":
+            # TF32 would round the factors to 10-bit mantissas; the merge must match the CPU path.
+            torch.backends.cuda.matmul.allow_tf32 = False
+            torch.cuda.reset_peak_memory_stats(self.device)
+
+    def _capacity(self) -> int:
+        cap = chunk_capacity(
+            self.max_mem,
+            fixed=self.plan.max_factor_bytes + RESERVE,
+            bytes_per_element=4 + self.io_itemsize,
+            minimum_elements=self.widest,
+        )
+        return min(cap, self.largest)
+
+    def _processor(self, device: torch.device, capacity: int) -> Processor:
+        log.info("chunk buffers on %s: %d elements (%s)", device, capacity,
+                 format_size(capacity * (4 + self.io_itemsize)))
+        return Processor(device, capacity=capacity, io_itemsize=self.io_itemsize)
+
+    def run(self, staging: Path, report: MergeReport, *, progress: bool) -> None:
+        bar = tqdm(
+            total=self.plan.output_size, unit="B", unit_scale=True, unit_divisor=1024,
+            desc="merging", file=sys.stderr, disable=not (progress and sys.stderr.isatty()),
+        )
+        with bar:
+            for shard, tensors in self.plan.shards.items():
+                self._write_shard(staging / shard, self.plan.base.shards[shard], tensors, report, bar)
+                report.shards += 1
+        report.chunk_elements = self.processor.capacity
+        if self.device.type == "cuda":
+            report.peak_gpu = torch.cuda.max_memory_allocated(self.device)
+
+    def _write_shard(
+        self, path: Path, header: SafetensorsHeader, tensors: list[TensorPlan], report: MergeReport, bar: tqdm
+    ) -> None:
+        entries = [(t.name, t.out_dtype, t.info.shape) for t in tensors]
+        src = os.open(header.path, os.O_RDONLY)
+        try:
+            with ShardWriter(path, entries, {**header.metadata, "format": "pt"}) as writer:
+                for t in tensors:
+                    if t.rewritten:
+                        self._rewrite_with_fallback(t, src, header, writer, bar, report)
+                    else:
+                        writer.copy_range(src, header.data_start + t.info.begin, t.name, t.info.nbytes,
+                                          self.processor.host_bytes)
+                        bar.update(t.info.nbytes)
+                        report.tensors_copied += 1
+                    report.bytes_written += t.info.numel * DTYPE_SIZES[t.out_dtype]
+                writer.commit()
+        finally:
+            os.close(src)
+
+    def _rewrite_with_fallback(
+        self, t: TensorPlan, src: int, header: SafetensorsHeader, writer: ShardWriter, bar: tqdm,
+        report: MergeReport,
+    ) -> None:
+        """Merge one tensor; on CUDA out-of-memory halve the chunk, and at one row move to the CPU."""
+        while True:
+            try:
+                written = self._rewrite(t, src, header, writer)
+                break
+            except Exception as exc:
+                if not is_cuda_oom(exc) or self.processor.device.type != "cuda":
+                    raise
+                self._shrink(t, report)
+        bar.update(written)
+        if t.deltas:
+            report.tensors_merged += 1
+        else:
+            report.tensors_converted += 1
+
+    def _shrink(self, t: TensorPlan, report: MergeReport) -> None:
+        old = self.processor
+        capacity = old.capacity // 2
+        old.close()
+        if capacity >= self.widest:
+            note = f"CUDA out of memory on {t.name}: chunk shrunk to {capacity} elements"
+            self.processor = self._processor(old.device, capacity)
+        else:
+            note = f"CUDA out of memory on {t.name} even at one row: finishing the merge on the CPU"
+            self.processor = self._processor(torch.device("cpu"), self._capacity())
+        log.warning(note)
+        report.notes.append(note)
+
+    def _rewrite(self, t: TensorPlan, src: int, header: SafetensorsHeader, writer: ShardWriter) -> int:
+        proc = self.processor
+        factors = [
+            Factors(proc.to_device(d.adapter.load(d.lora.a_key)),  # (r, in)
+                    proc.to_device(d.adapter.load(d.lora.b_key)),  # (out, r)
+                    d.scale)
+            for d in t.deltas
+        ]
+        rows, cols = t.rows_cols
+        step = max(1, proc.capacity // cols)
+        src_item, out_item = DTYPE_SIZES[t.info.dtype], DTYPE_SIZES[t.out_dtype]
+        written = 0
+        for row0 in range(0, rows, step):
+            n = min(step, rows - row0)
+            offset = header.data_start + t.info.begin + row0 * cols * src_item
+            pread_into(src, offset, proc.host_bytes[: n * cols * src_item], path=header.path)
+            out = proc.merge_rows(src_dtype=t.info.dtype, out_dtype=t.out_dtype, row0=row0, rows=n,
+                                  cols=cols, factors=factors, tensor=t.name)
+            writer.write(t.name, row0 * cols * out_item, out)
+            written += len(out)
+        return written
+
+    def close(self) -> None:
+        self.processor.close()

@@ -1,0 +1,121 @@
+"""The arithmetic: ``W + sum_i s_i * (B_i @ A_i)`` on a chunk of rows, in float32, rounded once.
+
+A ``Processor`` owns the reusable buffers for one device, allocated once from the budget:
+- ``host``: raw bytes read from the base, reused for the rounded output (pinned on CUDA);
+- ``work``: float32 accumulator on the device;
+- ``dev_io``: on CUDA only, the device copy of the raw / rounded bytes.
+No per-chunk allocation happens on the hot path.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .errors import DeviceError, StreamMergeError
+from .tensors import TORCH_DTYPES
+
+
+@dataclass(frozen=True)
+class Factors:
+    """One delta's factors on the processor's device: A (r, in), B (out, r), scale."""
+
+    A: torch.Tensor
+    B: torch.Tensor
+    scale: float
+
+
+def resolve_device(spec: str) -> torch.device:
+    """``auto`` -> CUDA when present else CPU; an explicit CUDA device that is missing is an error."""
+    if spec == "auto":
+        return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    try:
+        device = torch.device(spec)
+    except RuntimeError:
+        raise DeviceError(f"--device {spec!r} is not a device; use cpu, cuda, cuda:N or auto") from None
+    if device.type == "cpu":
+        return device
+    if device.type != "cuda":
+        raise DeviceError(f"--device {spec!r}: only cpu and cuda are supported")
+    if not torch.cuda.is_available():
+        raise DeviceError(
+            f"--device {spec} was requested but CUDA is not available here "
+            f"(torch {torch.__version__}, CUDA build: {torch.version.cuda or 'no'}); "
+            "use --device cpu or --device auto"
+        )
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index >= torch.cuda.device_count():
+        raise DeviceError(
+            f"--device {spec}: only {torch.cuda.device_count()} CUDA device(s) are visible"
+        )
+    return torch.device("cuda", index)
+
+
+def is_cuda_oom(exc: BaseException) -> bool:
+    return isinstance(exc, torch.OutOfMemoryError)
+
+
+class NonFiniteError(StreamMergeError):
+    """The merge produced NaN or Inf."""
+
+
+class Processor:
+    """Merges row chunks on one device with buffers sized once from the memory budget."""
+
+    def __init__(self, device: torch.device, *, capacity: int, io_itemsize: int) -> None:
+        self.device = device
+        self.capacity = capacity  # elements per chunk
+        cuda = device.type == "cuda"
+        self.host = torch.empty(capacity * io_itemsize, dtype=torch.uint8, pin_memory=cuda)
+        self.host_bytes = memoryview(self.host.numpy()).cast("B")
+        self.work = torch.empty(capacity, dtype=torch.float32, device=device)
+        self.dev_io = torch.empty(capacity * io_itemsize, dtype=torch.uint8, device=device) if cuda else self.host
+
+    def to_device(self, t: torch.Tensor) -> torch.Tensor:
+        return t.to(self.device, non_blocking=False).contiguous()
+
+    def merge_rows(
+        self,
+        *,
+        src_dtype: str,
+        out_dtype: str,
+        row0: int,
+        rows: int,
+        cols: int,
+        factors: list[Factors],
+        tensor: str,
+    ) -> memoryview:
+        """Merge rows ``[row0, row0+rows)`` whose raw bytes are already in ``host``.
+
+        Returns the rounded output bytes (a view of ``host``).
+        """
+        n = rows * cols
+        src_t, out_t = TORCH_DTYPES[src_dtype], TORCH_DTYPES[out_dtype]
+        src_bytes = n * src_t.itemsize
+        raw = self.host[:src_bytes].view(src_t)
+        if self.device.type == "cuda":
+            dev_raw = self.dev_io[:src_bytes].view(src_t)
+            dev_raw.copy_(raw, non_blocking=True)
+            raw = dev_raw
+        work = self.work[:n].view(rows, cols)
+        work.copy_(raw.view(rows, cols))
+        for f in factors:
+            # (rows, r) @ (r, cols), accumulated into the float32 chunk in place
+            work.addmm_(f.B[row0 : row0 + rows], f.A, alpha=f.scale)
+        if factors and not bool(torch.isfinite(work).all()):
+            raise NonFiniteError(
+                f"merging {tensor!r} produced NaN or Inf (rows {row0}..{row0 + rows - 1}); "
+                "the adapter or base holds non-finite or overflowing values"
+            )
+        out_bytes = n * out_t.itemsize
+        out = self.dev_io[:out_bytes].view(out_t).view(rows, cols)
+        out.copy_(work)
+        if self.device.type == "cuda":
+            self.host[:out_bytes].copy_(self.dev_io[:out_bytes])  # synchronous: host is pageable-safe
+        return self.host_bytes[:out_bytes]
+
+    def close(self) -> None:
+        del self.work, self.dev_io, self.host_bytes, self.host
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()

@@ -1,0 +1,83 @@
+"""The module-name mapping table: adapter module paths -> tensor names in the base checkpoint.
+
+Adapters carry the model's in-memory module names; checkpoints on disk may use older or newer
+names. Every rule whose pattern matches a module proposes a candidate; candidates absent from the
+base's ``weight_map`` are dropped; exactly one must remain. Adding a model family is adding a row.
+Pure strings: no torch.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from .errors import InputError, PlanError
+
+
+@dataclass(frozen=True)
+class Rule:
+    """``re.sub(pattern, replacement, module, count=1)`` proposes an on-disk module path."""
+
+    family: str
+    pattern: str
+    replacement: str
+
+    def candidate(self, module: str) -> str | None:
+        new, n = re.subn(self.pattern, self.replacement, module, count=1)
+        return new if n else None
+
+
+# transformers >= 4.52 renamed multimodal modules in memory while many checkpoints on disk keep
+# the old names (and the reverse for repos re-saved by new versions). Rows in order of likelihood.
+RULES: tuple[Rule, ...] = (
+    Rule("same name (Llama, Qwen2, Mistral, Gemma, Phi-3 ...)", r"^(.+)$", r"\1"),
+    Rule("LLaVA family / Gemma 3 / Mistral 3 / PaliGemma / InternVL text", r"^model\.language_model\.", "language_model.model."),
+    Rule("LLaVA family lm_head", r"^lm_head$", "language_model.lm_head"),
+    Rule("LLaVA family towers", r"^model\.(vision_tower|multi_modal_projector|vision_model)\.", r"\1."),
+    Rule("Qwen2-VL / Qwen2.5-VL text", r"^model\.language_model\.", "model."),
+    Rule("Qwen2-VL / Qwen2.5-VL vision", r"^model\.visual\.", "visual."),
+    Rule("old in-memory names, new checkpoint (Qwen2-VL)", r"^model\.(?!language_model\.|visual\.)", "model.language_model."),
+    Rule("old in-memory names, new checkpoint (LLaVA)", r"^language_model\.model\.", "model.language_model."),
+    Rule("base_model_prefix stripped on disk (GPT-2 'transformer.')", r"^transformer\.", ""),
+)
+
+
+def parse_map(text: str) -> Rule:
+    """A user rule from ``--map 'REGEX=REPLACEMENT'`` (the first '=' splits)."""
+    pattern, sep, replacement = text.partition("=")
+    if not sep or not pattern:
+        raise InputError(f"--map {text!r}: write REGEX=REPLACEMENT, e.g. '^model\\.=language_model.model.'")
+    try:
+        re.compile(pattern)
+    except re.error as exc:
+        raise InputError(f"--map {text!r}: {pattern!r} is not a valid regex ({exc})") from None
+    return Rule(f"user --map {text}", pattern, replacement)
+
+
+@dataclass(frozen=True)
+class Match:
+    tensor: str  # base tensor name, e.g. "model.layers.0.self_attn.q_proj.weight"
+    rule: Rule
+
+
+def resolve(module: str, weight_map: dict[str, str], *, user_rules: tuple[Rule, ...] = ()) -> Match | None:
+    """The base weight tensor for an adapter module, or None when no rule finds one.
+
+    User rules are tried first and, when any of them finds a tensor, the built-in table is not
+    consulted. Several distinct tensors is an error: ambiguity is never resolved by guessing.
+    """
+    for rules in (user_rules, RULES):
+        found: dict[str, Rule] = {}
+        for rule in rules:
+            path = rule.candidate(module)
+            if path is not None and f"{path}.weight" in weight_map:
+                found.setdefault(f"{path}.weight", rule)
+        if len(found) > 1:
+            raise PlanError(
+                f"adapter module {module!r} matches several base tensors "
+                f"({', '.join(sorted(found))}); add a --map rule to pick one"
+            )
+        if found:
+            tensor, rule = found.popitem()
+            return Match(tensor, rule)
+    return None

@@ -1,0 +1,136 @@
+"""The orchestrator: plan, then stream shard by shard within the memory budget; return a report.
+
+1. open the base (index + every header) and the adapters; build the plan (no data read yet);
+2. check the output directory and the free disk space;
+3. size one set of reusable buffers from ``max_mem``;
+4. for every shard: copy untouched tensors byte for byte, merge touched ones in row chunks,
+   write the shard into the staging area and fsync it;
+5. copy the non-weight files, write the index, and publish everything into the output.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import shutil
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .adapter import LoraAdapter, read_adapter
+from .checkpoint import INDEX_NAME, open_base
+from .errors import PlanError
+from .header import DTYPE_SIZES
+from .keymap import Rule, parse_map
+from .memory import DEFAULT_MAX_MEM, chunk_capacity, current_rss, peak_rss, reset_peak_rss
+from .output import STAGING, aux_files, check_free_space, check_output, copy_aux_files, default_output, publish, write_index
+from .plan import CONFIG_DTYPE_NAMES, MergePlan, build_plan
+
+log = logging.getLogger(__name__)
+
+@dataclass
+class MergeReport:
+    output: str
+    device: str
+    max_mem: int
+    dtype: str
+    shards: int = 0
+    tensors_merged: int = 0
+    tensors_converted: int = 0
+    tensors_copied: int = 0
+    adapter_modules: int = 0
+    bytes_written: int = 0
+    seconds: float = 0.0
+    baseline_rss: int = 0
+    peak_rss: int = 0
+    peak_gpu: int | None = None
+    chunk_elements: int = 0
+    files_copied: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclass(frozen=True)
+class AdapterSpec:
+    """An adapter directory and its weight in a weighted sum (1.0 for a single adapter)."""
+
+    path: Path
+    weight: float = 1.0
+
+
+def load_inputs(
+    base: str | os.PathLike[str],
+    adapters: Sequence[AdapterSpec | str | os.PathLike[str]],
+    *,
+    dtype: str = "auto",
+    maps: Sequence[str] = (),
+) -> MergePlan:
+    """Open and validate the base and adapters and build the plan; reads headers only."""
+    specs = [a if isinstance(a, AdapterSpec) else AdapterSpec(Path(a)) for a in adapters]
+    if not specs:
+        raise PlanError("no adapter given; pass --adapter DIR")
+    user_rules: tuple[Rule, ...] = tuple(parse_map(m) for m in maps)
+    checkpoint = open_base(Path(base))
+    loaded: list[LoraAdapter] = [read_adapter(s.path, weight=s.weight) for s in specs]
+    return build_plan(checkpoint, loaded, dtype=dtype, user_rules=user_rules)
+
+
+def merge(
+    base: str | os.PathLike[str],
+    adapters: Sequence[AdapterSpec | str | os.PathLike[str]],
+    *,
+    output: str | os.PathLike[str] | None = None,
+    device: str = "auto",
+    max_mem: int = DEFAULT_MAX_MEM,
+    dtype: str = "auto",
+    overwrite: bool = False,
+    maps: Sequence[str] = (),
+    progress: bool = True,
+) -> MergeReport:
+    """Merge LoRA adapters into a safetensors checkpoint, shard by shard, within ``max_mem`` bytes.
+
+    Each touched weight becomes ``W + sum_i w_i * s_i * (B_i @ A_i)`` computed in float32 and
+    rounded once to the output dtype (``s = lora_alpha / r``, or ``/ sqrt(r)`` with rsLoRA).
+    Untouched tensors are copied byte for byte. Raises a StreamMergeError subclass on bad input,
+    before anything is written.
+    """
+    started = time.perf_counter()
+    reset_peak_rss()
+    baseline = current_rss()
+    plan = load_inputs(base, adapters, dtype=dtype, maps=maps)
+    out = Path(output) if output is not None else default_output(Path(base))
+    check_output(out, base=Path(base), adapters=[a.path for a in plan.adapters], overwrite=overwrite)
+
+    from .engine import Engine  # torch is imported only once the inputs are known to be good
+
+    engine = Engine(plan, device=device, max_mem=max_mem)
+    report = MergeReport(str(out), str(engine.device), max_mem, dtype, baseline_rss=baseline)
+    check_free_space(out, plan.output_size + sum((plan.base.root / f).stat().st_size for f in aux_files(plan.base.root)))
+    created = not out.exists()
+    staging = out / STAGING
+    try:
+        if staging.exists():  # left by a run that died before it could clean up
+            shutil.rmtree(staging)
+        staging.mkdir(parents=True)
+        engine.run(staging, report, progress=progress)
+        config_dtype = CONFIG_DTYPE_NAMES.get(plan.out_dtype or "")
+        report.files_copied = copy_aux_files(plan.base.root, staging, config_dtype=config_dtype)
+        if plan.base.sharded:
+            write_index(staging, plan.base, plan.output_size)
+        publish(staging, out, first=list(plan.shards), last=[INDEX_NAME] if plan.base.sharded else [])
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        if created and out.is_dir() and not any(out.iterdir()):
+            out.rmdir()
+        raise
+    finally:
+        engine.close()
+    report.adapter_modules = sum(len(a.modules) for a in plan.adapters)
+    report.seconds = time.perf_counter() - started
+    report.peak_rss = peak_rss()
+    return report

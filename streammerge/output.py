@@ -1,0 +1,135 @@
+"""The output directory: where it may be, the staging area, non-weight files, config and index.
+
+Everything is written into ``<output>/.streammerge-partial/`` first; only when every shard,
+file and the index are complete are they moved into ``<output>`` (index last). A failed run
+removes its staging area, so nothing in ``<output>`` ever looks like a finished merge that is not.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+from .checkpoint import INDEX_NAME, BaseCheckpoint
+from .errors import OutputError
+
+STAGING = ".streammerge-partial"
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".gguf", ".h5", ".msgpack", ".index.json")
+ADAPTER_FILES = {"adapter_config.json", "adapter_model.safetensors", "adapter_model.bin", "adapters.safetensors"}
+SKIP_DIRS = {".git", ".cache", "__pycache__", STAGING}
+
+
+def default_output(base: Path) -> Path:
+    """Beside the base, never inside it: ``./qwen-72b`` -> ``./qwen-72b-merged``."""
+    resolved = base.resolve()
+    return resolved.parent / f"{resolved.name}-merged"
+
+
+def _related(a: Path, b: Path) -> bool:
+    return a == b or a in b.parents or b in a.parents
+
+
+def check_output(output: Path, *, base: Path, adapters: list[Path], overwrite: bool) -> None:
+    """Refuse an output equal to, inside or containing an input; or non-empty without --overwrite."""
+    out = output.resolve()
+    for role, path in [("base", base)] + [("adapter", a) for a in adapters]:
+        if _related(out, path.resolve()):
+            raise OutputError(
+                f"--output {output} is the {role} directory, inside it or contains it; "
+                f"choose a separate directory (default: {default_output(base)})"
+            )
+    if out.exists() and not out.is_dir():
+        raise OutputError(f"--output {output} exists and is not a directory")
+    if out.is_dir() and any(p.name != STAGING for p in out.iterdir()) and not overwrite:
+        raise OutputError(
+            f"--output {output} exists and is not empty; pass --overwrite to replace the merged "
+            "checkpoint in it, or choose another directory"
+        )
+
+
+def check_free_space(output: Path, need: int) -> None:
+    probe = output if output.exists() else output.parent
+    free = shutil.disk_usage(probe).free
+    if free < need:
+        raise OutputError(
+            f"{probe}: {free} bytes free but the merged checkpoint needs {need}; "
+            "free some space or choose another --output"
+        )
+
+
+def aux_files(base: Path) -> list[Path]:
+    """Every non-weight file of the base (config, tokenizer, templates, processors, *.py), relative."""
+    found = []
+    for dirpath, dirnames, filenames in os.walk(base, followlinks=False):
+        dirnames[:] = sorted(d for d in dirnames if d not in SKIP_DIRS and not d.startswith("."))
+        for name in sorted(filenames):
+            if name.endswith(WEIGHT_SUFFIXES) or name in ADAPTER_FILES:
+                continue
+            found.append(Path(dirpath, name).relative_to(base))
+    return found
+
+
+def _set_dtype(config: dict[str, Any], dtype_name: str) -> None:
+    keys = [k for k in ("dtype", "torch_dtype") if k in config] or ["torch_dtype"]
+    for key in keys:
+        config[key] = dtype_name
+    for value in config.values():  # VLM sub-configs: text_config, vision_config ...
+        if isinstance(value, dict) and ("dtype" in value or "torch_dtype" in value):
+            _set_dtype(value, dtype_name)
+
+
+def copy_aux_files(base: Path, staging: Path, *, config_dtype: str | None) -> list[str]:
+    """Copy non-weight files into staging; rewrite config.json's dtype when the output dtype changed."""
+    copied = []
+    for rel in aux_files(base):
+        dst = staging / rel
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        if rel == Path("config.json") and config_dtype is not None:
+            try:
+                config = json.loads((base / rel).read_text(encoding="utf-8"))
+            except (OSError, ValueError) as exc:
+                raise OutputError(f"{base / rel}: cannot update dtype, not valid JSON ({exc})") from None
+            _set_dtype(config, config_dtype)
+            dst.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+        else:
+            shutil.copyfile(base / rel, dst)  # follows links: a snapshot's blobs become real files
+        copied.append(str(rel))
+    return copied
+
+
+def write_index(staging: Path, base: BaseCheckpoint, total_size: int) -> None:
+    """The base's index with the new total_size (other metadata, e.g. total_parameters, kept)."""
+    assert base.index_metadata is not None
+    doc = {"metadata": {**base.index_metadata, "total_size": total_size}, "weight_map": base.weight_map}
+    (staging / INDEX_NAME).write_text(json.dumps(doc, indent=2) + "\n", encoding="utf-8")
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def publish(staging: Path, output: Path, *, first: list[str], last: list[str]) -> None:
+    """Move staged files into ``output``: ``first`` (shards), everything else, then ``last`` (index).
+
+    Stale weight files of an earlier merge (left by --overwrite) are removed before the index lands,
+    so that loaders that glob ``*.safetensors`` see only this merge.
+    """
+    staged = [p.relative_to(staging) for p in staging.rglob("*") if p.is_file()]
+    middle = [str(p) for p in staged if str(p) not in first and str(p) not in last]
+    keep = set(first) | set(middle) | set(last)
+    for stale in output.iterdir():
+        if stale.is_file() and stale.name not in keep and stale.name.endswith(WEIGHT_SUFFIXES):
+            stale.unlink()
+    for rel in first + middle + last:
+        dst = output / rel
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(staging / rel, dst)
+    _fsync_dir(output)
+    shutil.rmtree(staging, ignore_errors=True)

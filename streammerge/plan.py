@@ -1,0 +1,190 @@
+"""The plan: every adapter module mapped to exactly one base tensor, every shape checked.
+
+Built from headers only, before any tensor data is read or any output is written. A plan that
+leaves an adapter tensor unmatched, matches it twice or finds a wrong shape raises PlanError.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Iterator
+
+from .adapter import LoraAdapter, LoraModule
+from .checkpoint import BaseCheckpoint
+from .errors import PlanError
+from .header import FLOAT_DTYPES, TensorInfo
+from .keymap import Rule, resolve
+
+DTYPE_CHOICES = {"bf16": "BF16", "fp16": "F16", "fp32": "F32"}
+CONFIG_DTYPE_NAMES = {"BF16": "bfloat16", "F16": "float16", "F32": "float32"}
+_SHOW = 5  # keys quoted in an error message before "... and N more"
+
+
+@dataclass(frozen=True, eq=False)
+class Delta:
+    """``adapter.weight * lora.scaling * (B @ A)`` added to one base tensor."""
+
+    adapter: LoraAdapter
+    lora: LoraModule
+    rule: str
+
+    @property
+    def scale(self) -> float:
+        return self.adapter.weight * self.lora.scaling
+
+    @property
+    def factor_bytes(self) -> int:
+        """float32 bytes of A and B together."""
+        a = self.adapter.tensors[self.lora.a_key].numel
+        b = self.adapter.tensors[self.lora.b_key].numel
+        return 4 * (a + b)
+
+
+@dataclass
+class TensorPlan:
+    name: str
+    shard: str
+    info: TensorInfo
+    out_dtype: str
+    deltas: list[Delta] = field(default_factory=list)
+
+    @property
+    def rewritten(self) -> bool:
+        """True when the bytes change (merged or converted); False: copied byte for byte."""
+        return bool(self.deltas) or self.out_dtype != self.info.dtype
+
+    @property
+    def rows_cols(self) -> tuple[int, int]:
+        """The 2-D view the merge walks in row chunks: (out, in) for weights, (numel, 1) otherwise."""
+        if self.deltas:
+            return self.info.shape[0], self.info.shape[1]
+        return self.info.numel, 1
+
+
+@dataclass
+class MergePlan:
+    base: BaseCheckpoint
+    adapters: list[LoraAdapter]
+    shards: dict[str, list[TensorPlan]]  # output shard name -> tensors in the base's data order
+    out_dtype: str | None  # None: each tensor keeps its dtype
+
+    def tensors(self) -> Iterator[TensorPlan]:
+        for tensors in self.shards.values():
+            yield from tensors
+
+    @property
+    def touched(self) -> list[TensorPlan]:
+        return [t for t in self.tensors() if t.deltas]
+
+    @property
+    def output_size(self) -> int:
+        from .header import DTYPE_SIZES
+
+        return sum(t.info.numel * DTYPE_SIZES[t.out_dtype] for t in self.tensors())
+
+    @property
+    def max_factor_bytes(self) -> int:
+        return max((sum(d.factor_bytes for d in t.deltas) for t in self.touched), default=0)
+
+    def summary(self) -> dict[str, Any]:
+        """A JSON-able description: which module goes where, by which rule."""
+        return {
+            "base": str(self.base.root),
+            "adapters": [str(a.path) for a in self.adapters],
+            "out_dtype": self.out_dtype or "auto",
+            "tensors_merged": len(self.touched),
+            "tensors_total": sum(1 for _ in self.tensors()),
+            "output_bytes": self.output_size,
+            "modules": [
+                {"adapter": d.adapter.label, "module": d.lora.module, "tensor": t.name,
+                 "rule": d.rule, "r": d.lora.r, "scale": d.scale}
+                for t in self.touched for d in t.deltas
+            ],
+        }
+
+
+def _out_dtype(info: TensorInfo, target: str | None) -> str:
+    return target if target is not None and info.dtype in FLOAT_DTYPES else info.dtype
+
+
+def _listing(items: list[str]) -> str:
+    shown = ", ".join(items[:_SHOW])
+    return shown + (f" ... and {len(items) - _SHOW} more" if len(items) > _SHOW else "")
+
+
+def _unmatched_error(adapter: LoraAdapter, unmatched: list[str], base: BaseCheckpoint) -> PlanError:
+    total = len(adapter.modules)
+    cause = (
+        "no module matched: the adapter was most likely trained on a different model"
+        if len(unmatched) == total
+        else f"{total - len(unmatched)} of {total} modules matched: the adapter was likely trained "
+        "on a different model or a checkpoint with other names (add --map REGEX=REPLACEMENT)"
+    )
+    if any(m.endswith("lm_head") for m in unmatched) and "lm_head.weight" not in base.weight_map:
+        cause = "lm_head is tied to the embedding in this checkpoint (no lm_head.weight on disk); " + cause
+    return PlanError(
+        f"adapter {adapter.path}: {len(unmatched)} LoRA module(s) have no tensor in base "
+        f"{base.root}: {_listing(unmatched)}; {cause}"
+    )
+
+
+def _check_shapes(name: str, info: TensorInfo, lora: LoraModule, adapter: LoraAdapter) -> str | None:
+    a = adapter.tensors[lora.a_key].shape
+    b = adapter.tensors[lora.b_key].shape
+    if len(info.shape) != 2:
+        return f"{name} is {len(info.shape)}-D {list(info.shape)}, not a Linear weight"
+    out_features, in_features = info.shape
+    if a[1] != in_features or b[0] != out_features:
+        return (
+            f"{lora.module}: lora_B @ lora_A is {[b[0], a[1]]} but {name} is {list(info.shape)}"
+        )
+    return None
+
+
+def build_plan(
+    base: BaseCheckpoint,
+    adapters: list[LoraAdapter],
+    *,
+    dtype: str = "auto",
+    user_rules: tuple[Rule, ...] = (),
+) -> MergePlan:
+    """Map, check and lay out the whole merge. Reads headers only."""
+    target = None if dtype == "auto" else DTYPE_CHOICES[dtype]
+    deltas: dict[str, list[Delta]] = {}
+    for adapter in adapters:
+        unmatched, claimed, bad = [], {}, []
+        for module, lora in adapter.modules.items():
+            match = resolve(module, base.weight_map, user_rules=user_rules)
+            if match is None:
+                unmatched.append(module)
+                continue
+            if match.tensor in claimed:
+                raise PlanError(
+                    f"adapter {adapter.path}: modules {claimed[match.tensor]!r} and {module!r} both "
+                    f"map to {match.tensor}; refusing to merge one tensor twice (check --map rules)"
+                )
+            claimed[match.tensor] = module
+            info = base.info(match.tensor)
+            problem = _check_shapes(match.tensor, info, lora, adapter)
+            if problem is None and info.dtype not in FLOAT_DTYPES:
+                problem = f"{match.tensor} is {info.dtype}; only {'/'.join(FLOAT_DTYPES)} weights can be merged"
+            if problem:
+                bad.append(problem)
+            deltas.setdefault(match.tensor, []).append(Delta(adapter, lora, match.rule.family))
+        if unmatched:
+            raise _unmatched_error(adapter, unmatched, base)
+        if bad:
+            raise PlanError(
+                f"adapter {adapter.path}: shapes do not fit base {base.root}: {_listing(bad)}; "
+                "the adapter was trained on a model of another size"
+            )
+    shards: dict[str, list[TensorPlan]] = {}
+    for shard, header in base.shards.items():
+        # Tensors a shard holds but the index does not list are left out, as loaders ignore them.
+        shards[shard] = [
+            TensorPlan(name, shard, info, _out_dtype(info, target), deltas.get(name, []))
+            for name, info in header.tensors.items()
+            if base.weight_map.get(name) == shard
+        ]
+    return MergePlan(base, adapters, shards, target)
+
