@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .errors import DeviceError, StreamMergeError
+from .errors import DeviceError, InputError
 from .tensors import TORCH_DTYPES
 
 
@@ -56,8 +56,8 @@ def is_cuda_oom(exc: BaseException) -> bool:
     return isinstance(exc, torch.OutOfMemoryError)
 
 
-class NonFiniteError(StreamMergeError):
-    """The merge produced NaN or Inf."""
+class NonFiniteError(InputError):
+    """The merge produced NaN or Inf: the inputs hold non-finite or overflowing values."""
 
 
 class Processor:

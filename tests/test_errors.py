@@ -1,0 +1,245 @@
+"""Bad input: one clear line on stderr, a specific non-zero exit, nothing written that looks
+complete, and the base byte-identical afterwards."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import struct
+from pathlib import Path
+
+import pytest
+import torch
+from oracle import build_adapter, build_base, tree_digest
+from safetensors.torch import load_file, save_file
+
+from streammerge.cli import main
+from streammerge.errors import ExitCode
+
+
+@pytest.fixture(scope="module")
+def pristine(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    root = tmp_path_factory.mktemp("pristine")
+    base = build_base("llama", root / "base", dtype="bf16", sharded=True)
+    build_adapter(base, root / "adapter", dtype="bf16", r=4, lora_alpha=8)
+    return base, root / "adapter"
+
+
+@pytest.fixture
+def inputs(tmp_path: Path, pristine: tuple[Path, Path]) -> tuple[Path, Path]:
+    """Fresh copies each test may break."""
+    base, adapter = (shutil.copytree(p, tmp_path / p.name) for p in pristine)
+    return Path(base), Path(adapter)
+
+
+def fails(capsys: pytest.CaptureFixture[str], code: ExitCode, needle: str, base: Path, *args: object) -> str:
+    """Run the CLI expecting failure; check the one-line message, the exit code and the aftermath."""
+    digest = tree_digest(base)
+    rc = main([str(a) for a in args] + ["-q"])
+    err = capsys.readouterr().err
+    lines = err.strip().splitlines()
+    assert rc == code, err
+    assert len(lines) == 1 and lines[0].startswith("streammerge: error: "), err
+    assert needle in lines[0], lines[0]
+    assert tree_digest(base) == digest
+    return lines[0]
+
+
+def no_output(out: Path) -> None:
+    assert not out.exists() or not [p for p in out.rglob("*") if p.suffix in (".safetensors", ".json")]
+
+
+def shard(base: Path, i: int = 0) -> Path:
+    return sorted(base.glob("model-*.safetensors"))[i]
+
+
+def test_missing_shard(tmp_path: Path, inputs: tuple[Path, Path], capsys: pytest.CaptureFixture[str]) -> None:
+    base, adapter = inputs
+    missing = shard(base, 1)
+    missing.unlink()
+    fails(capsys, ExitCode.INPUT, f"shard {missing.name} listed in the index is missing", base,
+          "--base", base, "--adapter", adapter, "--output", tmp_path / "out")
+    no_output(tmp_path / "out")
+
+
+@pytest.mark.parametrize("damage,needle", [
+    (lambda b: b"\xff" * 8 + b[8:], "exceeds"),
+    (lambda b: struct.pack("<Q", 16) + b"not json at all!" + b[24:], "not valid JSON"),
+    (lambda b: b[:-10], "truncated"),
+    (lambda b: b[:5], "too short"),
+    (lambda b: b + b"extra", "truncated or padded"),
+], ids=["huge-length", "garbage-json", "truncated", "stub", "trailing-bytes"])
+def test_corrupt_shard(tmp_path: Path, inputs: tuple[Path, Path], capsys: pytest.CaptureFixture[str],
+                       damage, needle: str) -> None:
+    base, adapter = inputs
+    target = shard(base, 0)
+    target.write_bytes(damage(target.read_bytes()))
+    line = fails(capsys, ExitCode.INPUT, needle, base, "--base", base, "--adapter", adapter, "--output", tmp_path / "out")
+    assert target.name in line
+    no_output(tmp_path / "out")
+
+
+def test_no_checkpoint(tmp_path: Path, inputs: tuple[Path, Path], capsys: pytest.CaptureFixture[str]) -> None:
+    _, adapter = inputs
+    (tmp_path / "empty").mkdir()
+    fails(capsys, ExitCode.INPUT, "no model.safetensors.index.json", tmp_path / "empty",
+          "--base", tmp_path / "empty", "--adapter", adapter, "--output", tmp_path / "out")
+
+
+def test_adapter_for_a_model_of_another_size(tmp_path: Path, inputs: tuple[Path, Path],
+                                             capsys: pytest.CaptureFixture[str]) -> None:
+    base, _ = inputs
+    other = build_base("llama", tmp_path / "other", dtype="bf16", sharded=False, seed=3)
+    cfg = json.loads((other / "config.json").read_text())
+    # same names, wider MLP: every mlp projection mismatches
+    import transformers
+
+    cfg["intermediate_size"] = 48
+    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**{k: v for k, v in cfg.items()
+                                                                       if k not in ("architectures", "transformers_version")}))
+    shutil.rmtree(other)
+    model.save_pretrained(other)
+    build_adapter(other, tmp_path / "wrong", dtype="bf16", r=4, lora_alpha=8)
+    fails(capsys, ExitCode.PLAN, "trained on a model of another size", base,
+          "--base", base, "--adapter", tmp_path / "wrong", "--output", tmp_path / "out")
+    no_output(tmp_path / "out")
+
+
+def test_adapter_for_another_architecture(tmp_path: Path, inputs: tuple[Path, Path],
+                                          capsys: pytest.CaptureFixture[str]) -> None:
+    base, adapter = inputs
+    tensors = load_file(adapter / "adapter_model.safetensors")
+    renamed = {k.replace("self_attn.q_proj", "attn.c_attn"): v for k, v in tensors.items()}
+    save_file(renamed, adapter / "adapter_model.safetensors")
+    line = fails(capsys, ExitCode.PLAN, "have no tensor in base", base,
+                 "--base", base, "--adapter", adapter, "--output", tmp_path / "out")
+    assert "model.layers.0.attn.c_attn" in line and "12 of 14 modules matched" in line
+    no_output(tmp_path / "out")
+
+
+def test_missing_adapter_config(tmp_path: Path, inputs: tuple[Path, Path], capsys: pytest.CaptureFixture[str]) -> None:
+    base, adapter = inputs
+    (adapter / "adapter_config.json").unlink()
+    fails(capsys, ExitCode.INPUT, "no adapter_config.json", base,
+          "--base", base, "--adapter", adapter, "--output", tmp_path / "out")
+    no_output(tmp_path / "out")
+
+
+@pytest.mark.parametrize("edit,needle", [
+    ({"use_dora": True}, "DoRA"),
+    ({"peft_type": "IA3"}, "peft_type 'IA3'"),
+    ({"layer_replication": [[0, 2], [1, 2]]}, "layer_replication"),
+    ({"init_lora_weights": "pissa"}, "init_lora_weights='pissa'"),
+    ({"r": -3}, "'r' must be an integer"),
+    ({"lora_alpha": "eight"}, "'lora_alpha' must be a finite number"),
+    ({"r": 8}, "the config says r=8"),
+], ids=["dora", "ia3", "layer-replication", "pissa", "negative-r", "alpha-type", "rank-mismatch"])
+def test_adapter_config_refusals(tmp_path: Path, inputs: tuple[Path, Path], capsys: pytest.CaptureFixture[str],
+                                 edit: dict, needle: str) -> None:
+    base, adapter = inputs
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    (adapter / "adapter_config.json").write_text(json.dumps({**config, **edit}))
+    assert fails(capsys, ExitCode.PLAN if "r" not in edit and "lora_alpha" not in edit else ExitCode.INPUT,
+                 needle, base, "--base", base, "--adapter", adapter, "--output", tmp_path / "out")
+    no_output(tmp_path / "out")
+
+
+def test_unknown_adapter_tensor_is_not_dropped(tmp_path: Path, inputs: tuple[Path, Path],
+                                               capsys: pytest.CaptureFixture[str]) -> None:
+    base, adapter = inputs
+    tensors = load_file(adapter / "adapter_model.safetensors")
+    tensors["base_model.model.model.layers.0.mlp.gate_proj.lora_magnitude_vector"] = torch.ones(112)
+    save_file(tensors, adapter / "adapter_model.safetensors")
+    fails(capsys, ExitCode.PLAN, "DoRA (lora_magnitude_vector)", base,
+          "--base", base, "--adapter", adapter, "--output", tmp_path / "out")
+
+
+@pytest.mark.parametrize("where", ["base", "inside", "parent", "adapter"])
+def test_output_overlapping_inputs_is_refused(tmp_path: Path, inputs: tuple[Path, Path],
+                                              capsys: pytest.CaptureFixture[str], where: str) -> None:
+    base, adapter = inputs
+    out = {"base": base, "inside": base / "merged", "parent": tmp_path, "adapter": adapter}[where]
+    fails(capsys, ExitCode.OUTPUT, "choose a separate directory", base,
+          "--base", base, "--adapter", adapter, "--output", out)
+    assert not (base / "merged").exists()
+
+
+def test_existing_output_needs_overwrite_and_stale_shards_go(tmp_path: Path, inputs: tuple[Path, Path],
+                                                            capsys: pytest.CaptureFixture[str]) -> None:
+    base, adapter = inputs
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "model-00009-of-00009.safetensors").write_bytes(b"stale weights from an earlier merge")
+    (out / "notes.txt").write_text("mine")
+    fails(capsys, ExitCode.OUTPUT, "pass --overwrite", base, "--base", base, "--adapter", adapter, "--output", out)
+    assert main(["--base", str(base), "--adapter", str(adapter), "--output", str(out), "--overwrite", "-q"]) == 0
+    assert not (out / "model-00009-of-00009.safetensors").exists()
+    assert (out / "notes.txt").read_text() == "mine"
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    assert {p.name for p in out.glob("*.safetensors")} == set(index["weight_map"].values())
+
+
+def test_default_output_is_beside_the_base(inputs: tuple[Path, Path], capsys: pytest.CaptureFixture[str]) -> None:
+    base, adapter = inputs
+    assert main(["--base", str(base), "--adapter", str(adapter), "-q"]) == 0
+    merged = base.parent / f"{base.name}-merged"
+    assert (merged / "model.safetensors.index.json").exists()
+    assert str(merged) in capsys.readouterr().out
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal when CUDA is absent")
+def test_cuda_requested_without_cuda(tmp_path: Path, inputs: tuple[Path, Path], capsys: pytest.CaptureFixture[str]) -> None:
+    base, adapter = inputs
+    fails(capsys, ExitCode.DEVICE, "CUDA is not available", base,
+          "--base", base, "--adapter", adapter, "--output", tmp_path / "out", "--device", "cuda:0")
+    no_output(tmp_path / "out")
+
+
+def test_budget_too_small(tmp_path: Path, inputs: tuple[Path, Path], capsys: pytest.CaptureFixture[str]) -> None:
+    base, adapter = inputs
+    fails(capsys, ExitCode.DEVICE, "raise --max-mem to at least", base,
+          "--base", base, "--adapter", adapter, "--output", tmp_path / "out", "--max-mem", "1MB")
+    no_output(tmp_path / "out")
+
+
+def test_bad_max_mem_is_a_usage_error(inputs: tuple[Path, Path], capsys: pytest.CaptureFixture[str]) -> None:
+    base, adapter = inputs
+    with pytest.raises(SystemExit) as exc:
+        main(["--base", str(base), "--adapter", str(adapter), "--max-mem", "lots"])
+    assert exc.value.code == ExitCode.USAGE
+    assert "512MB, 20GB, 20GiB" in capsys.readouterr().err
+
+
+def test_failure_mid_merge_leaves_nothing(tmp_path: Path, inputs: tuple[Path, Path],
+                                          capsys: pytest.CaptureFixture[str]) -> None:
+    """An overflow found in the second shard: the first shard was already written, and is removed."""
+    base, adapter = inputs
+    tensors = load_file(adapter / "adapter_model.safetensors")
+    tensors["base_model.model.model.layers.1.mlp.down_proj.lora_B.weight"][0, 0] = float("inf")
+    save_file(tensors, adapter / "adapter_model.safetensors")
+    out = tmp_path / "out"
+    fails(capsys, ExitCode.INPUT, "'model.layers.1.mlp.down_proj.weight' produced NaN or Inf", base,
+          "--base", base, "--adapter", adapter, "--output", out)
+    assert not out.exists()
+
+
+def test_interrupt_mid_merge_cleans_up(tmp_path: Path, inputs: tuple[Path, Path], capsys: pytest.CaptureFixture[str],
+                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    from streammerge import kernels
+
+    base, adapter = inputs
+    calls = {"n": 0}
+    real = kernels.Processor.merge_rows
+
+    def interrupted(self, **kw):
+        calls["n"] += 1
+        if calls["n"] == 5:
+            raise KeyboardInterrupt
+        return real(self, **kw)
+
+    monkeypatch.setattr(kernels.Processor, "merge_rows", interrupted)
+    digest = tree_digest(base)
+    out = tmp_path / "out"
+    assert main(["--base", str(base), "--adapter", str(adapter), "--output", str(out), "-q"]) == ExitCode.INTERRUPTED
+    assert "interrupted" in capsys.readouterr().err
+    assert not out.exists() and tree_digest(base) == digest
