@@ -103,14 +103,18 @@ class Processor:
         for f in factors:
             # (rows, r) @ (r, cols), accumulated into the float32 chunk in place
             work.addmm_(f.B[row0 : row0 + rows], f.A, alpha=f.scale)
-        if factors and not bool(torch.isfinite(work).all()):
-            raise NonFiniteError(
-                f"merging {tensor!r} produced NaN or Inf (rows {row0}..{row0 + rows - 1}); "
-                "the adapter or base holds non-finite or overflowing values"
-            )
         out_bytes = n * out_t.itemsize
         out = self.dev_io[:out_bytes].view(out_t).view(rows, cols)
         out.copy_(work)
+        if factors:
+            # min/max propagate NaN and show Inf (also overflow in the rounding to fp16), and,
+            # unlike isfinite(), allocate no chunk-sized temporaries.
+            lo, hi = torch.aminmax(out)
+            if not (bool(torch.isfinite(lo)) and bool(torch.isfinite(hi))):
+                raise NonFiniteError(
+                    f"merging {tensor!r} produced NaN or Inf (rows {row0}..{row0 + rows - 1}); "
+                    "the adapter or base holds non-finite or overflowing values"
+                )
         if self.device.type == "cuda":
             self.host[:out_bytes].copy_(self.dev_io[:out_bytes])  # synchronous: host is pageable-safe
         return self.host_bytes[:out_bytes]

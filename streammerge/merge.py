@@ -100,14 +100,13 @@ def merge(
     before anything is written.
     """
     started = time.perf_counter()
+    from .engine import Engine  # imports torch; the baseline below is the interpreter with its libraries
+
     reset_peak_rss()
     baseline = current_rss()
     plan = load_inputs(base, adapters, dtype=dtype, maps=maps)
     out = Path(output) if output is not None else default_output(Path(base))
     check_output(out, base=Path(base), adapters=[a.path for a in plan.adapters], overwrite=overwrite)
-
-    from .engine import Engine  # torch is imported only once the inputs are known to be good
-
     engine = Engine(plan, device=device, max_mem=max_mem)
     report = MergeReport(str(out), str(engine.device), max_mem, dtype, baseline_rss=baseline)
     check_free_space(out, plan.output_size + sum((plan.base.root / f).stat().st_size for f in aux_files(plan.base.root)))

@@ -1,0 +1,85 @@
+"""Bounded memory: a synthetic checkpoint several times larger than --max-mem, with one tensor
+larger than the budget, merges with the peak RSS under the budget plus the interpreter's baseline.
+
+Runs in a subprocess so that the reading is the merge's alone; the child's RSS is also sampled
+from outside with psutil as an independent check of the child's own VmHWM reading.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import torch
+from oracle import exact_and_bound, read_checkpoint
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+BUDGET = 64 * 1000**2  # --max-mem 64MB
+
+
+def synthetic(root: Path) -> tuple[Path, Path]:
+    base, adapter = root / "base", root / "adapter"
+    base.mkdir()
+    adapter.mkdir()
+    gen = torch.Generator().manual_seed(0)
+    shards = {
+        "model-00001-of-00003.safetensors": {"big.weight": (8192, 8192)},  # 128 MiB bf16, 2x the budget
+        "model-00002-of-00003.safetensors": {f"layers.{i}.proj.weight": (4096, 4096) for i in range(3)},
+        "model-00003-of-00003.safetensors": {f"layers.{i}.proj.weight": (4096, 4096) for i in range(3, 6)},
+    }
+    weight_map, lora = {}, {}
+    for shard, shapes in shards.items():
+        tensors = {n: torch.randn(s, generator=gen).to(torch.bfloat16) for n, s in shapes.items()}
+        save_file(tensors, base / shard, metadata={"format": "pt"})
+        weight_map.update({n: shard for n in shapes})
+        for n, (out_f, in_f) in shapes.items():
+            if n.startswith(("big", "layers.1.", "layers.4.")):
+                module = n.removesuffix(".weight")
+                lora[f"base_model.model.{module}.lora_A.weight"] = torch.randn(16, in_f, generator=gen) * 0.01
+                lora[f"base_model.model.{module}.lora_B.weight"] = torch.randn(out_f, 16, generator=gen) * 0.01
+    total = sum((base / s).stat().st_size for s in shards)
+    (base / "model.safetensors.index.json").write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}))
+    (base / "config.json").write_text("{}")
+    save_file(lora, adapter / "adapter_model.safetensors")
+    (adapter / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 16, "lora_alpha": 32}))
+    return base, adapter
+
+
+def test_peak_rss_stays_under_budget(tmp_path: Path) -> None:
+    base, adapter = synthetic(tmp_path)
+    size = sum(p.stat().st_size for p in base.glob("*.safetensors"))
+    assert size > 5 * BUDGET
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "streammerge", "--base", str(base), "--adapter", str(adapter),
+           "--output", str(out), "--device", "cpu", "--max-mem", "64MB", "--json", "-q"]
+    child = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    sampled = 0
+    proc = psutil.Process(child.pid)
+    while child.poll() is None:
+        try:
+            sampled = max(sampled, proc.memory_info().rss)
+        except psutil.Error:
+            break
+        time.sleep(0.005)
+    stdout, stderr = child.communicate()
+    assert child.returncode == 0, stderr
+    report = json.loads(stdout)
+    assert report["tensors_merged"] == 3 and report["tensors_copied"] == 4
+    baseline, peak = report["baseline_rss"], report["peak_rss"]
+    assert peak <= baseline + BUDGET, f"peak {peak} > baseline {baseline} + budget {BUDGET}"
+    assert sampled <= baseline + BUDGET, f"sampled {sampled} > baseline {baseline} + budget {BUDGET}"
+    # the big tensor really went through in several chunks, and is right
+    assert report["chunk_elements"] < 8192 * 8192
+    with safe_open(adapter / "adapter_model.safetensors", "pt") as f:
+        a, b = (f.get_tensor(f"base_model.model.big.lora_{x}.weight").double() for x in "AB")
+    with safe_open(base / "model-00001-of-00003.safetensors", "pt") as f:
+        w = f.get_tensor("big.weight")
+    got = read_checkpoint(out)["big.weight"]
+    rows = slice(0, 8192, 97)  # a spread of rows across every chunk boundary region
+    exact, bound = exact_and_bound(w[rows], [(a, b[rows], 2.0)], torch.bfloat16)
+    assert ((got[rows].double() - exact).abs() <= bound).all()
