@@ -6,6 +6,7 @@ when the checkpoint is opened, so a broken base fails before a single output byt
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 from dataclasses import dataclass
@@ -17,6 +18,8 @@ from .header import SafetensorsHeader, TensorInfo, encode_header, read_header
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
+COPY_BLOCK = 8 * 1024**2  # bounce buffer where the kernel cannot copy file to file
+COPY_STEP = 64 * 1024**2  # untouched tensors are copied, and handed to writeback, in these pieces
 
 
 @dataclass(frozen=True)
@@ -142,8 +145,7 @@ def _space_hint(path: Path) -> str:
 class ShardWriter:
     """Writes one output shard at ``<dir>/<name>``: header first, then data at fixed offsets.
 
-    The file is fsynced on ``commit()``; ``abort()`` removes it. Use as a context manager: leaving
-    the block without ``commit()`` aborts.
+    The file is fsynced and closed on ``commit()``; ``abort()`` closes and removes it.
     """
 
     def __init__(
@@ -161,32 +163,61 @@ class ShardWriter:
             os.ftruncate(self.fd, self.size)
         except OSError as exc:
             raise OutputError(f"{path}: cannot create ({exc.strerror})") from None
-        self._done = False
+        self.committed = False  # fsynced and closed: the file is complete
+        self.closed = False
         pwrite_all(self.fd, 0, memoryview(header), path=path)
 
     def write(self, name: str, offset_in_tensor: int, data: memoryview) -> None:
-        pwrite_all(self.fd, self.data_start + self.offsets[name][0] + offset_in_tensor, data, path=self.path)
+        start = self.data_start + self.offsets[name][0] + offset_in_tensor
+        pwrite_all(self.fd, start, data, path=self.path)
+        self._written(start, len(data))
 
-    def copy_range(self, src_fd: int, src_offset: int, name: str, nbytes: int, bounce: memoryview) -> None:
-        """Copy ``nbytes`` of an untouched tensor: in the kernel where possible, else via ``bounce``."""
+    def _written(self, start: int, length: int) -> None:
+        """Start writeback of a range now, so that dirty pages never pile up for the final fsync.
+
+        On Linux, POSIX_FADV_DONTNEED queues the range's dirty pages for writing without waiting
+        and drops pages that are already clean: the page cache does not grow with the output.
+        """
+        if hasattr(os, "posix_fadvise"):
+            os.posix_fadvise(self.fd, start, length, os.POSIX_FADV_DONTNEED)
+
+    def copy_range(self, src_fd: int, src_offset: int, name: str, nbytes: int) -> None:
+        """Copy ``nbytes`` of an untouched tensor: in the kernel where possible, else via a small buffer.
+
+        Copied in COPY_STEP pieces, each handed to writeback at once (see ``_written``).
+        """
         dst = self.data_start + self.offsets[name][0]
         done = 0
-        if hasattr(os, "copy_file_range"):
-            try:
-                while done < nbytes:
-                    n = os.copy_file_range(src_fd, self.fd, nbytes - done, src_offset + done, dst + done)
-                    if n == 0:
-                        break
-                    done += n
-            except OSError as exc:
-                if exc.errno == 28:  # ENOSPC
-                    raise OutputError(f"{self.path}: disk full ({_space_hint(self.path)})") from None
-                # EXDEV/EINVAL/ENOSYS on some filesystems: fall back to the buffer copy
+        kernel = hasattr(os, "copy_file_range")
+        bounce = memoryview(b"")
         while done < nbytes:
-            view = bounce[: min(len(bounce), nbytes - done)]
-            pread_into(src_fd, src_offset + done, view, path=self.path)
-            pwrite_all(self.fd, dst + done, view, path=self.path)
-            done += len(view)
+            step = min(COPY_STEP, nbytes - done)
+            n = self._kernel_copy(src_fd, src_offset + done, dst + done, step) if kernel else 0
+            if n == 0:  # no kernel copy here: through a small buffer instead
+                kernel = False
+                if not bounce:
+                    bounce = memoryview(bytearray(min(COPY_BLOCK, nbytes)))
+                n = min(len(bounce), step)
+                pread_into(src_fd, src_offset + done, bounce[:n], path=self.path)
+                pwrite_all(self.fd, dst + done, bounce[:n], path=self.path)
+            self._written(dst + done, n)
+            done += n
+
+    def _kernel_copy(self, src_fd: int, src: int, dst: int, nbytes: int) -> int:
+        """copy_file_range; 0 where the filesystem cannot (EXDEV, EINVAL, ENOSYS ...)."""
+        done = 0
+        try:
+            while done < nbytes:
+                n = os.copy_file_range(src_fd, self.fd, nbytes - done, src + done, dst + done)
+                if n == 0:
+                    break
+                done += n
+        except OSError as exc:
+            if exc.errno == errno.ENOSPC:
+                raise OutputError(f"{self.path}: disk full ({_space_hint(self.path)})") from None
+            if done == 0:
+                return 0
+        return done
 
     def commit(self) -> None:
         try:
@@ -195,16 +226,13 @@ class ShardWriter:
             raise OutputError(f"{self.path}: flushing failed ({exc.strerror})") from None
         finally:
             os.close(self.fd)
-        self._done = True
+            self.closed = True
+        self.committed = True
 
     def abort(self) -> None:
-        if not self._done:
+        """Close and remove an uncommitted shard (call only once no write to it is pending)."""
+        if not self.closed:
             os.close(self.fd)
-            self._done = True
+            self.closed = True
+        if not self.committed:
             self.path.unlink(missing_ok=True)
-
-    def __enter__(self) -> ShardWriter:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.abort()

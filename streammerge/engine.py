@@ -2,10 +2,14 @@
 
 Memory model (``max_mem`` = M bytes, on the merge device):
   fixed   = float32 A and B of the tensor being merged (largest over the plan) + a 32 MiB reserve
-  chunk   = E elements, each costing 4 bytes (float32 accumulator) + k bytes (raw/rounded I/O,
+  chunk   = E elements, each costing 4 bytes (float32 accumulator) + 2k bytes (two host I/O slots,
             k = the widest input or output itemsize)
-  E       = (M - fixed) // (4 + k), at least one row of the widest tensor
-On CUDA the same E is used for the device buffers and one pinned host buffer of E*k bytes.
+  E       = (M - fixed) // (4 + 2k), at least one row of the widest tensor
+On CUDA the accumulator and one I/O buffer of E*k bytes live on the GPU and the two pinned host
+slots in RAM, so both stay under M.
+
+Threads: the merge thread reads and computes; one I/O thread writes chunks, copies untouched
+tensors file to file in the kernel, and fsyncs finished shards, in submission order.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from tqdm import tqdm
 
 from .checkpoint import ShardWriter, pread_into
 from .header import DTYPE_SIZES, SafetensorsHeader
+from .iothread import IOThread
 from .kernels import Factors, Processor, is_cuda_oom, resolve_device
 from .memory import chunk_capacity, format_size
 from .plan import MergePlan, TensorPlan
@@ -30,7 +35,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-RESERVE = 32 * 1024**2  # runtime allocations outside our buffers (BLAS packing, file objects)
+RESERVE = 32 * 1024**2  # runtime allocations outside our buffers (BLAS packing, copy bounce, files)
+SLOTS = 2
 
 
 class Engine:
@@ -45,6 +51,8 @@ class Engine:
         self.widest = max((t.rows_cols[1] for t in rewritten), default=1)
         self.largest = max((t.info.numel for t in rewritten), default=1)
         self.processor = self._processor(self.device, self._capacity())
+        self.io = IOThread()
+        self._open: list[tuple[int, ShardWriter]] = []  # (source fd, writer) not yet closed
         if self.device.type == "cuda":
             # TF32 would round the factors to 10-bit mantissas; the merge must match the CPU path.
             torch.backends.cuda.matmul.allow_tf32 = False
@@ -54,15 +62,15 @@ class Engine:
         cap = chunk_capacity(
             self.max_mem,
             fixed=self.plan.max_factor_bytes + RESERVE,
-            bytes_per_element=4 + self.io_itemsize,
+            bytes_per_element=4 + SLOTS * self.io_itemsize,
             minimum_elements=self.widest,
         )
         return min(cap, self.largest)
 
     def _processor(self, device: torch.device, capacity: int) -> Processor:
         log.info("chunk buffers on %s: %d elements (%s)", device, capacity,
-                 format_size(capacity * (4 + self.io_itemsize)))
-        return Processor(device, capacity=capacity, io_itemsize=self.io_itemsize)
+                 format_size(capacity * (4 + SLOTS * self.io_itemsize)))
+        return Processor(device, capacity=capacity, io_itemsize=self.io_itemsize, slots=SLOTS)
 
     def run(self, staging: Path, report: MergeReport, *, progress: bool) -> None:
         bar = tqdm(
@@ -73,6 +81,7 @@ class Engine:
             for shard, tensors in self.plan.shards.items():
                 self._write_shard(staging / shard, self.plan.base.shards[shard], tensors, report, bar)
                 report.shards += 1
+            self.io.drain()  # every write, copy and fsync done, or its error raised here
         report.chunk_elements = self.processor.capacity
         if self.device.type == "cuda":
             report.peak_gpu = torch.cuda.max_memory_allocated(self.device)
@@ -82,20 +91,24 @@ class Engine:
     ) -> None:
         entries = [(t.name, t.out_dtype, t.info.shape) for t in tensors]
         src = os.open(header.path, os.O_RDONLY)
-        try:
-            with ShardWriter(path, entries, {**header.metadata, "format": "pt"}) as writer:
-                for t in tensors:
-                    if t.rewritten:
-                        self._rewrite_with_fallback(t, src, header, writer, bar, report)
-                    else:
-                        writer.copy_range(src, header.data_start + t.info.begin, t.name, t.info.nbytes,
-                                          self.processor.host_bytes)
-                        bar.update(t.info.nbytes)
-                        report.tensors_copied += 1
-                    report.bytes_written += t.info.numel * DTYPE_SIZES[t.out_dtype]
-                writer.commit()
-        finally:
-            os.close(src)
+        writer = ShardWriter(path, entries, {**header.metadata, "format": "pt"})
+        self._open.append((src, writer))
+        for t in tensors:
+            if t.rewritten:
+                self._rewrite_with_fallback(t, src, header, writer, bar, report)
+            else:
+                self.io.submit(lambda t=t: writer.copy_range(src, header.data_start + t.info.begin, t.name, t.info.nbytes))
+                bar.update(t.info.nbytes)
+                report.tensors_copied += 1
+            report.bytes_written += t.info.numel * DTYPE_SIZES[t.out_dtype]
+        self.io.submit(writer.commit, done=lambda: self._closed(src, writer))
+
+    def _closed(self, src: int, writer: ShardWriter) -> None:
+        """After a shard's commit ran (or was skipped): close its source; forget it once committed."""
+        os.close(src)
+        self._open.remove((src, writer))
+        if not writer.committed:
+            self._open.append((-1, writer))  # close() aborts it
 
     def _rewrite_with_fallback(
         self, t: TensorPlan, src: int, header: SafetensorsHeader, writer: ShardWriter, bar: tqdm,
@@ -143,13 +156,27 @@ class Engine:
         written = 0
         for row0 in range(0, rows, step):
             n = min(step, rows - row0)
-            offset = header.data_start + t.info.begin + row0 * cols * src_item
-            pread_into(src, offset, proc.host_bytes[: n * cols * src_item], path=header.path)
-            out = proc.merge_rows(src_dtype=t.info.dtype, out_dtype=t.out_dtype, row0=row0, rows=n,
-                                  cols=cols, factors=factors, tensor=t.name)
-            writer.write(t.name, row0 * cols * out_item, out)
+            slot = proc.acquire()
+            try:
+                self.io.check()
+                offset = header.data_start + t.info.begin + row0 * cols * src_item
+                pread_into(src, offset, slot.bytes[: n * cols * src_item], path=header.path)
+                out = proc.merge_rows(slot, src_dtype=t.info.dtype, out_dtype=t.out_dtype, row0=row0, rows=n,
+                                      cols=cols, factors=factors, tensor=t.name)
+                self.io.submit(lambda at=row0 * cols * out_item, out=out: writer.write(t.name, at, out),
+                               done=slot.free.set)
+            except BaseException:
+                slot.free.set()
+                raise
             written += len(out)
         return written
 
     def close(self) -> None:
+        """Stop the I/O thread (skipping what a failure left queued), then free and close everything."""
+        self.io.stop()
         self.processor.close()
+        for src, writer in self._open:
+            if src >= 0:
+                os.close(src)
+            writer.abort()
+        self._open.clear()

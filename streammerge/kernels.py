@@ -1,7 +1,8 @@
 """The arithmetic: ``W + sum_i s_i * (B_i @ A_i)`` on a chunk of rows, in float32, rounded once.
 
 A ``Processor`` owns the reusable buffers for one device, allocated once from the budget:
-- ``host``: raw bytes read from the base, reused for the rounded output (pinned on CUDA);
+- two host ``Slot``s: raw bytes read from the base, reused for the rounded output (pinned on
+  CUDA); one is filled while the I/O thread writes the other;
 - ``work``: float32 accumulator on the device;
 - ``dev_io``: on CUDA only, the device copy of the raw / rounded bytes.
 No per-chunk allocation happens on the hot path.
@@ -9,6 +10,7 @@ No per-chunk allocation happens on the hot path.
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 
 import torch
@@ -60,23 +62,42 @@ class NonFiniteError(InputError):
     """The merge produced NaN or Inf: the inputs hold non-finite or overflowing values."""
 
 
+class Slot:
+    """A host I/O buffer: the merge thread fills one while the I/O thread writes out another."""
+
+    def __init__(self, nbytes: int, *, pinned: bool) -> None:
+        self.tensor = torch.empty(nbytes, dtype=torch.uint8, pin_memory=pinned)
+        self.bytes = memoryview(self.tensor.numpy()).cast("B")
+        self.free = threading.Event()
+        self.free.set()
+
+
 class Processor:
     """Merges row chunks on one device with buffers sized once from the memory budget."""
 
-    def __init__(self, device: torch.device, *, capacity: int, io_itemsize: int) -> None:
+    def __init__(self, device: torch.device, *, capacity: int, io_itemsize: int, slots: int = 2) -> None:
         self.device = device
         self.capacity = capacity  # elements per chunk
         cuda = device.type == "cuda"
-        self.host = torch.empty(capacity * io_itemsize, dtype=torch.uint8, pin_memory=cuda)
-        self.host_bytes = memoryview(self.host.numpy()).cast("B")
+        self.slots = [Slot(capacity * io_itemsize, pinned=cuda) for _ in range(slots)]
+        self._next = 0
         self.work = torch.empty(capacity, dtype=torch.float32, device=device)
-        self.dev_io = torch.empty(capacity * io_itemsize, dtype=torch.uint8, device=device) if cuda else self.host
+        self.dev_io = torch.empty(capacity * io_itemsize, dtype=torch.uint8, device=device) if cuda else None
+
+    def acquire(self) -> Slot:
+        """The next host buffer, once the I/O thread has finished writing its previous contents."""
+        slot = self.slots[self._next]
+        self._next = (self._next + 1) % len(self.slots)
+        slot.free.wait()
+        slot.free.clear()
+        return slot
 
     def to_device(self, t: torch.Tensor) -> torch.Tensor:
         return t.to(self.device, non_blocking=False).contiguous()
 
     def merge_rows(
         self,
+        slot: Slot,
         *,
         src_dtype: str,
         out_dtype: str,
@@ -86,25 +107,24 @@ class Processor:
         factors: list[Factors],
         tensor: str,
     ) -> memoryview:
-        """Merge rows ``[row0, row0+rows)`` whose raw bytes are already in ``host``.
+        """Merge rows ``[row0, row0+rows)`` whose raw bytes are already in ``slot``.
 
-        Returns the rounded output bytes (a view of ``host``).
+        Returns the rounded output bytes (a view of ``slot``).
         """
         n = rows * cols
         src_t, out_t = TORCH_DTYPES[src_dtype], TORCH_DTYPES[out_dtype]
-        src_bytes = n * src_t.itemsize
-        raw = self.host[:src_bytes].view(src_t)
-        if self.device.type == "cuda":
-            dev_raw = self.dev_io[:src_bytes].view(src_t)
-            dev_raw.copy_(raw, non_blocking=True)
-            raw = dev_raw
+        src_bytes, out_bytes = n * src_t.itemsize, n * out_t.itemsize
+        io = slot.tensor if self.dev_io is None else self.dev_io
+        raw = slot.tensor[:src_bytes].view(src_t)
+        if self.dev_io is not None:
+            io[:src_bytes].copy_(slot.tensor[:src_bytes], non_blocking=True)
+            raw = io[:src_bytes].view(src_t)
         work = self.work[:n].view(rows, cols)
         work.copy_(raw.view(rows, cols))
         for f in factors:
             # (rows, r) @ (r, cols), accumulated into the float32 chunk in place
             work.addmm_(f.B[row0 : row0 + rows], f.A, alpha=f.scale)
-        out_bytes = n * out_t.itemsize
-        out = self.dev_io[:out_bytes].view(out_t).view(rows, cols)
+        out = io[:out_bytes].view(out_t).view(rows, cols)
         out.copy_(work)
         if factors:
             # min/max propagate NaN and show Inf (also overflow in the rounding to fp16), and,
@@ -115,11 +135,14 @@ class Processor:
                     f"merging {tensor!r} produced NaN or Inf (rows {row0}..{row0 + rows - 1}); "
                     "the adapter or base holds non-finite or overflowing values"
                 )
-        if self.device.type == "cuda":
-            self.host[:out_bytes].copy_(self.dev_io[:out_bytes])  # synchronous: host is pageable-safe
-        return self.host_bytes[:out_bytes]
+        if self.dev_io is not None:
+            slot.tensor[:out_bytes].copy_(io[:out_bytes])  # synchronous: the I/O thread reads it next
+        return slot.bytes[:out_bytes]
 
     def close(self) -> None:
-        del self.work, self.dev_io, self.host_bytes, self.host
+        """Free the buffers once no write from them is pending."""
+        for slot in self.slots:
+            slot.free.wait()
+        del self.work, self.dev_io, self.slots
         if self.device.type == "cuda":
             torch.cuda.empty_cache()

@@ -123,12 +123,12 @@ def merge(
             write_index(staging, plan.base, plan.output_size)
         publish(staging, out, first=list(plan.shards), last=[INDEX_NAME] if plan.base.sharded else [])
     except BaseException:
+        engine.close()  # first: no write may still be pending when the staging area goes
         shutil.rmtree(staging, ignore_errors=True)
         if created and out.is_dir() and not any(out.iterdir()):
             out.rmdir()
         raise
-    finally:
-        engine.close()
+    engine.close()
     report.adapter_modules = sum(len(a.modules) for a in plan.adapters)
     report.seconds = time.perf_counter() - started
     report.peak_rss = peak_rss()

@@ -121,11 +121,11 @@ def test_cuda_oom_shrinks_chunk_then_falls_back_to_cpu(tmp_path: Path, model, mo
         real_init(self, torch.device("cpu"), **kw)
         self.device = device  # pretend, so that the engine treats OOM as a CUDA OOM
 
-    def rows(self, **kw):
+    def rows(self, slot, **kw):
         # big chunks fail everywhere; layer 1 fails at any size (the GPU is "full")
         if self.device.type == "cuda" and (kw["rows"] * kw["cols"] > 1000 or ".layers.1." in kw["tensor"]):
             raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
-        return real_rows(self, **kw)
+        return real_rows(self, slot, **kw)
 
     monkeypatch.setattr(kernels.Processor, "__init__", init)
     monkeypatch.setattr(kernels.Processor, "merge_rows", rows)

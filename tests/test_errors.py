@@ -231,11 +231,11 @@ def test_interrupt_mid_merge_cleans_up(tmp_path: Path, inputs: tuple[Path, Path]
     calls = {"n": 0}
     real = kernels.Processor.merge_rows
 
-    def interrupted(self, **kw):
+    def interrupted(self, slot, **kw):
         calls["n"] += 1
         if calls["n"] == 5:
             raise KeyboardInterrupt
-        return real(self, **kw)
+        return real(self, slot, **kw)
 
     monkeypatch.setattr(kernels.Processor, "merge_rows", interrupted)
     digest = tree_digest(base)
