@@ -176,7 +176,8 @@ class ShardWriter:
         """Start writeback of a range now, so that dirty pages never pile up for the final fsync.
 
         On Linux, POSIX_FADV_DONTNEED queues the range's dirty pages for writing without waiting
-        and drops pages that are already clean: the page cache does not grow with the output.
+        for them and drops pages that are already clean: the disk starts writing while the merge
+        still computes, and the page cache does not grow with the output.
         """
         if hasattr(os, "posix_fadvise"):
             os.posix_fadvise(self.fd, start, length, os.POSIX_FADV_DONTNEED)
@@ -220,8 +221,11 @@ class ShardWriter:
         return done
 
     def commit(self) -> None:
+        """fsync, then drop the file's now-clean pages so the page cache does not grow with the output."""
         try:
             os.fsync(self.fd)
+            if hasattr(os, "posix_fadvise"):
+                os.posix_fadvise(self.fd, 0, 0, os.POSIX_FADV_DONTNEED)
         except OSError as exc:
             raise OutputError(f"{self.path}: flushing failed ({exc.strerror})") from None
         finally:

@@ -9,28 +9,32 @@ On CUDA the accumulator and one I/O buffer of E*k bytes live on the GPU and the 
 slots in RAM, so both stay under M.
 
 Threads: the merge thread reads and computes; one I/O thread writes chunks, copies untouched
-tensors file to file in the kernel, and fsyncs finished shards, in submission order.
+tensors file to file in the kernel, and fsyncs finished shards, in submission order. torch (about
+a second to import) loads in a third thread while the plan is built; on the CPU the first shard's
+untouched tensors are already being copied before it is needed.
 """
 
 from __future__ import annotations
 
+import importlib
 import logging
 import os
 import sys
+import threading
 from pathlib import Path
+from types import ModuleType
 from typing import TYPE_CHECKING
 
-import torch
 from tqdm import tqdm
 
 from .checkpoint import ShardWriter, pread_into
 from .header import DTYPE_SIZES, SafetensorsHeader
 from .iothread import IOThread
-from .kernels import Factors, Processor, is_cuda_oom, resolve_device
-from .memory import chunk_capacity, format_size
+from .memory import chunk_capacity, current_rss, format_size, reset_peak_rss
 from .plan import MergePlan, TensorPlan
 
 if TYPE_CHECKING:
+    from .kernels import Processor
     from .merge import MergeReport
 
 log = logging.getLogger(__name__)
@@ -39,24 +43,59 @@ RESERVE = 32 * 1024**2  # runtime allocations outside our buffers (BLAS packing,
 SLOTS = 2
 
 
+class Runtime:
+    """Imports the torch side (``kernels``) in the background; ``get()`` waits for it."""
+
+    def __init__(self) -> None:
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._load, name="streammerge-import", daemon=True)
+        self._thread.start()
+
+    def _load(self) -> None:
+        try:
+            importlib.import_module(f"{__package__}.kernels")
+        except BaseException as exc:  # re-raised in the caller of get()
+            self._error = exc
+
+    def get(self) -> ModuleType:
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+        return sys.modules[f"{__package__}.kernels"]
+
+
 class Engine:
-    def __init__(self, plan: MergePlan, *, device: str, max_mem: int) -> None:
+    def __init__(self, plan: MergePlan, *, device: str, max_mem: int, runtime: Runtime) -> None:
         self.plan = plan
         self.max_mem = max_mem
-        self.device = resolve_device(device)
+        self.device_spec = device
+        self.runtime = runtime
+        self.kernels: ModuleType | None = None
+        self.processor: Processor | None = None
+        self.baseline_rss = 0
         rewritten = [t for t in plan.tensors() if t.rewritten]
         self.io_itemsize = max(
             (max(DTYPE_SIZES[t.info.dtype], DTYPE_SIZES[t.out_dtype]) for t in rewritten), default=1
         )
         self.widest = max((t.rows_cols[1] for t in rewritten), default=1)
         self.largest = max((t.info.numel for t in rewritten), default=1)
-        self.processor = self._processor(self.device, self._capacity())
+        self._capacity()  # a budget too small is refused now, before anything is written
         self.io = IOThread()
         self._open: list[tuple[int, ShardWriter]] = []  # (source fd, writer) not yet closed
-        if self.device.type == "cuda":
-            # TF32 would round the factors to 10-bit mantissas; the merge must match the CPU path.
-            torch.backends.cuda.matmul.allow_tf32 = False
-            torch.cuda.reset_peak_memory_stats(self.device)
+
+    def start_compute(self) -> None:
+        """Wait for torch, resolve the device, reset the peak-RSS counter and allocate the buffers.
+
+        The RSS at this point (interpreter + libraries + plan) is the baseline the budget sits on.
+        """
+        if self.processor is not None:
+            return
+        self.kernels = k = self.runtime.get()
+        self.device = k.resolve_device(self.device_spec)
+        reset_peak_rss()
+        self.baseline_rss = current_rss()
+        k.prepare_device(self.device)
+        self.processor = self._processor(self.device, self._capacity())
 
     def _capacity(self) -> int:
         cap = chunk_capacity(
@@ -67,10 +106,11 @@ class Engine:
         )
         return min(cap, self.largest)
 
-    def _processor(self, device: torch.device, capacity: int) -> Processor:
+    def _processor(self, device: object, capacity: int) -> Processor:
         log.info("chunk buffers on %s: %d elements (%s)", device, capacity,
                  format_size(capacity * (4 + SLOTS * self.io_itemsize)))
-        return Processor(device, capacity=capacity, io_itemsize=self.io_itemsize, slots=SLOTS)
+        assert self.kernels is not None
+        return self.kernels.Processor(device, capacity=capacity, io_itemsize=self.io_itemsize, slots=SLOTS)
 
     def run(self, staging: Path, report: MergeReport, *, progress: bool) -> None:
         bar = tqdm(
@@ -82,9 +122,12 @@ class Engine:
                 self._write_shard(staging / shard, self.plan.base.shards[shard], tensors, report, bar)
                 report.shards += 1
             self.io.drain()  # every write, copy and fsync done, or its error raised here
+        self.start_compute()  # (a plan with nothing to compute still reports its device)
+        assert self.kernels is not None and self.processor is not None
+        report.device = str(self.device)
+        report.baseline_rss = self.baseline_rss
         report.chunk_elements = self.processor.capacity
-        if self.device.type == "cuda":
-            report.peak_gpu = torch.cuda.max_memory_allocated(self.device)
+        report.peak_gpu = self.kernels.peak_gpu(self.device)
 
     def _write_shard(
         self, path: Path, header: SafetensorsHeader, tensors: list[TensorPlan], report: MergeReport, bar: tqdm
@@ -93,14 +136,17 @@ class Engine:
         src = os.open(header.path, os.O_RDONLY)
         writer = ShardWriter(path, entries, {**header.metadata, "format": "pt"})
         self._open.append((src, writer))
+        # Untouched tensors first: they need no torch and no buffer, and land at fixed offsets.
         for t in tensors:
-            if t.rewritten:
-                self._rewrite_with_fallback(t, src, header, writer, bar, report)
-            else:
+            if not t.rewritten:
                 self.io.submit(lambda t=t: writer.copy_range(src, header.data_start + t.info.begin, t.name, t.info.nbytes))
                 bar.update(t.info.nbytes)
                 report.tensors_copied += 1
-            report.bytes_written += t.info.numel * DTYPE_SIZES[t.out_dtype]
+        for t in tensors:
+            if t.rewritten:
+                self.start_compute()
+                self._rewrite_with_fallback(t, src, header, writer, bar, report)
+        report.bytes_written += sum(t.info.numel * DTYPE_SIZES[t.out_dtype] for t in tensors)
         self.io.submit(writer.commit, done=lambda: self._closed(src, writer))
 
     def _closed(self, src: int, writer: ShardWriter) -> None:
@@ -120,7 +166,8 @@ class Engine:
                 written = self._rewrite(t, src, header, writer)
                 break
             except Exception as exc:
-                if not is_cuda_oom(exc) or self.processor.device.type != "cuda":
+                assert self.kernels is not None and self.processor is not None
+                if not self.kernels.is_cuda_oom(exc) or self.processor.device.type != "cuda":
                     raise
                 self._shrink(t, report)
         bar.update(written)
@@ -130,6 +177,7 @@ class Engine:
             report.tensors_converted += 1
 
     def _shrink(self, t: TensorPlan, report: MergeReport) -> None:
+        assert self.kernels is not None and self.processor is not None
         old = self.processor
         capacity = old.capacity // 2
         old.close()
@@ -138,14 +186,15 @@ class Engine:
             self.processor = self._processor(old.device, capacity)
         else:
             note = f"CUDA out of memory on {t.name} even at one row: finishing the merge on the CPU"
-            self.processor = self._processor(torch.device("cpu"), self._capacity())
+            self.processor = self._processor(self.kernels.cpu_device(), self._capacity())
         log.warning(note)
         report.notes.append(note)
 
     def _rewrite(self, t: TensorPlan, src: int, header: SafetensorsHeader, writer: ShardWriter) -> int:
+        assert self.kernels is not None and self.processor is not None
         proc = self.processor
         factors = [
-            Factors(proc.to_device(d.adapter.load(d.lora.a_key)),  # (r, in)
+            self.kernels.Factors(proc.to_device(d.adapter.load(d.lora.a_key)),  # (r, in)
                     proc.to_device(d.adapter.load(d.lora.b_key)),  # (out, r)
                     d.scale)
             for d in t.deltas
@@ -174,7 +223,8 @@ class Engine:
     def close(self) -> None:
         """Stop the I/O thread (skipping what a failure left queued), then free and close everything."""
         self.io.stop()
-        self.processor.close()
+        if self.processor is not None:
+            self.processor.close()
         for src, writer in self._open:
             if src >= 0:
                 os.close(src)

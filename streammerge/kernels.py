@@ -58,6 +58,21 @@ def is_cuda_oom(exc: BaseException) -> bool:
     return isinstance(exc, torch.OutOfMemoryError)
 
 
+def cpu_device() -> torch.device:
+    return torch.device("cpu")
+
+
+def prepare_device(device: torch.device) -> None:
+    if device.type == "cuda":
+        # TF32 would round the factors to 10-bit mantissas; the merge must match the CPU path.
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def peak_gpu(device: torch.device) -> int | None:
+    return torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
+
+
 class NonFiniteError(InputError):
     """The merge produced NaN or Inf: the inputs hold non-finite or overflowing values."""
 

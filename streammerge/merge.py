@@ -22,10 +22,11 @@ from typing import Any
 
 from .adapter import LoraAdapter, read_adapter
 from .checkpoint import INDEX_NAME, open_base
+from .engine import Engine, Runtime
 from .errors import PlanError
 from .header import DTYPE_SIZES
 from .keymap import Rule, parse_map
-from .memory import DEFAULT_MAX_MEM, chunk_capacity, current_rss, peak_rss, reset_peak_rss
+from .memory import DEFAULT_MAX_MEM, peak_rss
 from .output import STAGING, aux_files, check_free_space, check_output, copy_aux_files, default_output, publish, write_index
 from .plan import CONFIG_DTYPE_NAMES, MergePlan, build_plan
 
@@ -100,15 +101,14 @@ def merge(
     before anything is written.
     """
     started = time.perf_counter()
-    from .engine import Engine  # imports torch; the baseline below is the interpreter with its libraries
-
-    reset_peak_rss()
-    baseline = current_rss()
+    runtime = Runtime()  # torch loads in the background while the plan is built
     plan = load_inputs(base, adapters, dtype=dtype, maps=maps)
     out = Path(output) if output is not None else default_output(Path(base))
     check_output(out, base=Path(base), adapters=[a.path for a in plan.adapters], overwrite=overwrite)
-    engine = Engine(plan, device=device, max_mem=max_mem)
-    report = MergeReport(str(out), str(engine.device), max_mem, dtype, baseline_rss=baseline)
+    engine = Engine(plan, device=device, max_mem=max_mem, runtime=runtime)
+    if device != "cpu":
+        engine.start_compute()  # a missing CUDA device is refused before anything is written
+    report = MergeReport(str(out), device, max_mem, dtype)
     check_free_space(out, plan.output_size + sum((plan.base.root / f).stat().st_size for f in aux_files(plan.base.root)))
     created = not out.exists()
     staging = out / STAGING

@@ -111,7 +111,7 @@ def test_cuda_oom_shrinks_chunk_then_falls_back_to_cpu(tmp_path: Path, model, mo
 
     This exercises the shrink-and-fall-back logic only; real CUDA execution is not covered here.
     """
-    from streammerge import engine, kernels
+    from streammerge import kernels
 
     base, peft = model
     real_init, real_rows = kernels.Processor.__init__, kernels.Processor.merge_rows
@@ -130,7 +130,7 @@ def test_cuda_oom_shrinks_chunk_then_falls_back_to_cpu(tmp_path: Path, model, mo
     monkeypatch.setattr(kernels.Processor, "__init__", init)
     monkeypatch.setattr(kernels.Processor, "merge_rows", rows)
     monkeypatch.setattr(kernels.Processor, "to_device", lambda self, t: t.contiguous())
-    monkeypatch.setattr(engine, "resolve_device", lambda spec: cuda)
+    monkeypatch.setattr(kernels, "resolve_device", lambda spec: cuda)
     monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda *a: None)
     monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda *a: 0)
     monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
