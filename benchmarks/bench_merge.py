@@ -18,6 +18,7 @@ import argparse
 import json
 import os
 import platform
+import random
 import shutil
 import statistics
 import subprocess
@@ -140,6 +141,7 @@ def main() -> None:
     ap.add_argument("--budgets", nargs="+", default=["1GB"])
     ap.add_argument("--repeat", type=int, default=1, help="runs of each measurement (median reported)")
     ap.add_argument("--no-peft", action="store_true")
+    ap.add_argument("--seed", type=int, default=0, help="seed of the shuffled run order")
     ap.add_argument("--results", type=Path, help="append the table to this Markdown file")
     args = ap.parse_args()
 
@@ -162,13 +164,15 @@ def main() -> None:
                          lambda out: [sys.executable, "-c", PEFT_SCRIPT, str(base), str(adapter), str(out)], False))
         except ImportError:
             print("PEFT not installed: skipped", file=sys.stderr)
-    # Interleaved rounds, so that slow phases of the disk hit every run alike; medians reported.
+    # Rounds in a shuffled order, so that neither slow phases of the disk nor the run before
+    # (this disk is slower right after some writers) favour one command; medians reported.
     seconds: dict[str, list[float]] = {label: [] for label, _, _ in runs}
     peaks: dict[str, list[int]] = {label: [] for label, _, _ in runs}
     notes: dict[str, str] = {"cp -r": "page cache only (not durable)", "cp -r && sync": "durable",
                              "PEFT merge_and_unload + save_pretrained": "whole model in RAM"}
+    rng = random.Random(args.seed)
     for _ in range(args.repeat):
-        for label, make_cmd, then_sync in runs:
+        for label, make_cmd, then_sync in rng.sample(runs, len(runs)):
             out = args.workdir / "out"
             shutil.rmtree(out, ignore_errors=True)
             sync()
@@ -189,7 +193,7 @@ def main() -> None:
              " ".join(f"{t:.1f}" for t in seconds[label])) for label, _, _ in runs]
 
     lines = [f"### {time.strftime('%Y-%m-%d')}: Llama-8B-shaped, {args.layers} layers, {size / 1e9:.2f} GB bf16, "
-             f"r={RANK} all-linear, median of {args.repeat}",
+             f"r={RANK} all-linear, median of {args.repeat} rounds in shuffled order (seed {args.seed})",
              "", f"Machine: {machine()}.", "",
              "| run | median s | vs cp -r | vs cp -r && sync | peak RSS (sampled) | all runs, s | notes |",
              "|---|---:|---:|---:|---:|---|---|"]

@@ -41,6 +41,7 @@ log = logging.getLogger(__name__)
 
 RESERVE = 32 * 1024**2  # runtime allocations outside our buffers (BLAS packing, copy bounce, files)
 SLOTS = 2
+LOOKAHEAD = 1  # shards whose copies may be queued ahead while torch loads
 
 
 class Runtime:
@@ -56,6 +57,9 @@ class Runtime:
             importlib.import_module(f"{__package__}.kernels")
         except BaseException as exc:  # re-raised in the caller of get()
             self._error = exc
+
+    def ready(self) -> bool:
+        return not self._thread.is_alive()
 
     def get(self) -> ModuleType:
         self._thread.join()
@@ -117,9 +121,16 @@ class Engine:
             total=self.plan.output_size, unit="B", unit_scale=True, unit_divisor=1024,
             desc="merging", file=sys.stderr, disable=not (progress and sys.stderr.isatty()),
         )
+        names = list(self.plan.shards)
+        opened: dict[str, tuple[int, ShardWriter]] = {}
         with bar:
-            for shard, tensors in self.plan.shards.items():
-                self._write_shard(staging / shard, self.plan.base.shards[shard], tensors, report, bar)
+            for i, shard in enumerate(names):
+                # While torch is still loading, also queue the next shard's untouched copies, so
+                # that the disk works through the import. At most LOOKAHEAD shards ahead.
+                for ahead in names[i : i + 1 + (0 if self.runtime.ready() else LOOKAHEAD)]:
+                    if ahead not in opened:
+                        opened[ahead] = self._open_shard(staging / ahead, ahead, report, bar)
+                self._finish_shard(shard, *opened.pop(shard), report, bar)
                 report.shards += 1
             self.io.drain()  # every write, copy and fsync done, or its error raised here
         self.start_compute()  # (a plan with nothing to compute still reports its device)
@@ -129,19 +140,25 @@ class Engine:
         report.chunk_elements = self.processor.capacity
         report.peak_gpu = self.kernels.peak_gpu(self.device)
 
-    def _write_shard(
-        self, path: Path, header: SafetensorsHeader, tensors: list[TensorPlan], report: MergeReport, bar: tqdm
-    ) -> None:
+    def _open_shard(self, path: Path, shard: str, report: MergeReport, bar: tqdm) -> tuple[int, ShardWriter]:
+        """Create the output shard and queue its untouched tensors' copies (no torch, no buffer)."""
+        header = self.plan.base.shards[shard]
+        tensors = self.plan.shards[shard]
         entries = [(t.name, t.out_dtype, t.info.shape) for t in tensors]
         src = os.open(header.path, os.O_RDONLY)
         writer = ShardWriter(path, entries, {**header.metadata, "format": "pt"})
         self._open.append((src, writer))
-        # Untouched tensors first: they need no torch and no buffer, and land at fixed offsets.
         for t in tensors:
             if not t.rewritten:
                 self.io.submit(lambda t=t: writer.copy_range(src, header.data_start + t.info.begin, t.name, t.info.nbytes))
                 bar.update(t.info.nbytes)
                 report.tensors_copied += 1
+        return src, writer
+
+    def _finish_shard(self, shard: str, src: int, writer: ShardWriter, report: MergeReport, bar: tqdm) -> None:
+        """Merge the shard's rewritten tensors chunk by chunk, then queue its fsync."""
+        header = self.plan.base.shards[shard]
+        tensors = self.plan.shards[shard]
         for t in tensors:
             if t.rewritten:
                 self.start_compute()
