@@ -75,6 +75,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="working-memory cap (host RAM on CPU, GPU memory on CUDA), e.g. 512MB, 20GB, 20GiB "
                    f"(default {format_size(DEFAULT_MAX_MEM)})")
     p.add_argument("--overwrite", action="store_true", help="replace the merged checkpoint in a non-empty --output")
+    p.add_argument("--no-checksum", dest="checksum", action="store_false",
+                   help="skip the sha256 of each output shard in the manifest (saves one read of the output)")
     return p
 
 
@@ -159,7 +161,8 @@ def _run(argv: list[str]) -> int:
             _print_plan(plan.summary(), args.json)
             return ExitCode.OK
         report = merge(args.base, args.adapter, output=args.output, device=args.device, max_mem=args.max_mem,
-                       dtype=args.dtype, overwrite=args.overwrite, maps=args.map, progress=not args.quiet)
+                       dtype=args.dtype, overwrite=args.overwrite, maps=args.map, progress=not args.quiet,
+                       checksum=args.checksum)
         _print_report(report.to_dict(), args.json)
         return ExitCode.OK
     except StreamMergeError as exc:
@@ -168,7 +171,8 @@ def _run(argv: list[str]) -> int:
         print(f"streammerge: error: {exc}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
-        print("streammerge: interrupted; the unfinished output was removed", file=sys.stderr)
+        print("streammerge: interrupted; finished shards are kept: rerun the same command to resume",
+              file=sys.stderr)
         return ExitCode.INTERRUPTED
     except Exception as exc:  # the error boundary: a bug, shown briefly unless asked
         if args.traceback:
@@ -179,7 +183,8 @@ def _run(argv: list[str]) -> int:
 
 
 def _on_sigterm(signum: int, frame: object) -> None:
-    raise Interrupted("terminated by SIGTERM; the unfinished output was removed", exit_code=ExitCode.TERMINATED)
+    raise Interrupted("terminated by SIGTERM; finished shards are kept: rerun the same command to resume",
+                      exit_code=ExitCode.TERMINATED)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

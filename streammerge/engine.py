@@ -30,6 +30,7 @@ from tqdm import tqdm
 from .checkpoint import ShardWriter, pread_into
 from .header import DTYPE_SIZES, SafetensorsHeader
 from .iothread import IOThread
+from .manifest import add_checksum, record_shard
 from .memory import chunk_capacity, current_rss, format_size, reset_peak_rss
 from .plan import MergePlan, TensorPlan
 
@@ -83,8 +84,10 @@ class Engine:
         )
         self.widest = max((t.rows_cols[1] for t in rewritten), default=1)
         self.largest = max((t.info.numel for t in rewritten), default=1)
-        self._capacity()  # a budget too small is refused now, before anything is written
+        self.chunk = self._capacity()  # a budget too small is refused now, before anything is written
         self.io = IOThread()
+        self.hasher = IOThread()  # reads back finished shards for their sha256, off the write path
+        self.records: dict[str, dict] = {}
         self._open: list[tuple[int, ShardWriter]] = []  # (source fd, writer) not yet closed
 
     def start_compute(self) -> None:
@@ -116,12 +119,34 @@ class Engine:
         assert self.kernels is not None
         return self.kernels.Processor(device, capacity=capacity, io_itemsize=self.io_itemsize, slots=SLOTS)
 
-    def run(self, staging: Path, report: MergeReport, *, progress: bool) -> None:
+    def run(self, staging: Path, report: MergeReport, *, progress: bool, kept: dict[str, dict],
+            fingerprints: dict[str, str], checksum: bool) -> None:
+        """Write every shard not in ``kept`` into ``staging``; record each after its fsync."""
+        self.records = dict(kept)
         bar = tqdm(
             total=self.plan.output_size, unit="B", unit_scale=True, unit_divisor=1024,
             desc="merging", file=sys.stderr, disable=not (progress and sys.stderr.isatty()),
         )
-        names = list(self.plan.shards)
+        for shard in kept:  # finished by an earlier run with the same inputs and options
+            tensors = self.plan.shards[shard]
+            bar.update(sum(t.info.numel * DTYPE_SIZES[t.out_dtype] for t in tensors))
+            report.shards_resumed += 1
+            report.shards += 1
+            report.tensors_copied += sum(not t.rewritten for t in tensors)
+            report.tensors_merged += sum(bool(t.deltas) for t in tensors)
+            report.tensors_converted += sum(t.rewritten and not t.deltas for t in tensors)
+        names = [s for s in self.plan.shards if s not in kept]
+        def checksum_later(record: dict) -> None:
+            if checksum and record["sha256"] is None:
+                self.hasher.submit(lambda: add_checksum(staging, record, cancelled=lambda: self.hasher.cancelled))
+
+        def record(shard: str) -> None:  # on the I/O thread, right after the shard's fsync
+            self.records[shard] = record_shard(staging, shard, fingerprint=fingerprints[shard])
+            checksum_later(self.records[shard])
+
+        self._record = record
+        for kept_record in kept.values():
+            checksum_later(kept_record)
         opened: dict[str, tuple[int, ShardWriter]] = {}
         with bar:
             for i, shard in enumerate(names):
@@ -133,6 +158,7 @@ class Engine:
                 self._finish_shard(shard, *opened.pop(shard), report, bar)
                 report.shards += 1
             self.io.drain()  # every write, copy and fsync done, or its error raised here
+            self.hasher.drain()  # every finished shard checksummed and recorded
         self.start_compute()  # (a plan with nothing to compute still reports its device)
         assert self.kernels is not None and self.processor is not None
         report.device = str(self.device)
@@ -164,7 +190,7 @@ class Engine:
                 self.start_compute()
                 self._rewrite_with_fallback(t, src, header, writer, bar, report)
         report.bytes_written += sum(t.info.numel * DTYPE_SIZES[t.out_dtype] for t in tensors)
-        self.io.submit(writer.commit, done=lambda: self._closed(src, writer))
+        self.io.submit(lambda: (writer.commit(), self._record(shard)), done=lambda: self._closed(src, writer))
 
     def _closed(self, src: int, writer: ShardWriter) -> None:
         """After a shard's commit ran (or was skipped): close its source; forget it once committed."""
@@ -240,6 +266,7 @@ class Engine:
     def close(self) -> None:
         """Stop the I/O thread (skipping what a failure left queued), then free and close everything."""
         self.io.stop()
+        self.hasher.stop()
         if self.processor is not None:
             self.processor.close()
         for src, writer in self._open:

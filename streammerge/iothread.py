@@ -37,6 +37,10 @@ class IOThread:
             finally:
                 self._jobs.task_done()
 
+    @property
+    def cancelled(self) -> bool:
+        return self._cancelled
+
     def check(self) -> None:
         if self._error is not None:
             raise self._error

@@ -23,9 +23,10 @@ from typing import Any
 from .adapter import LoraAdapter, read_adapter
 from .checkpoint import INDEX_NAME, open_base
 from .engine import Engine, Runtime
-from .errors import PlanError
+from .errors import Interrupted, OutputError, PlanError
 from .header import DTYPE_SIZES
 from .keymap import Rule, parse_map
+from .manifest import MANIFEST_NAME, build_manifest, reusable_shards, shard_fingerprint, write_json_atomic
 from .memory import DEFAULT_MAX_MEM, peak_rss
 from .output import STAGING, aux_files, check_free_space, check_output, copy_aux_files, default_output, publish, write_index
 from .plan import CONFIG_DTYPE_NAMES, MergePlan, build_plan
@@ -39,6 +40,7 @@ class MergeReport:
     max_mem: int
     dtype: str
     shards: int = 0
+    shards_resumed: int = 0
     tensors_merged: int = 0
     tensors_converted: int = 0
     tensors_copied: int = 0
@@ -92,13 +94,15 @@ def merge(
     overwrite: bool = False,
     maps: Sequence[str] = (),
     progress: bool = True,
+    checksum: bool = True,
 ) -> MergeReport:
     """Merge LoRA adapters into a safetensors checkpoint, shard by shard, within ``max_mem`` bytes.
 
     Each touched weight becomes ``W + sum_i w_i * s_i * (B_i @ A_i)`` computed in float32 and
     rounded once to the output dtype (``s = lora_alpha / r``, or ``/ sqrt(r)`` with rsLoRA).
     Untouched tensors are copied byte for byte. Raises a StreamMergeError subclass on bad input,
-    before anything is written.
+    before anything is written. An interrupted run (signal, full disk, kill) leaves its finished
+    shards in ``output/.streammerge-partial``; the same call again resumes from them.
     """
     started = time.perf_counter()
     runtime = Runtime()  # torch loads in the background while the plan is built
@@ -109,24 +113,32 @@ def merge(
     if device != "cpu":
         engine.start_compute()  # a missing CUDA device is refused before anything is written
     report = MergeReport(str(out), device, max_mem, dtype)
-    check_free_space(out, plan.output_size + sum((plan.base.root / f).stat().st_size for f in aux_files(plan.base.root)))
-    created = not out.exists()
     staging = out / STAGING
+    fingerprints = {s: shard_fingerprint(plan, s, device=device, chunk=engine.chunk) for s in plan.shards}
+    kept = reusable_shards(staging, fingerprints)
+    need = plan.output_size - sum(r["size"] for r in kept.values())
+    check_free_space(out, need + sum((plan.base.root / f).stat().st_size for f in aux_files(plan.base.root)))
+    created = not out.exists()
     try:
-        if staging.exists():  # left by a run that died before it could clean up
-            shutil.rmtree(staging)
-        staging.mkdir(parents=True)
-        engine.run(staging, report, progress=progress)
+        staging.mkdir(parents=True, exist_ok=True)
+        engine.run(staging, report, progress=progress, kept=kept, fingerprints=fingerprints, checksum=checksum)
         config_dtype = CONFIG_DTYPE_NAMES.get(plan.out_dtype or "")
         report.files_copied = copy_aux_files(plan.base.root, staging, config_dtype=config_dtype)
+        last = [INDEX_NAME] if plan.base.sharded else []
         if plan.base.sharded:
             write_index(staging, plan.base, plan.output_size)
-        publish(staging, out, first=list(plan.shards), last=[INDEX_NAME] if plan.base.sharded else [])
-    except BaseException:
-        engine.close()  # first: no write may still be pending when the staging area goes
-        shutil.rmtree(staging, ignore_errors=True)
-        if created and out.is_dir() and not any(out.iterdir()):
-            out.rmdir()
+        options = {"dtype": dtype, "device": device, "max_mem": max_mem, "maps": list(maps), "checksum": checksum}
+        write_json_atomic(staging / MANIFEST_NAME, build_manifest(plan, engine.records, options))
+        publish(staging, out, first=list(plan.shards), middle=report.files_copied, last=last + [MANIFEST_NAME])
+    except BaseException as exc:
+        engine.close()  # first: no write may still be pending when files are removed
+        resumable = isinstance(exc, (KeyboardInterrupt, Interrupted, OutputError)) and engine.records
+        if resumable:
+            reusable_shards(staging, fingerprints)  # keep recorded shards only: no partial file stays
+        else:
+            shutil.rmtree(staging, ignore_errors=True)
+            if created and out.is_dir() and not any(out.iterdir()):
+                out.rmdir()
         raise
     engine.close()
     report.adapter_modules = sum(len(a.modules) for a in plan.adapters)

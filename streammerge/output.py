@@ -115,14 +115,16 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def publish(staging: Path, output: Path, *, first: list[str], last: list[str]) -> None:
-    """Move staged files into ``output``: ``first`` (shards), everything else, then ``last`` (index).
+def publish(staging: Path, output: Path, *, first: list[str], middle: list[str], last: list[str]) -> None:
+    """Move staged files into ``output``: ``first`` (shards), ``middle``, then ``last`` (index, manifest).
 
-    Stale weight files of an earlier merge (left by --overwrite) are removed before the index lands,
-    so that loaders that glob ``*.safetensors`` see only this merge.
+    An earlier merge's manifest goes first, so that no mix of old and new files is ever marked
+    finished; stale weight files of that merge (with --overwrite) go before the new index lands,
+    so that loaders that glob ``*.safetensors`` see only this merge. Other staged files (resume
+    records) are dropped with the staging area.
     """
-    staged = [p.relative_to(staging) for p in staging.rglob("*") if p.is_file()]
-    middle = [str(p) for p in staged if str(p) not in first and str(p) not in last]
+    for name in last:
+        (output / name).unlink(missing_ok=True)
     keep = set(first) | set(middle) | set(last)
     for stale in output.iterdir():
         if stale.is_file() and stale.name not in keep and stale.name.endswith(WEIGHT_SUFFIXES):

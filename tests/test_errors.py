@@ -220,11 +220,13 @@ def test_failure_mid_merge_leaves_nothing(tmp_path: Path, inputs: tuple[Path, Pa
     out = tmp_path / "out"
     fails(capsys, ExitCode.INPUT, "'model.layers.1.mlp.down_proj.weight' produced NaN or Inf", base,
           "--base", base, "--adapter", adapter, "--output", out)
-    assert not out.exists()
+    assert not out.exists()  # bad input is not resumable state: everything is removed
 
 
-def test_interrupt_mid_merge_cleans_up(tmp_path: Path, inputs: tuple[Path, Path], capsys: pytest.CaptureFixture[str],
-                                       monkeypatch: pytest.MonkeyPatch) -> None:
+def test_interrupt_mid_merge_leaves_resumable_state(tmp_path: Path, inputs: tuple[Path, Path],
+                                                     capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    """Ctrl-C mid-merge: exit 130, nothing that looks finished, the base untouched; a rerun resumes
+    from the finished shards and gives the same bytes as an uninterrupted run."""
     from streammerge import kernels
 
     base, adapter = inputs
@@ -233,13 +235,25 @@ def test_interrupt_mid_merge_cleans_up(tmp_path: Path, inputs: tuple[Path, Path]
 
     def interrupted(self, slot, **kw):
         calls["n"] += 1
-        if calls["n"] == 5:
+        if calls["n"] == 9:
             raise KeyboardInterrupt
         return real(self, slot, **kw)
 
     monkeypatch.setattr(kernels.Processor, "merge_rows", interrupted)
     digest = tree_digest(base)
     out = tmp_path / "out"
-    assert main(["--base", str(base), "--adapter", str(adapter), "--output", str(out), "-q"]) == ExitCode.INTERRUPTED
-    assert "interrupted" in capsys.readouterr().err
-    assert not out.exists() and tree_digest(base) == digest
+    args = ["--base", str(base), "--adapter", str(adapter), "--output", str(out), "-q", "--json"]
+    assert main(args) == ExitCode.INTERRUPTED
+    assert "rerun the same command to resume" in capsys.readouterr().err
+    assert tree_digest(base) == digest
+    assert [p.name for p in out.iterdir()] == [".streammerge-partial"]  # nothing outside the staging area
+    staged = {p.name for p in (out / ".streammerge-partial").iterdir()}
+    records = {n for n in staged if n.endswith(".done.json")}
+    assert records and staged == records | {n.removesuffix(".done.json") for n in records}  # no partial shard left
+
+    monkeypatch.setattr(kernels.Processor, "merge_rows", real)
+    assert main(args) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["shards_resumed"] == len(records)
+    assert main(["--base", str(base), "--adapter", str(adapter), "--output", str(tmp_path / "clean"), "-q"]) == 0
+    assert tree_digest(out) == tree_digest(tmp_path / "clean") | {"streammerge.json": tree_digest(out)["streammerge.json"]}

@@ -3,6 +3,7 @@ own merge; streammerge's output is held against PEFT and against float64."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -46,7 +47,12 @@ def test_merge_matches_peft_and_float64(tmp_path: Path, arch: str, dtype: str, s
     assert torch.allclose(got_logits, ref_logits, atol=tol, rtol=tol)
     # 4. a checkpoint laid out like the base: same files, exact index, format metadata, base untouched
     base_files = {p.name for p in base.iterdir()}
-    assert {p.name for p in out.iterdir()} == base_files
+    assert {p.name for p in out.iterdir()} == base_files | {"streammerge.json"}
+    manifest = json.loads((out / "streammerge.json").read_text())
+    shards = {p.name for p in out.glob("*.safetensors")}
+    assert manifest["shards"] == {s: {"size": (out / s).stat().st_size,
+                                      "sha256": hashlib.sha256((out / s).read_bytes()).hexdigest()} for s in shards}
+    assert manifest["tensors_merged"] == sorted(f"{m}.weight" for m in peft.deltas)
     if sharded:
         index = json.loads((out / "model.safetensors.index.json").read_text())
         base_index = json.loads((base / "model.safetensors.index.json").read_text())

@@ -1,0 +1,148 @@
+"""Resumable state and the manifest.
+
+While a merge runs, every finished shard in ``OUT/.streammerge-partial/`` gets a record
+``<shard>.done.json`` (written after the shard's fsync, atomically): the shard's fingerprint, size
+and sha256. A rerun of the same command keeps the shards whose record matches and redoes the rest.
+
+The fingerprint of a shard covers everything its bytes depend on: the base shard (name, size,
+mtime, header), each tensor's output dtype and shape, every delta (adapter weights file identity,
+module, keys, scale), the device kind and the chunk size, and the streammerge version. Changing
+any input or option invalidates the record.
+
+The manifest ``streammerge.json`` is written last, after the index: a directory without it is not
+a finished merge.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from pathlib import Path
+from collections.abc import Callable
+from typing import Any
+
+from . import __version__
+from .errors import OutputError
+from .plan import MergePlan
+
+MANIFEST_NAME = "streammerge.json"
+MANIFEST_FORMAT = "streammerge-manifest/1"
+RECORD_SUFFIX = ".done.json"
+HASH_BLOCK = 8 * 1024**2
+
+
+def _file_identity(path: Path) -> dict[str, Any]:
+    st = os.stat(path)
+    return {"path": str(path.resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+
+
+def shard_fingerprint(plan: MergePlan, shard: str, *, device: str, chunk: int) -> str:
+    header = plan.base.shards[shard]
+    doc = {
+        "streammerge": __version__,
+        "device": device,
+        "chunk": chunk,
+        "base": _file_identity(header.path),
+        "metadata": header.metadata,
+        "tensors": [
+            [t.name, t.info.dtype, t.out_dtype, list(t.info.shape), t.info.begin,
+             [[_file_identity(d.adapter.weights_path), d.lora.a_key, d.lora.b_key, repr(d.scale)] for d in t.deltas]]
+            for t in plan.shards[shard]
+        ],
+    }
+    return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()
+
+
+class Cancelled(Exception):
+    """A checksum abandoned because the merge is stopping."""
+
+
+def sha256_file(path: Path, *, cancelled: Callable[[], bool] = lambda: False) -> str:
+    h = hashlib.sha256()
+    buf = memoryview(bytearray(HASH_BLOCK))
+    with open(path, "rb", buffering=0) as f:
+        while n := f.readinto(buf):
+            if cancelled():
+                raise Cancelled(path)
+            h.update(buf[:n])
+            if hasattr(os, "posix_fadvise"):  # read once: do not let the page cache keep it
+                os.posix_fadvise(f.fileno(), f.tell() - n, n, os.POSIX_FADV_DONTNEED)
+    return h.hexdigest()
+
+
+def write_json_atomic(path: Path, doc: dict[str, Any]) -> None:
+    """Write, fsync, rename: a reader sees the old file or the whole new one, never a part."""
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(doc, f, indent=2)
+            f.write("\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as exc:
+        raise OutputError(f"{path}: cannot write ({exc.strerror})") from None
+
+
+def record_shard(staging: Path, shard: str, *, fingerprint: str) -> dict[str, Any]:
+    """Right after a shard's fsync: its fingerprint and size, so that a rerun can keep it."""
+    record = {"shard": shard, "fingerprint": fingerprint, "size": (staging / shard).stat().st_size, "sha256": None}
+    write_json_atomic(staging / (shard + RECORD_SUFFIX), record)
+    return record
+
+
+def add_checksum(staging: Path, record: dict[str, Any], *, cancelled: Callable[[], bool] = lambda: False) -> None:
+    """Read the finished shard back once and add its sha256 to the record (off the write path)."""
+    record["sha256"] = sha256_file(staging / record["shard"], cancelled=cancelled)
+    write_json_atomic(staging / (record["shard"] + RECORD_SUFFIX), record)
+
+
+def reusable_shards(staging: Path, fingerprints: dict[str, str]) -> dict[str, dict[str, Any]]:
+    """Records of staged shards that a rerun may keep; everything else in staging is removed."""
+    kept: dict[str, dict[str, Any]] = {}
+    if not staging.is_dir():
+        return kept
+    for shard, fingerprint in fingerprints.items():
+        record_path, path = staging / (shard + RECORD_SUFFIX), staging / shard
+        try:
+            record = json.loads(record_path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue
+        if (isinstance(record, dict) and record.get("fingerprint") == fingerprint and path.is_file()
+                and path.stat().st_size == record.get("size")):
+            kept[shard] = record
+    keep = set(kept) | {s + RECORD_SUFFIX for s in kept}
+    for entry in staging.iterdir():
+        if entry.name not in keep:
+            if entry.is_dir():
+                import shutil
+
+                shutil.rmtree(entry)
+            else:
+                entry.unlink()
+    return kept
+
+
+def build_manifest(plan: MergePlan, records: dict[str, dict[str, Any]], options: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "format": MANIFEST_FORMAT,
+        "streammerge": __version__,
+        "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "base": {"path": str(plan.base.root.resolve()),
+                 "shards": {s: _file_identity(h.path) for s, h in plan.base.shards.items()}},
+        "adapters": [{"path": str(a.path.resolve()), "weight": a.weight, "weights_file": _file_identity(a.weights_path),
+                      "modules": len(a.modules)} for a in plan.adapters],
+        "options": options,
+        "tensors_merged": sorted(t.name for t in plan.touched),
+        "shards": {s: {"size": r["size"], "sha256": r["sha256"]} for s, r in sorted(records.items())},
+    }
+
+
+def read_manifest(output: Path) -> dict[str, Any] | None:
+    try:
+        doc = json.loads((output / MANIFEST_NAME).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return doc if isinstance(doc, dict) and doc.get("format") == MANIFEST_FORMAT else None
