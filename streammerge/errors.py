@@ -13,6 +13,7 @@ class ExitCode(enum.IntEnum):
     PLAN = 4  # the adapter does not fit the base (unmatched keys, shapes)
     OUTPUT = 5  # output directory refused, disk full, write failure
     DEVICE = 6  # requested device missing, budget too small
+    VERIFY = 7  # `streammerge verify` found differences
     INTERRUPTED = 130  # Ctrl-C
     TERMINATED = 143  # SIGTERM
 
