@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from .checkpoint import check_inside
 from .errors import InputError, PlanError, UnsupportedError
 from .header import SafetensorsHeader, TensorInfo, read_header
 
@@ -172,6 +173,9 @@ def _module_of(config: dict[str, Any], module: str, a: TensorInfo, b: TensorInfo
 
 def _index_tensors(path: Path) -> tuple[Path, dict[str, TensorInfo], SafetensorsHeader | None, dict | None]:
     st, binary = (path / n for n in WEIGHTS_NAMES)
+    for candidate in (st, binary, path / CONFIG_NAME):
+        if candidate.exists():
+            check_inside(candidate, path)
     if st.is_file():
         header = read_header(st)
         return st, dict(header.tensors), header, None

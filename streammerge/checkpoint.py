@@ -61,6 +61,20 @@ def _check_shard_name(name: Any, root: Path, index: Path) -> str:
     return name
 
 
+def check_inside(path: Path, root: Path) -> None:
+    """A symlinked file must resolve inside ``root``, or into the Hugging Face cache's ``blobs/``
+    of the same repo when ``root`` is one of its ``snapshots/<rev>`` directories."""
+    target, top = path.resolve(), root.resolve()
+    allowed = [top]
+    if top.parent.name == "snapshots":
+        allowed.append(top.parent.parent / "blobs")
+    if not any(target.is_relative_to(a) for a in allowed):
+        raise InputError(
+            f"{path}: is a link to {target}, outside {root}; copy the file into the directory "
+            "(links may only point inside it, or into a Hugging Face cache's blobs/)"
+        )
+
+
 def _read_index(path: Path) -> tuple[dict[str, str], dict[str, Any]]:
     try:
         doc = json.loads(path.read_text(encoding="utf-8"))
@@ -102,6 +116,7 @@ def open_base(root: Path) -> BaseCheckpoint:
         path = root / name
         if not path.is_file():
             raise InputError(f"base {root}: shard {name} listed in the index is missing")
+        check_inside(path, root)
         shards[name] = read_header(path)
     if metadata is None:
         weight_map = {t: SINGLE_NAME for t in shards[SINGLE_NAME].tensors}

@@ -257,3 +257,37 @@ def test_interrupt_mid_merge_leaves_resumable_state(tmp_path: Path, inputs: tupl
     assert report["shards_resumed"] == len(records)
     assert main(["--base", str(base), "--adapter", str(adapter), "--output", str(tmp_path / "clean"), "-q"]) == 0
     assert tree_digest(out) == tree_digest(tmp_path / "clean") | {"streammerge.json": tree_digest(out)["streammerge.json"]}
+
+
+@pytest.mark.parametrize("edit,needle", [
+    ({"r": 10**9}, "'r' must be an integer from 1 to 65536"),
+    ({"r": "8"}, "'r' must be an integer"),
+    ({"rank_pattern": ["q_proj"]}, "'rank_pattern' must map regexes to numbers"),
+    ({"alpha_pattern": {"(": 3}}, "is not a valid regex"),
+    ({"lora_alpha": None}, "'lora_alpha' must be a finite number"),
+], ids=["absurd-rank", "rank-string", "pattern-list", "pattern-regex", "alpha-null"])
+def test_adapter_config_wrong_types(tmp_path: Path, inputs: tuple[Path, Path], capsys: pytest.CaptureFixture[str],
+                                    edit: dict, needle: str) -> None:
+    base, adapter = inputs
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    (adapter / "adapter_config.json").write_text(json.dumps({**config, **edit}))
+    fails(capsys, ExitCode.INPUT, needle, base, "--base", base, "--adapter", adapter, "--output", tmp_path / "out")
+
+
+def test_adapter_tensor_of_wrong_rank(tmp_path: Path, inputs: tuple[Path, Path], capsys: pytest.CaptureFixture[str]) -> None:
+    base, adapter = inputs
+    tensors = load_file(adapter / "adapter_model.safetensors")
+    key = "base_model.model.model.layers.0.mlp.up_proj.lora_A.weight"
+    tensors[key] = tensors[key].reshape(2, 2, -1)
+    save_file(tensors, adapter / "adapter_model.safetensors")
+    fails(capsys, ExitCode.INPUT, "the adapter files are inconsistent", base,
+          "--base", base, "--adapter", adapter, "--output", tmp_path / "out")
+
+
+def test_symlinked_adapter_file_escaping_is_refused(tmp_path: Path, inputs: tuple[Path, Path],
+                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    base, adapter = inputs
+    moved = tmp_path / "elsewhere.safetensors"
+    (adapter / "adapter_model.safetensors").rename(moved)
+    (adapter / "adapter_model.safetensors").symlink_to(moved)
+    fails(capsys, ExitCode.INPUT, "outside", base, "--base", base, "--adapter", adapter, "--output", tmp_path / "out")

@@ -129,3 +129,24 @@ def test_fuzz_structured_headers_only_raise_header_error(doc: dict, data: int) -
         parse_bytes(raw_file(doc, b"\0" * data))
     except HeaderError:
         pass
+
+
+def test_symlink_escaping_the_base_is_refused(tmp_path: Path) -> None:
+    outside = tmp_path / "outside.safetensors"
+    save_file({"a": torch.zeros(2)}, outside)
+    base = tmp_path / "base"
+    base.mkdir()
+    (base / "model.safetensors").symlink_to(outside)
+    with pytest.raises(InputError, match="outside"):
+        open_base(base)
+
+
+def test_symlinks_of_a_hub_cache_snapshot_are_allowed(tmp_path: Path) -> None:
+    """models--org--name/snapshots/<rev>/file -> ../../blobs/<hash>, as huggingface_hub lays it out."""
+    repo = tmp_path / "models--org--name"
+    (repo / "blobs").mkdir(parents=True)
+    save_file({"a": torch.zeros(2)}, repo / "blobs" / "0123abcd")
+    snap = repo / "snapshots" / "deadbeef"
+    snap.mkdir(parents=True)
+    (snap / "model.safetensors").symlink_to("../../blobs/0123abcd")
+    assert list(open_base(snap).weight_map) == ["a"]
