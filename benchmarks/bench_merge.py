@@ -4,8 +4,8 @@ Writes a checkpoint with Llama-3-8B's real layer sizes (hidden 4096, MLP 14336, 
 GQA 8 KV heads) but only a few layers (default 4, about 3.9 GB in bf16), and an r=16 LoRA on all
 seven linear projections, then times in one session, on the same files:
   - cp -r of the base, and cp -r followed by sync (streammerge fsyncs every shard it writes);
-  - streammerge on the CPU at each --budget, as a subprocess, with its own peak-RSS reading and an
-    outside psutil sample of the child's RSS;
+  - streammerge on the CPU at each --budget (and once with --no-checksum), as a subprocess, with
+    its own peak-RSS reading and an outside psutil sample of the child's RSS;
   - PEFT merge_and_unload + save_pretrained, when transformers and peft are installed.
 Prints a Markdown table; with --results, appends it to that file with the machine described.
 
@@ -148,13 +148,14 @@ def main() -> None:
     base, adapter = write_inputs(args.workdir, args.layers)
     size = sum(p.stat().st_size for p in base.iterdir())
 
-    def merge_cmd(budget: str):
+    def merge_cmd(budget: str, *extra: str):
         return lambda out: [sys.executable, "-m", "streammerge", "--base", str(base), "--adapter", str(adapter),
-                            "--output", str(out), "--device", "cpu", "--max-mem", budget, "--json", "-q"]
+                            "--output", str(out), "--device", "cpu", "--max-mem", budget, "--json", "-q", *extra]
 
     runs: list[tuple[str, object, bool]] = [("cp -r", lambda out: ["cp", "-r", str(base), str(out)], False),
                                             ("cp -r && sync", lambda out: ["cp", "-r", str(base), str(out)], True)]
     runs += [(f"streammerge --max-mem {b}", merge_cmd(b), False) for b in args.budgets]
+    runs.append((f"streammerge --max-mem {args.budgets[0]} --no-checksum", merge_cmd(args.budgets[0], "--no-checksum"), False))
     if not args.no_peft:
         try:
             import peft  # noqa: F401
@@ -185,7 +186,7 @@ def main() -> None:
             peaks[label].append(peak)
             if label.startswith("streammerge"):
                 r = json.loads(stdout)
-                notes[label] = (f"durable (fsync); own peak {r['peak_rss'] / 2**20:.0f} MiB = baseline "
+                notes[label] = (f"durable (fsync){'' if 'no-checksum' in label else ', sha256 of every shard'}; own peak {r['peak_rss'] / 2**20:.0f} MiB = baseline "
                                 f"{r['baseline_rss'] / 2**20:.0f} + {(r['peak_rss'] - r['baseline_rss']) / 2**20:.0f} MiB")
     shutil.rmtree(args.workdir / "out", ignore_errors=True)
     cp, cp_sync = statistics.median(seconds["cp -r"]), statistics.median(seconds["cp -r && sync"])
