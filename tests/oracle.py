@@ -51,12 +51,12 @@ class PeftResult:
 
 
 def build_adapter(base: Path, root: Path, *, dtype: str, seed: int = 1, save_bin: bool = False,
-                  **lora: Any) -> PeftResult:
+                  auto_class: Any = None, **lora: Any) -> PeftResult:
     """Train-free PEFT adapter with random non-zero A and B (init_lora_weights=False)."""
     import transformers
     from peft import LoraConfig, get_peft_model
 
-    model = transformers.AutoModelForCausalLM.from_pretrained(base, dtype=DTYPES[dtype])
+    model = (auto_class or transformers.AutoModelForCausalLM).from_pretrained(base, dtype=DTYPES[dtype])
     torch.manual_seed(seed)
     lora.setdefault("target_modules", "all-linear")
     peft_model = get_peft_model(model, LoraConfig(init_lora_weights=False, **lora))
@@ -144,6 +144,21 @@ def tree_digest(root: Path) -> dict[str, str]:
 
 def logits(model: Any, seed: int = 5) -> torch.Tensor:
     torch.manual_seed(seed)
-    ids = torch.randint(0, model.config.vocab_size, (2, 12))
+    ids = torch.randint(0, model.config.get_text_config().vocab_size, (2, 12))
     with torch.no_grad():
         return model(input_ids=ids).logits.float()
+
+
+def disk_names(model: Any, saved: Path) -> dict[str, str]:
+    """In-memory parameter name -> on-disk tensor name, matched by value (independent of any
+    renaming table): ``saved`` is ``model`` written by transformers' own save_pretrained."""
+    on_disk = read_checkpoint(saved)
+    by_bytes: dict[bytes, list[str]] = {}
+    for name, t in on_disk.items():
+        by_bytes.setdefault(bits(t).numpy().tobytes(), []).append(name)
+    out = {}
+    for name, p in model.state_dict().items():
+        hits = by_bytes.get(bits(p.detach()).numpy().tobytes(), [])
+        if len(hits) == 1:
+            out[name] = hits[0]
+    return out
