@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .checkpoint import check_inside
+from .checkpoint import check_inside, pread_into
 from .errors import InputError, PlanError, UnsupportedError
 from .header import SafetensorsHeader, TensorInfo, read_header
 
@@ -94,6 +94,29 @@ class LoraAdapter:
 
         assert self._header is not None
         return read_tensor(self.weights_path, self._header, key).to(torch.float32)
+
+
+def changes_something(adapter: LoraAdapter) -> bool:
+    """False when every lora_B is all zeros (PEFT's initialisation: an untrained adapter) or the
+    adapter's weight is 0. Stops at the first non-zero factor, so this is cheap for real adapters."""
+    if adapter.weight == 0:
+        return False
+    for module in adapter.modules.values():
+        if adapter._bin is not None:
+            if bool(adapter._bin[module.b_key].any()):
+                return True
+            continue
+        assert adapter._header is not None
+        info = adapter.tensors[module.b_key]
+        buf = bytearray(info.nbytes)
+        fd = os.open(adapter.weights_path, os.O_RDONLY)
+        try:
+            pread_into(fd, adapter._header.data_start + info.begin, memoryview(buf), path=adapter.weights_path)
+        finally:
+            os.close(fd)
+        if buf.strip(b"\0"):  # any bit set (a -0.0 counts as a change: conservative)
+            return True
+    return False
 
 
 def _read_config(path: Path) -> dict[str, Any]:

@@ -75,6 +75,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="working-memory cap (host RAM on CPU, GPU memory on CUDA), e.g. 512MB, 20GB, 20GiB "
                    f"(default {format_size(DEFAULT_MAX_MEM)})")
     p.add_argument("--overwrite", action="store_true", help="replace the merged checkpoint in a non-empty --output")
+    p.add_argument("--allow-noop", action="store_true",
+                   help="write the output even when the adapter changes nothing (all lora_B zero, or weight 0)")
     p.add_argument("--no-checksum", dest="checksum", action="store_false",
                    help="skip the sha256 of each output shard in the manifest (saves one read of the output)")
     return p
@@ -193,7 +195,7 @@ def _run(argv: list[str]) -> int:
             return ExitCode.OK
         report = merge(args.base, args.adapter, output=args.output, device=args.device, max_mem=args.max_mem,
                        dtype=args.dtype, overwrite=args.overwrite, maps=args.map, progress=not args.quiet,
-                       checksum=args.checksum)
+                       checksum=args.checksum, allow_noop=args.allow_noop)
         _print_report(report.to_dict(), args.json)
         return ExitCode.OK
     except StreamMergeError as exc:

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .adapter import LoraAdapter, read_adapter
+from .adapter import LoraAdapter, changes_something, read_adapter
 from .checkpoint import INDEX_NAME, open_base
 from .engine import Engine, Runtime
 from .errors import Interrupted, OutputError, PlanError
@@ -72,15 +72,25 @@ def load_inputs(
     *,
     dtype: str = "auto",
     maps: Sequence[str] = (),
+    allow_noop: bool = False,
 ) -> MergePlan:
-    """Open and validate the base and adapters and build the plan; reads headers only."""
+    """Open and validate the base and adapters and build the plan; reads headers (and, to refuse
+    an adapter that changes nothing, lora_B factors until a non-zero one is found)."""
     specs = [a if isinstance(a, AdapterSpec) else AdapterSpec(Path(a)) for a in adapters]
     if not specs:
         raise PlanError("no adapter given; pass --adapter DIR")
     user_rules: tuple[Rule, ...] = tuple(parse_map(m) for m in maps)
     checkpoint = open_base(Path(base))
     loaded: list[LoraAdapter] = [read_adapter(s.path, weight=s.weight) for s in specs]
-    return build_plan(checkpoint, loaded, dtype=dtype, user_rules=user_rules)
+    plan = build_plan(checkpoint, loaded, dtype=dtype, user_rules=user_rules)
+    if not allow_noop:
+        for adapter in loaded:
+            if not changes_something(adapter):
+                why = "its weight is 0" if adapter.weight == 0 else (
+                    "every lora_B is zero, as PEFT initialises it: was the adapter saved before training?")
+                raise PlanError(f"adapter {adapter.path} changes nothing ({why}); "
+                                "pass --allow-noop to write an unchanged copy anyway")
+    return plan
 
 
 def merge(
@@ -95,6 +105,7 @@ def merge(
     maps: Sequence[str] = (),
     progress: bool = True,
     checksum: bool = True,
+    allow_noop: bool = False,
 ) -> MergeReport:
     """Merge LoRA adapters into a safetensors checkpoint, shard by shard, within ``max_mem`` bytes.
 
@@ -106,7 +117,7 @@ def merge(
     """
     started = time.perf_counter()
     runtime = Runtime()  # torch loads in the background while the plan is built
-    plan = load_inputs(base, adapters, dtype=dtype, maps=maps)
+    plan = load_inputs(base, adapters, dtype=dtype, maps=maps, allow_noop=allow_noop)
     out = Path(output) if output is not None else default_output(Path(base))
     check_output(out, base=Path(base), adapters=[a.path for a in plan.adapters], overwrite=overwrite)
     engine = Engine(plan, device=device, max_mem=max_mem, runtime=runtime)

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from oracle import build_adapter, build_base, tree_digest
+from oracle import bits, build_adapter, build_base, read_checkpoint, tree_digest
 from safetensors.torch import load_file, save_file
 
 from streammerge.cli import main
@@ -291,3 +291,26 @@ def test_symlinked_adapter_file_escaping_is_refused(tmp_path: Path, inputs: tupl
     (adapter / "adapter_model.safetensors").rename(moved)
     (adapter / "adapter_model.safetensors").symlink_to(moved)
     fails(capsys, ExitCode.INPUT, "outside", base, "--base", base, "--adapter", adapter, "--output", tmp_path / "out")
+
+
+def test_adapter_that_changes_nothing_is_refused(tmp_path: Path, inputs: tuple[Path, Path],
+                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    """An untrained adapter (PEFT initialises lora_B to zero) must not 'succeed' silently."""
+    base, adapter = inputs
+    tensors = load_file(adapter / "adapter_model.safetensors")
+    save_file({k: torch.zeros_like(v) if "lora_B" in k else v for k, v in tensors.items()},
+              adapter / "adapter_model.safetensors")
+    out = tmp_path / "out"
+    fails(capsys, ExitCode.PLAN, "changes nothing (every lora_B is zero", base,
+          "--base", base, "--adapter", adapter, "--output", out)
+    no_output(out)
+    assert main(["--base", str(base), "--adapter", str(adapter), "--output", str(out), "-q", "--allow-noop"]) == 0
+    got, ref = read_checkpoint(out), read_checkpoint(base)
+    assert set(got) == set(ref) and all(torch.equal(bits(got[n]), bits(ref[n])) for n in ref)
+
+
+def test_adapter_with_weight_zero_is_refused(tmp_path: Path, inputs: tuple[Path, Path],
+                                             capsys: pytest.CaptureFixture[str]) -> None:
+    base, adapter = inputs
+    fails(capsys, ExitCode.PLAN, "its weight is 0", base, "--base", base, "--adapter", f"{adapter}:0",
+          "--output", tmp_path / "out")
