@@ -11,7 +11,7 @@ import json
 import math
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -25,13 +25,14 @@ if TYPE_CHECKING:
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAMES = ("adapter_model.safetensors", "adapter_model.bin")
 PEFT_PREFIX = "base_model.model."
+BASE_LAYER_SUFFIX = ".base_layer.weight"
 MAX_RANK = 1 << 16
 
-_LORA_KEY = re.compile(r"^(?P<module>.+)\.(?P<factor>lora_A|lora_B)\.weight$")
+# Linear / Conv1D factors end in ".weight"; Embedding factors are bare parameters.
+_LORA_KEY = re.compile(r"^(?P<module>.+)\.(?:(?P<factor>lora_A|lora_B)\.weight|lora_embedding_(?P<emb>[AB]))$")
 # Saved tensors of PEFT features this version cannot merge exactly; named in the refusal.
 _UNSUPPORTED_KEYS = (
     (re.compile(r"\.lora_magnitude_vector(\.weight)?$"), "DoRA (lora_magnitude_vector)"),
-    (re.compile(r"\.lora_embedding_[AB]$"), "LoRA on Embedding layers (lora_embedding_A/B)"),
     (re.compile(r"\.lora_B\.bias$"), "lora_bias"),
     (re.compile(r"\.trainable_tokens_delta$"), "trainable_token_indices"),
 )
@@ -57,7 +58,11 @@ _UNSUPPORTED_FIELDS = {
 
 @dataclass(frozen=True)
 class LoraModule:
-    """One adapted module: ``delta = scaling * (B @ A)`` with A (r, in) and B (out, r)."""
+    """One adapted module: ``delta = scaling * (B @ A)`` with A (r, in) and B (out, r).
+
+    For an Embedding (``lora_embedding_A`` (r, num_embeddings), ``lora_embedding_B`` (dim, r)) the
+    weight is (num_embeddings, dim) and ``delta = scaling * (B @ A).T``.
+    """
 
     module: str  # in-memory module path, e.g. "model.layers.0.self_attn.q_proj"
     a_key: str
@@ -65,6 +70,7 @@ class LoraModule:
     r: int
     lora_alpha: float
     scaling: float
+    embedding: bool = False
 
 
 @dataclass
@@ -79,6 +85,9 @@ class LoraAdapter:
     modules: dict[str, LoraModule]
     _header: SafetensorsHeader | None = None
     _bin: dict[str, Any] | None = None
+    # module -> its full weight saved with the adapter ("<module>.base_layer.weight", PEFT's
+    # save_embedding_layers); after loading, PEFT uses it as the layer's base weight, so do we.
+    base_layers: dict[str, TensorInfo] = field(default_factory=dict)
 
     @property
     def label(self) -> str:
@@ -182,7 +191,8 @@ def _pattern_value(pattern: dict[str, Any], module: str, default: float) -> floa
     return default
 
 
-def _module_of(config: dict[str, Any], module: str, a: TensorInfo, b: TensorInfo, where: Path) -> LoraModule:
+def _module_of(config: dict[str, Any], module: str, a: TensorInfo, b: TensorInfo, where: Path, *,
+               embedding: bool) -> LoraModule:
     r = int(_pattern_value(config.get("rank_pattern") or {}, module, config["r"]))
     alpha = float(_pattern_value(config.get("alpha_pattern") or {}, module, config["lora_alpha"]))
     if len(a.shape) != 2 or len(b.shape) != 2 or a.shape[0] != r or b.shape[1] != r:
@@ -191,7 +201,7 @@ def _module_of(config: dict[str, Any], module: str, a: TensorInfo, b: TensorInfo
             f"but the config says r={r}; the adapter files are inconsistent"
         )
     scaling = alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r
-    return LoraModule(module, a.name, b.name, r, alpha, scaling)
+    return LoraModule(module, a.name, b.name, r, alpha, scaling, embedding)
 
 
 def _index_tensors(path: Path) -> tuple[Path, dict[str, TensorInfo], SafetensorsHeader | None, dict | None]:
@@ -226,6 +236,8 @@ def read_adapter(path: Path, *, weight: float = 1.0) -> LoraAdapter:
     _check_config(config, path / CONFIG_NAME)
     weights_path, tensors, header, state = _index_tensors(path)
     pairs: dict[str, dict[str, TensorInfo]] = {}
+    embedding_modules: set[str] = set()
+    base_layers: dict[str, TensorInfo] = {}
     for key, info in tensors.items():
         for pattern, feature in _UNSUPPORTED_KEYS:
             if pattern.search(key):
@@ -233,25 +245,35 @@ def read_adapter(path: Path, *, weight: float = 1.0) -> LoraAdapter:
                     f"{weights_path}: tensor {key!r} belongs to {feature}, which this version "
                     "does not merge; nothing was written"
                 )
+        if key.endswith(BASE_LAYER_SUFFIX):  # PEFT save_embedding_layers: the layer's own weight
+            if state is not None:
+                raise UnsupportedError(f"{weights_path}: saved base layer {key!r} in a .bin adapter; "
+                                       "re-save the adapter as safetensors")
+            base_layers[key.removeprefix(PEFT_PREFIX).removesuffix(BASE_LAYER_SUFFIX)] = info
+            continue
         match = _LORA_KEY.match(key)
         if match is None:
             raise PlanError(
-                f"{weights_path}: tensor {key!r} is not a LoRA factor (expected "
-                "'<module>.lora_A.weight' / '<module>.lora_B.weight'); refusing to drop it silently"
+                f"{weights_path}: tensor {key!r} is not a LoRA factor (expected '<module>.lora_A.weight' / "
+                "'<module>.lora_B.weight' or '<module>.lora_embedding_A/B'); refusing to drop it silently"
             )
         module = match["module"].removeprefix(PEFT_PREFIX)
-        pairs.setdefault(module, {})[match["factor"]] = info
+        factor = match["factor"] or f"lora_{match['emb']}"
+        if match["emb"]:
+            embedding_modules.add(module)
+        pairs.setdefault(module, {})[factor] = info
     modules: dict[str, LoraModule] = {}
     for module, factors in pairs.items():
         if set(factors) != {"lora_A", "lora_B"}:
             missing = ({"lora_A", "lora_B"} - set(factors)).pop()
             raise InputError(f"{weights_path}: module {module!r} has no {missing} tensor")
-        modules[module] = _module_of(config, module, factors["lora_A"], factors["lora_B"], weights_path)
+        modules[module] = _module_of(config, module, factors["lora_A"], factors["lora_B"], weights_path,
+                                     embedding=module in embedding_modules)
     if not modules:
         raise InputError(f"{weights_path}: the adapter holds no LoRA tensors")
     if not math.isfinite(weight):
         raise InputError(f"adapter {path}: weight {weight!r} is not a finite number")
-    return LoraAdapter(path, weights_path, config, weight, tensors, modules, header, state)
+    return LoraAdapter(path, weights_path, config, weight, tensors, modules, header, state, base_layers)
 
 
 def adapter_fingerprint(adapter: LoraAdapter) -> dict[str, Any]:

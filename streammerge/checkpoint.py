@@ -30,6 +30,7 @@ class BaseCheckpoint:
     shards: dict[str, SafetensorsHeader]  # shard file name -> header
     weight_map: dict[str, str]  # tensor name -> shard file name
     index_metadata: dict[str, Any] | None  # None for a single-file checkpoint
+    model_type: str | None = None  # from config.json, for the layout table
 
     @property
     def sharded(self) -> bool:
@@ -125,7 +126,16 @@ def open_base(root: Path) -> BaseCheckpoint:
             raise InputError(
                 f"{root / shard}: tensor {tensor!r} is listed in the index but not in the shard"
             )
-    return BaseCheckpoint(root, shards, weight_map, metadata)
+    return BaseCheckpoint(root, shards, weight_map, metadata, _model_type(root))
+
+
+def _model_type(root: Path) -> str | None:
+    """config.json's model_type (None when absent or unreadable: no family-specific layout then)."""
+    try:
+        value = json.loads((root / "config.json").read_text(encoding="utf-8")).get("model_type")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return value if isinstance(value, str) else None
 
 
 def pread_into(fd: int, offset: int, view: memoryview, *, path: Path) -> None:

@@ -80,7 +80,7 @@ class Engine:
         self.baseline_rss = 0
         rewritten = [t for t in plan.tensors() if t.rewritten]
         self.io_itemsize = max(
-            (max(DTYPE_SIZES[t.info.dtype], DTYPE_SIZES[t.out_dtype]) for t in rewritten), default=1
+            (max(DTYPE_SIZES[t.origin(plan.base).info.dtype], DTYPE_SIZES[t.out_dtype]) for t in rewritten), default=1
         )
         self.widest = max((t.rows_cols[1] for t in rewritten), default=1)
         self.largest = max((t.info.numel for t in rewritten), default=1)
@@ -89,6 +89,7 @@ class Engine:
         self.hasher = IOThread()  # reads back finished shards for their sha256, off the write path
         self.records: dict[str, dict] = {}
         self._open: list[tuple[int, ShardWriter]] = []  # (source fd, writer) not yet closed
+        self._source_fds: dict[Path, int] = {}  # adapter files that supply base weights
 
     def start_compute(self) -> None:
         """Wait for torch, resolve the device, reset the peak-RSS counter and allocate the buffers.
@@ -239,21 +240,24 @@ class Engine:
         factors = [
             self.kernels.Factors(proc.to_device(d.adapter.load(d.lora.a_key)),  # (r, in)
                     proc.to_device(d.adapter.load(d.lora.b_key)),  # (out, r)
-                    d.scale)
+                    d.scale, d.transposed)
             for d in t.deltas
         ]
         rows, cols = t.rows_cols
         step = max(1, proc.capacity // cols)
-        src_item, out_item = DTYPE_SIZES[t.info.dtype], DTYPE_SIZES[t.out_dtype]
+        origin = t.origin(self.plan.base)
+        if t.source is not None:  # an adapter file holds this tensor's base weight
+            src = self._source_fd(origin.path)
+        src_item, out_item = DTYPE_SIZES[origin.info.dtype], DTYPE_SIZES[t.out_dtype]
         written = 0
         for row0 in range(0, rows, step):
             n = min(step, rows - row0)
             slot = proc.acquire()
             try:
                 self.io.check()
-                offset = header.data_start + t.info.begin + row0 * cols * src_item
-                pread_into(src, offset, slot.bytes[: n * cols * src_item], path=header.path)
-                out = proc.merge_rows(slot, src_dtype=t.info.dtype, out_dtype=t.out_dtype, row0=row0, rows=n,
+                offset = origin.data_start + origin.info.begin + row0 * cols * src_item
+                pread_into(src, offset, slot.bytes[: n * cols * src_item], path=origin.path)
+                out = proc.merge_rows(slot, src_dtype=origin.info.dtype, out_dtype=t.out_dtype, row0=row0, rows=n,
                                       cols=cols, factors=factors, tensor=t.name)
                 self.io.submit(lambda at=row0 * cols * out_item, out=out: writer.write(t.name, at, out),
                                done=slot.free.set)
@@ -262,6 +266,11 @@ class Engine:
                 raise
             written += len(out)
         return written
+
+    def _source_fd(self, path: Path) -> int:
+        if path not in self._source_fds:
+            self._source_fds[path] = os.open(path, os.O_RDONLY)
+        return self._source_fds[path]
 
     def close(self) -> None:
         """Stop the I/O thread (skipping what a failure left queued), then free and close everything."""
@@ -274,3 +283,6 @@ class Engine:
                 os.close(src)
             writer.abort()
         self._open.clear()
+        for fd in self._source_fds.values():
+            os.close(fd)
+        self._source_fds.clear()

@@ -21,11 +21,13 @@ from .tensors import TORCH_DTYPES
 
 @dataclass(frozen=True)
 class Factors:
-    """One delta's factors on the processor's device: A (r, in), B (out, r), scale."""
+    """One delta's factors on the processor's device: A (r, in), B (out, r), scale; ``transposed``
+    when the weight holds (B @ A).T (Conv1D, Embedding)."""
 
     A: torch.Tensor
     B: torch.Tensor
     scale: float
+    transposed: bool = False
 
 
 def resolve_device(spec: str) -> torch.device:
@@ -137,8 +139,10 @@ class Processor:
         work = self.work[:n].view(rows, cols)
         work.copy_(raw.view(rows, cols))
         for f in factors:
-            # (rows, r) @ (r, cols), accumulated into the float32 chunk in place
-            work.addmm_(f.B[row0 : row0 + rows], f.A, alpha=f.scale)
+            if f.transposed:  # rows of (B @ A).T: (rows, r) @ (r, cols) = A[:, rows].T @ B.T
+                work.addmm_(f.A[:, row0 : row0 + rows].t(), f.B.t(), alpha=f.scale)
+            else:  # (rows, r) @ (r, cols), accumulated into the float32 chunk in place
+                work.addmm_(f.B[row0 : row0 + rows], f.A, alpha=f.scale)
         out = io[:out_bytes].view(out_t).view(rows, cols)
         out.copy_(work)
         if factors:

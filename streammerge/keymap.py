@@ -81,3 +81,28 @@ def resolve(module: str, weight_map: dict[str, str], *, user_rules: tuple[Rule, 
             tensor, rule = found.popitem()
             return Match(tensor, rule)
     return None
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Layers whose weight is stored transposed, (in, out), decided by the layer kind: the model
+    family (config ``model_type``) and the module name. PEFT's saved ``fan_in_fan_out`` is not
+    trusted, and shapes cannot tell square layers apart."""
+
+    family: str
+    model_types: frozenset[str]
+    module: str  # regex searched in the module path
+
+    def applies(self, model_type: str | None, module: str) -> bool:
+        return model_type in self.model_types and re.search(self.module, module) is not None
+
+
+LAYOUTS: tuple[Layout, ...] = (
+    Layout("GPT-2 family Conv1D (weight stored in x out)",
+           frozenset({"gpt2", "openai-gpt", "imagegpt", "decision_transformer"}),
+           r"(^|\.)(c_attn|q_attn|c_proj|c_fc)$"),
+)
+
+
+def stored_transposed(model_type: str | None, module: str) -> Layout | None:
+    return next((layout for layout in LAYOUTS if layout.applies(model_type, module)), None)

@@ -7,13 +7,14 @@ leaves an adapter tensor unmatched, matches it twice or finds a wrong shape rais
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Iterator
 
 from .adapter import LoraAdapter, LoraModule
 from .checkpoint import BaseCheckpoint
-from .errors import PlanError
+from .errors import PlanError, UnsupportedError
 from .header import FLOAT_DTYPES, TensorInfo
-from .keymap import Rule, resolve
+from .keymap import Rule, resolve, stored_transposed
 
 DTYPE_CHOICES = {"bf16": "BF16", "fp16": "F16", "fp32": "F32"}
 CONFIG_DTYPE_NAMES = {"BF16": "bfloat16", "F16": "float16", "F32": "float32"}
@@ -22,11 +23,13 @@ _SHOW = 5  # keys quoted in an error message before "... and N more"
 
 @dataclass(frozen=True, eq=False)
 class Delta:
-    """``adapter.weight * lora.scaling * (B @ A)`` added to one base tensor."""
+    """``adapter.weight * lora.scaling * (B @ A)`` added to one base tensor, transposed first when
+    the weight is stored (in, out) (Conv1D) or is an Embedding (num_embeddings, dim)."""
 
     adapter: LoraAdapter
     lora: LoraModule
     rule: str
+    transposed: bool = False
 
     @property
     def scale(self) -> float:
@@ -40,18 +43,34 @@ class Delta:
         return 4 * (a + b)
 
 
+@dataclass(frozen=True)
+class Source:
+    """Where a tensor's input bytes are: a base shard, or a file of an adapter that replaces it."""
+
+    path: Path
+    data_start: int
+    info: TensorInfo
+
+
 @dataclass
 class TensorPlan:
     name: str
     shard: str
-    info: TensorInfo
+    info: TensorInfo  # the base tensor (its place in the base shard)
     out_dtype: str
     deltas: list[Delta] = field(default_factory=list)
+    source: Source | None = None  # set when an adapter supplies the tensor's base weight
 
     @property
     def rewritten(self) -> bool:
-        """True when the bytes change (merged or converted); False: copied byte for byte."""
-        return bool(self.deltas) or self.out_dtype != self.info.dtype
+        """True when the bytes change (merged, converted or replaced); False: copied byte for byte."""
+        return bool(self.deltas) or self.out_dtype != self.info.dtype or self.source is not None
+
+    def origin(self, base: BaseCheckpoint) -> Source:
+        if self.source is not None:
+            return self.source
+        header = base.shards[self.shard]
+        return Source(header.path, header.data_start, self.info)
 
     @property
     def rows_cols(self) -> tuple[int, int]:
@@ -128,17 +147,39 @@ def _unmatched_error(adapter: LoraAdapter, unmatched: list[str], base: BaseCheck
     )
 
 
-def _check_shapes(name: str, info: TensorInfo, lora: LoraModule, adapter: LoraAdapter) -> str | None:
-    a = adapter.tensors[lora.a_key].shape
-    b = adapter.tensors[lora.b_key].shape
+def _check_shapes(name: str, info: TensorInfo, delta: Delta) -> str | None:
+    a = delta.adapter.tensors[delta.lora.a_key].shape
+    b = delta.adapter.tensors[delta.lora.b_key].shape
     if len(info.shape) != 2:
-        return f"{name} is {len(info.shape)}-D {list(info.shape)}, not a Linear weight"
-    out_features, in_features = info.shape
-    if a[1] != in_features or b[0] != out_features:
-        return (
-            f"{lora.module}: lora_B @ lora_A is {[b[0], a[1]]} but {name} is {list(info.shape)}"
-        )
+        return f"{name} is {len(info.shape)}-D {list(info.shape)}, not a Linear, Conv1D or Embedding weight"
+    expected = [a[1], b[0]] if delta.transposed else [b[0], a[1]]
+    if list(info.shape) != expected:
+        what = "(lora_B @ lora_A).T" if delta.transposed else "lora_B @ lora_A"
+        return f"{delta.lora.module}: {what} is {expected} but {name} is {list(info.shape)}"
     return None
+
+
+def _base_layer_sources(base: BaseCheckpoint, adapters: list[LoraAdapter], user_rules: tuple[Rule, ...]) -> dict[str, Source]:
+    """Adapter-saved base layers, mapped like modules; a different shape (resized vocabulary) is refused."""
+    sources: dict[str, Source] = {}
+    for adapter in adapters:
+        for module, info in adapter.base_layers.items():
+            match = resolve(module, base.weight_map, user_rules=user_rules)
+            if match is None:
+                raise _unmatched_error(adapter, [module], base)
+            tensor = base.info(match.tensor)
+            if info.shape != tensor.shape:
+                raise UnsupportedError(
+                    f"adapter {adapter.path}: {module} is saved with shape {list(info.shape)} but the base has "
+                    f"{list(tensor.shape)} (a resized vocabulary); merging a resized vocabulary is not supported yet"
+                )
+            if info.dtype not in FLOAT_DTYPES:
+                raise UnsupportedError(f"adapter {adapter.path}: saved {module} is {info.dtype}, not a float weight")
+            if match.tensor in sources:
+                raise PlanError(f"two adapters both replace {match.tensor}; merge them one at a time")
+            assert adapter._header is not None
+            sources[match.tensor] = Source(adapter.weights_path, adapter._header.data_start, info)
+    return sources
 
 
 def build_plan(
@@ -165,12 +206,15 @@ def build_plan(
                 )
             claimed[match.tensor] = module
             info = base.info(match.tensor)
-            problem = _check_shapes(match.tensor, info, lora, adapter)
+            layout = stored_transposed(base.model_type, match.tensor.removesuffix(".weight"))
+            rule = match.rule.family + (f"; {layout.family}" if layout else "")
+            delta = Delta(adapter, lora, rule, transposed=lora.embedding or layout is not None)
+            problem = _check_shapes(match.tensor, info, delta)
             if problem is None and info.dtype not in FLOAT_DTYPES:
                 problem = f"{match.tensor} is {info.dtype}; only {'/'.join(FLOAT_DTYPES)} weights can be merged"
             if problem:
                 bad.append(problem)
-            deltas.setdefault(match.tensor, []).append(Delta(adapter, lora, match.rule.family))
+            deltas.setdefault(match.tensor, []).append(delta)
         if unmatched:
             raise _unmatched_error(adapter, unmatched, base)
         if bad:
@@ -178,11 +222,12 @@ def build_plan(
                 f"adapter {adapter.path}: shapes do not fit base {base.root}: {_listing(bad)}; "
                 "the adapter was trained on a model of another size"
             )
+    sources = _base_layer_sources(base, adapters, user_rules)
     shards: dict[str, list[TensorPlan]] = {}
     for shard, header in base.shards.items():
         # Tensors a shard holds but the index does not list are left out, as loaders ignore them.
         shards[shard] = [
-            TensorPlan(name, shard, info, _out_dtype(info, target), deltas.get(name, []))
+            TensorPlan(name, shard, info, _out_dtype(info, target), deltas.get(name, []), sources.get(name))
             for name, info in header.tensors.items()
             if base.weight_map.get(name) == shard
         ]

@@ -25,10 +25,10 @@ import torch
 
 from .checkpoint import INDEX_NAME, BaseCheckpoint, open_base, pread_into
 from .errors import StreamMergeError
-from .header import DTYPE_SIZES, TensorInfo
+from .header import DTYPE_SIZES
 from .manifest import MANIFEST_NAME, read_manifest, sha256_file
 from .merge import AdapterSpec, load_inputs
-from .plan import TensorPlan
+from .plan import Source, TensorPlan
 from .tensors import TORCH_DTYPES
 
 BLOCK = 8 * 1024**2
@@ -62,13 +62,12 @@ class _Reader:
     def __init__(self) -> None:
         self._fds: dict[Path, int] = {}
 
-    def read(self, ckpt: BaseCheckpoint, info: TensorInfo, offset: int, nbytes: int) -> bytearray:
-        header = ckpt.shards[ckpt.weight_map[info.name]]
-        fd = self._fds.get(header.path)
+    def read(self, src: Source, offset: int, nbytes: int) -> bytearray:
+        fd = self._fds.get(src.path)
         if fd is None:
-            fd = self._fds[header.path] = os.open(header.path, os.O_RDONLY)
+            fd = self._fds[src.path] = os.open(src.path, os.O_RDONLY)
         buf = bytearray(nbytes)
-        pread_into(fd, header.data_start + info.begin + offset, memoryview(buf), path=header.path)
+        pread_into(fd, src.data_start + src.info.begin + offset, memoryview(buf), path=src.path)
         return buf
 
     def close(self) -> None:
@@ -97,16 +96,21 @@ def _check_structure(plan_tensors: dict[str, TensorPlan], base: BaseCheckpoint, 
         report.fail(f"{INDEX_NAME}: total_size {out.index_metadata.get('total_size')} but the shards hold {out.total_size}")
 
 
+def _output(out: BaseCheckpoint, name: str) -> Source:
+    header = out.shards[out.weight_map[name]]
+    return Source(header.path, header.data_start, header.tensors[name])
+
+
 def _compare_untouched(t: TensorPlan, base: BaseCheckpoint, out: BaseCheckpoint, io: _Reader, report: VerifyReport) -> None:
-    src_item, out_item = DTYPE_SIZES[t.info.dtype], DTYPE_SIZES[t.out_dtype]
+    src, dst = t.origin(base), _output(out, t.name)
+    src_item, out_item = DTYPE_SIZES[src.info.dtype], DTYPE_SIZES[t.out_dtype]
     step = max(1, BLOCK // max(src_item, out_item))  # elements per block
-    got_info = out.info(t.name)
     for start in range(0, t.info.numel, step):
         n = min(step, t.info.numel - start)
-        want = io.read(base, t.info, start * src_item, n * src_item)
-        got = io.read(out, got_info, start * out_item, n * out_item)
-        if t.out_dtype != t.info.dtype:  # converted: the same single rounding, compared bit for bit
-            converted = _as_tensor(want, t.info.dtype).to(TORCH_DTYPES[t.out_dtype])
+        want = io.read(src, start * src_item, n * src_item)
+        got = io.read(dst, start * out_item, n * out_item)
+        if t.out_dtype != src.info.dtype:  # converted: the same single rounding, compared bit for bit
+            converted = _as_tensor(want, src.info.dtype).to(TORCH_DTYPES[t.out_dtype])
             want = bytearray(converted.view(torch.uint8).numpy().tobytes())
         if want != got:
             report.fail(f"{t.name}: differs from the base within elements {start}..{start + n - 1}")
@@ -118,20 +122,24 @@ def _sample_rows(t: TensorPlan, base: BaseCheckpoint, out: BaseCheckpoint, io: _
                  *, rows_per_tensor: int, rng: random.Random) -> None:
     rows, cols = t.info.shape
     picks = sorted({0, rows - 1} | {rng.randrange(rows) for _ in range(max(0, rows_per_tensor - 2))})
-    factors = [(d.adapter.load(d.lora.a_key).double(), d.adapter.load(d.lora.b_key), d.scale, d.lora.r) for d in t.deltas]
+    factors = [(d.adapter.load(d.lora.a_key).double(), d.adapter.load(d.lora.b_key).double(), d.scale, d.transposed)
+               for d in t.deltas]
     out_t = TORCH_DTYPES[t.out_dtype]
     finfo = torch.finfo(out_t)
-    r_max = max(f[3] for f in factors)
+    r_max = max(f[0].shape[0] for f in factors)
+    src, dst = t.origin(base), _output(out, t.name)
+    src_item, out_item = DTYPE_SIZES[src.info.dtype], DTYPE_SIZES[t.out_dtype]
     for row in picks:
-        w = _as_tensor(io.read(base, t.info, row * cols * DTYPE_SIZES[t.info.dtype], cols * DTYPE_SIZES[t.info.dtype]),
-                       t.info.dtype).double()
-        got = _as_tensor(io.read(out, out.info(t.name), row * cols * DTYPE_SIZES[t.out_dtype],
-                                 cols * DTYPE_SIZES[t.out_dtype]), t.out_dtype).double()
+        w = _as_tensor(io.read(src, row * cols * src_item, cols * src_item), src.info.dtype).double()
+        got = _as_tensor(io.read(dst, row * cols * out_item, cols * out_item), t.out_dtype).double()
         exact, magnitude = w.clone(), w.abs()
-        for a, b, scale, _ in factors:
-            b_row = b[row].double()  # (r,)
-            exact += scale * (b_row @ a)  # (r,) @ (r, cols)
-            magnitude += abs(scale) * (b_row.abs() @ a.abs())
+        for a, b, scale, transposed in factors:
+            if transposed:  # row of (B @ A).T = A[:, row] @ B.T
+                exact += scale * (a[:, row] @ b.t())
+                magnitude += abs(scale) * (a[:, row].abs() @ b.abs().t())
+            else:  # (r,) @ (r, cols)
+                exact += scale * (b[row] @ a)
+                magnitude += abs(scale) * (b[row].abs() @ a.abs())
         _, e = torch.frexp(exact)
         ulp = torch.ldexp(torch.ones_like(exact), e - 1).mul(finfo.eps).clamp_min(finfo.smallest_normal * finfo.eps)
         bound = ulp / 2 + (r_max + 2) * 2.0**-24 * magnitude

@@ -29,6 +29,9 @@ def tiny_config(arch: str, *, tie: bool = False) -> Any:
         return transformers.LlamaConfig(**common)
     if arch == "qwen2":
         return transformers.Qwen2Config(**common)
+    if arch == "gpt2":
+        return transformers.GPT2Config(vocab_size=160, n_embd=64, n_layer=2, n_head=4, n_positions=64,
+                                       tie_word_embeddings=True)
     raise ValueError(arch)
 
 
@@ -60,12 +63,21 @@ def build_adapter(base: Path, root: Path, *, dtype: str, seed: int = 1, save_bin
     torch.manual_seed(seed)
     lora.setdefault("target_modules", "all-linear")
     peft_model = get_peft_model(model, LoraConfig(init_lora_weights=False, **lora))
+    from transformers.pytorch_utils import Conv1D
+
     deltas: dict[str, list[tuple[torch.Tensor, torch.Tensor, float]]] = {}
     for name, module in peft_model.base_model.model.named_modules():
-        if hasattr(module, "lora_A") and "default" in getattr(module, "lora_A", {}):
+        if "default" in getattr(module, "lora_A", {}):
             a = module.lora_A["default"].weight.detach().double()
             b = module.lora_B["default"].weight.detach().double()
-            deltas[name] = [(a, b, float(module.scaling["default"]))]
+            if isinstance(module.get_base_layer(), Conv1D):  # weight (in, out): W += (B A).T = A.T B.T
+                a, b = b.t(), a.t()
+        elif "default" in getattr(module, "lora_embedding_A", {}):  # W (vocab, dim) += (B A).T
+            a = module.lora_embedding_B["default"].detach().double().t()
+            b = module.lora_embedding_A["default"].detach().double().t()
+        else:
+            continue
+        deltas[name] = [(a.contiguous(), b.contiguous(), float(module.scaling["default"]))]
     assert deltas, "PEFT adapted nothing"
     peft_model.save_pretrained(root, safe_serialization=not save_bin)
     merged = peft_model.merge_and_unload()
