@@ -9,7 +9,7 @@ from __future__ import annotations
 import errno
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +30,21 @@ class BaseCheckpoint:
     shards: dict[str, SafetensorsHeader]  # shard file name -> header
     weight_map: dict[str, str]  # tensor name -> shard file name
     index_metadata: dict[str, Any] | None  # None for a single-file checkpoint
-    model_type: str | None = None  # from config.json, for the layout table
+    config: dict[str, Any] = field(default_factory=dict)  # config.json ({} when absent or unreadable)
+
+    @property
+    def model_type(self) -> str | None:
+        value = self.config.get("model_type")
+        return value if isinstance(value, str) else None
+
+    @property
+    def ties_embeddings(self) -> bool:
+        """tie_word_embeddings, at the top level or in text_config (VLMs); transformers' default is True."""
+        text = self.config.get("text_config")
+        for cfg in ((text if isinstance(text, dict) else {}), self.config):
+            if "tie_word_embeddings" in cfg:
+                return bool(cfg["tie_word_embeddings"])
+        return True
 
     @property
     def sharded(self) -> bool:
@@ -126,16 +140,16 @@ def open_base(root: Path) -> BaseCheckpoint:
             raise InputError(
                 f"{root / shard}: tensor {tensor!r} is listed in the index but not in the shard"
             )
-    return BaseCheckpoint(root, shards, weight_map, metadata, _model_type(root))
+    return BaseCheckpoint(root, shards, weight_map, metadata, _config(root))
 
 
-def _model_type(root: Path) -> str | None:
-    """config.json's model_type (None when absent or unreadable: no family-specific layout then)."""
+def _config(root: Path) -> dict[str, Any]:
+    """config.json, for the layout and tying rules ({} when absent or unreadable: no family rules)."""
     try:
-        value = json.loads((root / "config.json").read_text(encoding="utf-8")).get("model_type")
-    except (OSError, ValueError, AttributeError):
-        return None
-    return value if isinstance(value, str) else None
+        config = json.loads((root / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return config if isinstance(config, dict) else {}
 
 
 def pread_into(fd: int, offset: int, view: memoryview, *, path: Path) -> None:

@@ -106,3 +106,20 @@ LAYOUTS: tuple[Layout, ...] = (
 
 def stored_transposed(model_type: str | None, module: str) -> Layout | None:
     return next((layout for layout in LAYOUTS if layout.applies(model_type, module)), None)
+
+
+# Tied checkpoints store only the input embedding; the output head's name follows from it.
+# (embedding tensor pattern, head tensor replacement) -- first match wins.
+TIED_HEADS: tuple[tuple[str, str], ...] = (
+    (r"^(.*?)model\.(?:language_model\.)?embed_tokens\.weight$", r"\1lm_head.weight"),  # Llama, Qwen, LLaVA ...
+    (r"^(?:transformer\.)?wte\.weight$", "lm_head.weight"),  # GPT-2
+)
+
+
+def tied_head(weight_map: dict[str, str]) -> tuple[str, str] | None:
+    """(embedding tensor, head tensor name to write) for a tied checkpoint, or None."""
+    for pattern, replacement in TIED_HEADS:
+        found = [name for name in weight_map if re.match(pattern, name)]
+        if len(found) == 1:
+            return found[0], re.sub(pattern, replacement, found[0])
+    return None

@@ -134,10 +134,11 @@ def merge(
         staging.mkdir(parents=True, exist_ok=True)
         engine.run(staging, report, progress=progress, kept=kept, fingerprints=fingerprints, checksum=checksum)
         config_dtype = CONFIG_DTYPE_NAMES.get(plan.out_dtype or "")
-        report.files_copied = copy_aux_files(plan.base.root, staging, config_dtype=config_dtype)
+        report.files_copied = copy_aux_files(plan.base.root, staging, config_dtype=config_dtype,
+                                             config_changes=plan.config_changes)
         last = [INDEX_NAME] if plan.base.sharded else []
         if plan.base.sharded:
-            write_index(staging, plan.base, plan.output_size)
+            write_index(staging, plan.base, plan.weight_map, plan.output_size)
         options = {"dtype": dtype, "device": device, "max_mem": max_mem, "maps": list(maps), "checksum": checksum}
         write_json_atomic(staging / MANIFEST_NAME, build_manifest(plan, engine.records, options))
         publish(staging, out, first=list(plan.shards), middle=report.files_copied, last=last + [MANIFEST_NAME])

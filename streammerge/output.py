@@ -81,18 +81,31 @@ def _set_dtype(config: dict[str, Any], dtype_name: str) -> None:
             _set_dtype(value, dtype_name)
 
 
-def copy_aux_files(base: Path, staging: Path, *, config_dtype: str | None) -> list[str]:
-    """Copy non-weight files into staging; rewrite config.json's dtype when the output dtype changed."""
+def _set_everywhere(config: dict[str, Any], key: str, value: Any) -> None:
+    """Set ``key`` at the top level and in every sub-config that has it, or is text_config."""
+    config[key] = value
+    for name, sub in config.items():
+        if isinstance(sub, dict) and (key in sub or name == "text_config"):
+            _set_everywhere(sub, key, value)
+
+
+def copy_aux_files(base: Path, staging: Path, *, config_dtype: str | None,
+                   config_changes: dict[str, Any]) -> list[str]:
+    """Copy non-weight files into staging; rewrite config.json's dtype when the output dtype
+    changed, and set ``config_changes`` (e.g. tie_word_embeddings) at every level."""
     copied = []
     for rel in aux_files(base):
         dst = staging / rel
         dst.parent.mkdir(parents=True, exist_ok=True)
-        if rel == Path("config.json") and config_dtype is not None:
+        if rel == Path("config.json") and (config_dtype is not None or config_changes):
             try:
                 config = json.loads((base / rel).read_text(encoding="utf-8"))
             except (OSError, ValueError) as exc:
-                raise OutputError(f"{base / rel}: cannot update dtype, not valid JSON ({exc})") from None
-            _set_dtype(config, config_dtype)
+                raise OutputError(f"{base / rel}: cannot update it, not valid JSON ({exc})") from None
+            if config_dtype is not None:
+                _set_dtype(config, config_dtype)
+            for key, value in config_changes.items():
+                _set_everywhere(config, key, value)
             dst.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
         else:
             shutil.copyfile(base / rel, dst)  # follows links: a snapshot's blobs become real files
@@ -100,10 +113,10 @@ def copy_aux_files(base: Path, staging: Path, *, config_dtype: str | None) -> li
     return copied
 
 
-def write_index(staging: Path, base: BaseCheckpoint, total_size: int) -> None:
-    """The base's index with the new total_size (other metadata, e.g. total_parameters, kept)."""
+def write_index(staging: Path, base: BaseCheckpoint, weight_map: dict[str, str], total_size: int) -> None:
+    """The base's index metadata (e.g. total_parameters kept) with the new total_size and weight map."""
     assert base.index_metadata is not None
-    doc = {"metadata": {**base.index_metadata, "total_size": total_size}, "weight_map": base.weight_map}
+    doc = {"metadata": {**base.index_metadata, "total_size": total_size}, "weight_map": weight_map}
     (staging / INDEX_NAME).write_text(json.dumps(doc, indent=2) + "\n", encoding="utf-8")
 
 

@@ -6,6 +6,8 @@ leaves an adapter tensor unmatched, matches it twice or finds a wrong shape rais
 
 from __future__ import annotations
 
+import dataclasses
+
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
@@ -14,7 +16,7 @@ from .adapter import LoraAdapter, LoraModule
 from .checkpoint import BaseCheckpoint
 from .errors import PlanError, UnsupportedError
 from .header import FLOAT_DTYPES, TensorInfo
-from .keymap import Rule, resolve, stored_transposed
+from .keymap import Rule, resolve, stored_transposed, tied_head
 
 DTYPE_CHOICES = {"bf16": "BF16", "fp16": "F16", "fp32": "F32"}
 CONFIG_DTYPE_NAMES = {"BF16": "bfloat16", "F16": "float16", "F32": "float32"}
@@ -86,6 +88,12 @@ class MergePlan:
     adapters: list[LoraAdapter]
     shards: dict[str, list[TensorPlan]]  # output shard name -> tensors in the base's data order
     out_dtype: str | None  # None: each tensor keeps its dtype
+    config_changes: dict[str, Any] = field(default_factory=dict)  # keys to set in config.json
+
+    @property
+    def weight_map(self) -> dict[str, str]:
+        """The output's tensor -> shard map: the base's, plus any tensor the merge adds."""
+        return {**self.base.weight_map, **{t.name: t.shard for t in self.tensors()}}
 
     def tensors(self) -> Iterator[TensorPlan]:
         for tensors in self.shards.values():
@@ -159,15 +167,16 @@ def _check_shapes(name: str, info: TensorInfo, delta: Delta) -> str | None:
     return None
 
 
-def _base_layer_sources(base: BaseCheckpoint, adapters: list[LoraAdapter], user_rules: tuple[Rule, ...]) -> dict[str, Source]:
+def _base_layer_sources(base: BaseCheckpoint, adapters: list[LoraAdapter], user_rules: tuple[Rule, ...],
+                        names: dict[str, str], infos: dict[str, TensorInfo]) -> dict[str, Source]:
     """Adapter-saved base layers, mapped like modules; a different shape (resized vocabulary) is refused."""
     sources: dict[str, Source] = {}
     for adapter in adapters:
         for module, info in adapter.base_layers.items():
-            match = resolve(module, base.weight_map, user_rules=user_rules)
+            match = resolve(module, names, user_rules=user_rules)
             if match is None:
                 raise _unmatched_error(adapter, [module], base)
-            tensor = base.info(match.tensor)
+            tensor = infos.get(match.tensor) or base.info(match.tensor)
             if info.shape != tensor.shape:
                 raise UnsupportedError(
                     f"adapter {adapter.path}: {module} is saved with shape {list(info.shape)} but the base has "
@@ -191,11 +200,16 @@ def build_plan(
 ) -> MergePlan:
     """Map, check and lay out the whole merge. Reads headers only."""
     target = None if dtype == "auto" else DTYPE_CHOICES[dtype]
+    # A tied checkpoint has no output head on disk; an adapter may still target it (see _untie).
+    tie = tied_head(base.weight_map) if base.ties_embeddings else None
+    tie = tie if tie and tie[1] not in base.weight_map else None
+    names = dict(base.weight_map, **({tie[1]: base.weight_map[tie[0]]} if tie else {}))
+    infos = {tie[1]: dataclasses.replace(base.info(tie[0]), name=tie[1])} if tie else {}
     deltas: dict[str, list[Delta]] = {}
     for adapter in adapters:
         unmatched, claimed, bad = [], {}, []
         for module, lora in adapter.modules.items():
-            match = resolve(module, base.weight_map, user_rules=user_rules)
+            match = resolve(module, names, user_rules=user_rules)
             if match is None:
                 unmatched.append(module)
                 continue
@@ -205,7 +219,7 @@ def build_plan(
                     f"map to {match.tensor}; refusing to merge one tensor twice (check --map rules)"
                 )
             claimed[match.tensor] = module
-            info = base.info(match.tensor)
+            info = infos.get(match.tensor) or base.info(match.tensor)
             layout = stored_transposed(base.model_type, match.tensor.removesuffix(".weight"))
             rule = match.rule.family + (f"; {layout.family}" if layout else "")
             delta = Delta(adapter, lora, rule, transposed=lora.embedding or layout is not None)
@@ -222,7 +236,7 @@ def build_plan(
                 f"adapter {adapter.path}: shapes do not fit base {base.root}: {_listing(bad)}; "
                 "the adapter was trained on a model of another size"
             )
-    sources = _base_layer_sources(base, adapters, user_rules)
+    sources = _base_layer_sources(base, adapters, user_rules, names, infos)
     shards: dict[str, list[TensorPlan]] = {}
     for shard, header in base.shards.items():
         # Tensors a shard holds but the index does not list are left out, as loaders ignore them.
@@ -231,5 +245,20 @@ def build_plan(
             for name, info in header.tensors.items()
             if base.weight_map.get(name) == shard
         ]
-    return MergePlan(base, adapters, shards, target)
+    plan = MergePlan(base, adapters, shards, target)
+    if tie and (deltas.get(tie[0]) or deltas.get(tie[1])):
+        _untie(plan, *tie, infos[tie[1]], deltas.get(tie[1], []), sources.get(tie[1]) or sources.get(tie[0]))
+    return plan
+
+
+def _untie(plan: MergePlan, embedding: str, head: str, info: TensorInfo, head_deltas: list[Delta],
+           source: Source | None) -> None:
+    """The merge makes the input embedding and the output head differ: write the head as its own
+    tensor (the tied weight plus the head's own deltas, as the PEFT model computes its logits),
+    beside the embedding in its shard, and switch tie_word_embeddings off."""
+    shard = plan.base.weight_map[embedding]
+    tensors = plan.shards[shard]
+    at = next(i for i, t in enumerate(tensors) if t.name == embedding)
+    tensors.insert(at + 1, TensorPlan(head, shard, info, tensors[at].out_dtype, head_deltas, source))
+    plan.config_changes["tie_word_embeddings"] = False
 

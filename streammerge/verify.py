@@ -88,8 +88,8 @@ def _check_structure(plan_tensors: dict[str, TensorPlan], base: BaseCheckpoint, 
         if name not in out.weight_map:
             continue
         got = out.info(name)
-        if out.weight_map[name] != base.weight_map[name]:
-            report.fail(f"{name}: in shard {out.weight_map[name]}, the base has it in {base.weight_map[name]}")
+        if out.weight_map[name] != t.shard:
+            report.fail(f"{name}: in shard {out.weight_map[name]}, expected {t.shard}")
         if got.shape != t.info.shape or got.dtype != t.out_dtype:
             report.fail(f"{name}: {got.dtype}{list(got.shape)} but expected {t.out_dtype}{list(t.info.shape)}")
     if out.sharded and out.index_metadata.get("total_size") != out.total_size:
