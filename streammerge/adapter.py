@@ -7,6 +7,7 @@ when the merge reaches the base tensor they belong to.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -26,20 +27,19 @@ CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAMES = ("adapter_model.safetensors", "adapter_model.bin")
 PEFT_PREFIX = "base_model.model."
 BASE_LAYER_SUFFIX = ".base_layer.weight"
+MAGNITUDE_SUFFIXES = (".lora_magnitude_vector", ".lora_magnitude_vector.weight")
 MAX_RANK = 1 << 16
 
 # Linear / Conv1D factors end in ".weight"; Embedding factors are bare parameters.
 _LORA_KEY = re.compile(r"^(?P<module>.+)\.(?:(?P<factor>lora_A|lora_B)\.weight|lora_embedding_(?P<emb>[AB]))$")
 # Saved tensors of PEFT features this version cannot merge exactly; named in the refusal.
 _UNSUPPORTED_KEYS = (
-    (re.compile(r"\.lora_magnitude_vector(\.weight)?$"), "DoRA (lora_magnitude_vector)"),
     (re.compile(r"\.lora_B\.bias$"), "lora_bias"),
     (re.compile(r"\.trainable_tokens_delta$"), "trainable_token_indices"),
 )
 _SAFE_INIT = (True, False, "gaussian", "eva", "orthogonal")
 # Config fields whose truthy value means the saved factors alone do not reproduce the model.
 _UNSUPPORTED_FIELDS = {
-    "use_dora": "DoRA",
     "lora_bias": "lora_bias",
     "layer_replication": "layer_replication (the merged model would need duplicated layers)",
     "alora_invocation_tokens": "aLoRA (activated only after invocation tokens)",
@@ -71,6 +71,7 @@ class LoraModule:
     lora_alpha: float
     scaling: float
     embedding: bool = False
+    magnitude_key: str | None = None  # DoRA: m (out,), and W' = m / ||W + dW||_row * (W + dW)
 
 
 @dataclass
@@ -238,6 +239,7 @@ def read_adapter(path: Path, *, weight: float = 1.0) -> LoraAdapter:
     pairs: dict[str, dict[str, TensorInfo]] = {}
     embedding_modules: set[str] = set()
     base_layers: dict[str, TensorInfo] = {}
+    magnitudes: dict[str, TensorInfo] = {}
     for key, info in tensors.items():
         for pattern, feature in _UNSUPPORTED_KEYS:
             if pattern.search(key):
@@ -245,6 +247,10 @@ def read_adapter(path: Path, *, weight: float = 1.0) -> LoraAdapter:
                     f"{weights_path}: tensor {key!r} belongs to {feature}, which this version "
                     "does not merge; nothing was written"
                 )
+        if key.endswith(MAGNITUDE_SUFFIXES):  # DoRA
+            module = re.sub(r"\.lora_magnitude_vector(\.weight)?$", "", key).removeprefix(PEFT_PREFIX)
+            magnitudes[module] = info
+            continue
         if key.endswith(BASE_LAYER_SUFFIX):  # PEFT save_embedding_layers: the layer's own weight
             if state is not None:
                 raise UnsupportedError(f"{weights_path}: saved base layer {key!r} in a .bin adapter; "
@@ -267,8 +273,27 @@ def read_adapter(path: Path, *, weight: float = 1.0) -> LoraAdapter:
         if set(factors) != {"lora_A", "lora_B"}:
             missing = ({"lora_A", "lora_B"} - set(factors)).pop()
             raise InputError(f"{weights_path}: module {module!r} has no {missing} tensor")
-        modules[module] = _module_of(config, module, factors["lora_A"], factors["lora_B"], weights_path,
-                                     embedding=module in embedding_modules)
+        lora = _module_of(config, module, factors["lora_A"], factors["lora_B"], weights_path,
+                          embedding=module in embedding_modules)
+        magnitude = magnitudes.pop(module, None)
+        if magnitude is not None:
+            if lora.embedding:
+                raise UnsupportedError(f"{weights_path}: {module!r} is a DoRA Embedding, which this version "
+                                       "does not merge (DoRA on Linear layers is supported)")
+            if magnitude.shape != (factors["lora_B"].shape[0],):
+                raise InputError(f"{weights_path}: {module!r} has a DoRA magnitude of shape {list(magnitude.shape)}, "
+                                 f"expected [{factors['lora_B'].shape[0]}]")
+            lora = dataclasses.replace(lora, magnitude_key=magnitude.name)
+        modules[module] = lora
+    if magnitudes:
+        raise InputError(f"{weights_path}: DoRA magnitudes without LoRA factors: {sorted(magnitudes)[:3]}")
+    plain = sorted(m for m, lora in modules.items() if not lora.magnitude_key and not lora.embedding)
+    dora = len(modules) - len(plain) - sum(lora.embedding for lora in modules.values())
+    if bool(config.get("use_dora")) != bool(dora) or (dora and plain):
+        raise InputError(
+            f"{weights_path}: the config says use_dora={bool(config.get('use_dora'))} but "
+            f"{dora} module(s) have a lora_magnitude_vector and {len(plain)} do not; the adapter files are inconsistent"
+        )
     if not modules:
         raise InputError(f"{weights_path}: the adapter holds no LoRA tensors")
     if not math.isfinite(weight):

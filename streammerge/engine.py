@@ -240,7 +240,8 @@ class Engine:
         factors = [
             self.kernels.Factors(proc.to_device(d.adapter.load(d.lora.a_key)),  # (r, in)
                     proc.to_device(d.adapter.load(d.lora.b_key)),  # (out, r)
-                    d.scale, d.transposed)
+                    d.scale, d.transposed,
+                    proc.to_device(d.adapter.load(d.lora.magnitude_key)) if d.lora.magnitude_key else None)
             for d in t.deltas
         ]
         rows, cols = t.rows_cols

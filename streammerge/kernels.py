@@ -28,6 +28,7 @@ class Factors:
     B: torch.Tensor
     scale: float
     transposed: bool = False
+    magnitude: torch.Tensor | None = None  # DoRA m (out,)
 
 
 def resolve_device(spec: str) -> torch.device:
@@ -143,6 +144,9 @@ class Processor:
                 work.addmm_(f.A[:, row0 : row0 + rows].t(), f.B.t(), alpha=f.scale)
             else:  # (rows, r) @ (r, cols), accumulated into the float32 chunk in place
                 work.addmm_(f.B[row0 : row0 + rows], f.A, alpha=f.scale)
+            if f.magnitude is not None:  # DoRA: every output row rescaled to m / ||W + dW||_2
+                norms = torch.linalg.vector_norm(work, dim=1)  # (rows,): whole rows are in the chunk
+                work.mul_((f.magnitude[row0 : row0 + rows] / norms).unsqueeze(1))
         out = io[:out_bytes].view(out_t).view(rows, cols)
         out.copy_(work)
         if factors:

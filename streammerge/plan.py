@@ -39,10 +39,9 @@ class Delta:
 
     @property
     def factor_bytes(self) -> int:
-        """float32 bytes of A and B together."""
-        a = self.adapter.tensors[self.lora.a_key].numel
-        b = self.adapter.tensors[self.lora.b_key].numel
-        return 4 * (a + b)
+        """float32 bytes of A and B (and a DoRA magnitude) together."""
+        keys = [self.lora.a_key, self.lora.b_key] + ([self.lora.magnitude_key] if self.lora.magnitude_key else [])
+        return 4 * sum(self.adapter.tensors[k].numel for k in keys)
 
 
 @dataclass(frozen=True)
@@ -229,6 +228,8 @@ def build_plan(
             if problem:
                 bad.append(problem)
             deltas.setdefault(match.tensor, []).append(delta)
+            if lora.magnitude_key and delta.transposed:
+                bad.append(f"{module}: DoRA on a Conv1D layer is not supported yet (DoRA on Linear is)")
         if unmatched:
             raise _unmatched_error(adapter, unmatched, base)
         if bad:
@@ -236,6 +237,10 @@ def build_plan(
                 f"adapter {adapter.path}: shapes do not fit base {base.root}: {_listing(bad)}; "
                 "the adapter was trained on a model of another size"
             )
+    for tensor, ds in deltas.items():
+        if len(ds) > 1 and any(d.lora.magnitude_key for d in ds):
+            raise UnsupportedError(f"{tensor}: a DoRA adapter cannot be merged together with another adapter "
+                                   "on the same weight (DoRA rescales the sum); merge them one after another")
     sources = _base_layer_sources(base, adapters, user_rules, names, infos)
     shards: dict[str, list[TensorPlan]] = {}
     for shard, header in base.shards.items():

@@ -124,6 +124,7 @@ def _sample_rows(t: TensorPlan, base: BaseCheckpoint, out: BaseCheckpoint, io: _
     picks = sorted({0, rows - 1} | {rng.randrange(rows) for _ in range(max(0, rows_per_tensor - 2))})
     factors = [(d.adapter.load(d.lora.a_key).double(), d.adapter.load(d.lora.b_key).double(), d.scale, d.transposed)
                for d in t.deltas]
+    dora_m = next((d.adapter.load(d.lora.magnitude_key).double() for d in t.deltas if d.lora.magnitude_key), None)
     out_t = TORCH_DTYPES[t.out_dtype]
     finfo = torch.finfo(out_t)
     r_max = max(f[0].shape[0] for f in factors)
@@ -132,17 +133,22 @@ def _sample_rows(t: TensorPlan, base: BaseCheckpoint, out: BaseCheckpoint, io: _
     for row in picks:
         w = _as_tensor(io.read(src, row * cols * src_item, cols * src_item), src.info.dtype).double()
         got = _as_tensor(io.read(dst, row * cols * out_item, cols * out_item), t.out_dtype).double()
-        exact, magnitude = w.clone(), w.abs()
+        exact, size = w.clone(), w.abs()  # size: sum of |terms|, for the float32 error bound
         for a, b, scale, transposed in factors:
             if transposed:  # row of (B @ A).T = A[:, row] @ B.T
                 exact += scale * (a[:, row] @ b.t())
-                magnitude += abs(scale) * (a[:, row].abs() @ b.abs().t())
+                size += abs(scale) * (a[:, row].abs() @ b.abs().t())
             else:  # (r,) @ (r, cols)
                 exact += scale * (b[row] @ a)
-                magnitude += abs(scale) * (b[row].abs() @ a.abs())
+                size += abs(scale) * (b[row].abs() @ a.abs())
+        arithmetic = (r_max + 2) * 2.0**-24 * size
+        if dora_m is not None:  # DoRA: the row rescaled to m / ||row||; its float32 norm adds (cols + 4) * 2^-24 relative
+            factor = float(dora_m[row] / exact.norm())
+            exact = exact * factor
+            arithmetic = arithmetic * abs(factor) + (cols + 4) * 2.0**-24 * exact.abs()
         _, e = torch.frexp(exact)
         ulp = torch.ldexp(torch.ones_like(exact), e - 1).mul(finfo.eps).clamp_min(finfo.smallest_normal * finfo.eps)
-        bound = ulp / 2 + (r_max + 2) * 2.0**-24 * magnitude
+        bound = ulp / 2 + arithmetic
         err = (got - exact).abs()
         ratio = float((err / bound).nan_to_num(nan=float("inf")).max()) if cols else 0.0
         report.max_error_ratio = max(report.max_error_ratio, ratio)

@@ -126,7 +126,7 @@ def test_missing_adapter_config(tmp_path: Path, inputs: tuple[Path, Path], capsy
 
 
 @pytest.mark.parametrize("edit,needle", [
-    ({"use_dora": True}, "DoRA"),
+    ({"use_dora": True}, "use_dora=True but 0 module(s) have a lora_magnitude_vector"),
     ({"peft_type": "IA3"}, "peft_type 'IA3'"),
     ({"layer_replication": [[0, 2], [1, 2]]}, "layer_replication"),
     ({"init_lora_weights": "pissa"}, "init_lora_weights='pissa'"),
@@ -139,7 +139,7 @@ def test_adapter_config_refusals(tmp_path: Path, inputs: tuple[Path, Path], caps
     base, adapter = inputs
     config = json.loads((adapter / "adapter_config.json").read_text())
     (adapter / "adapter_config.json").write_text(json.dumps({**config, **edit}))
-    assert fails(capsys, ExitCode.PLAN if "r" not in edit and "lora_alpha" not in edit else ExitCode.INPUT,
+    assert fails(capsys, ExitCode.PLAN if not {"r", "lora_alpha", "use_dora"} & set(edit) else ExitCode.INPUT,
                  needle, base, "--base", base, "--adapter", adapter, "--output", tmp_path / "out")
     no_output(tmp_path / "out")
 
@@ -150,7 +150,7 @@ def test_unknown_adapter_tensor_is_not_dropped(tmp_path: Path, inputs: tuple[Pat
     tensors = load_file(adapter / "adapter_model.safetensors")
     tensors["base_model.model.model.layers.0.mlp.gate_proj.lora_magnitude_vector"] = torch.ones(112)
     save_file(tensors, adapter / "adapter_model.safetensors")
-    fails(capsys, ExitCode.PLAN, "DoRA (lora_magnitude_vector)", base,
+    fails(capsys, ExitCode.INPUT, "use_dora=False but 1 module(s) have a lora_magnitude_vector", base,
           "--base", base, "--adapter", adapter, "--output", tmp_path / "out")
 
 
