@@ -27,6 +27,8 @@ CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAMES = ("adapter_model.safetensors", "adapter_model.bin")
 PEFT_PREFIX = "base_model.model."
 BASE_LAYER_SUFFIX = ".base_layer.weight"
+# PEFT saves these layers whole when it sees them resized (save_embedding_layers), as "<name>.weight".
+EMBEDDING_LAYERS = ["embed_tokens", "lm_head"]
 MAGNITUDE_SUFFIXES = (".lora_magnitude_vector", ".lora_magnitude_vector.weight")
 MAX_RANK = 1 << 16
 
@@ -45,7 +47,6 @@ _UNSUPPORTED_FIELDS = {
     "alora_invocation_tokens": "aLoRA (activated only after invocation tokens)",
     "target_parameters": "target_parameters (LoRA on fused parameters such as MoE experts)",
     "trainable_token_indices": "trainable_token_indices",
-    "modules_to_save": "modules_to_save (full replacement modules)",
     "use_qalora": "QA-LoRA",
     "use_bdlora": "BD-LoRA",
     "velora_config": "VeLoRA",
@@ -86,9 +87,10 @@ class LoraAdapter:
     modules: dict[str, LoraModule]
     _header: SafetensorsHeader | None = None
     _bin: dict[str, Any] | None = None
-    # module -> its full weight saved with the adapter ("<module>.base_layer.weight", PEFT's
-    # save_embedding_layers); after loading, PEFT uses it as the layer's base weight, so do we.
-    base_layers: dict[str, TensorInfo] = field(default_factory=dict)
+    # "<module>.<param>" -> a full tensor saved with the adapter that replaces the base's: PEFT's
+    # save_embedding_layers ("<module>.base_layer.weight", LoRA is added on top) and
+    # modules_to_save ("<module>.<param>", used as is). After loading, PEFT uses them, so do we.
+    replacements: dict[str, TensorInfo] = field(default_factory=dict)
 
     @property
     def label(self) -> str:
@@ -127,6 +129,13 @@ def changes_something(adapter: LoraAdapter) -> bool:
         if buf.strip(b"\0"):  # any bit set (a -0.0 counts as a change: conservative)
             return True
     return False
+
+
+def _saved_module(param_path: str, modules_to_save: list[str]) -> bool:
+    """Is ``<module>.<param>`` a tensor of a modules_to_save module? PEFT's rule is a plain string
+    suffix (``key.endswith(target)``), so "norm" also takes "input_layernorm"; the same here."""
+    module = param_path.rpartition(".")[0].removesuffix(".modules_to_save").removesuffix(".original_module")
+    return any(module.endswith(m) for m in modules_to_save if isinstance(m, str))
 
 
 def _read_config(path: Path) -> dict[str, Any]:
@@ -238,7 +247,7 @@ def read_adapter(path: Path, *, weight: float = 1.0) -> LoraAdapter:
     weights_path, tensors, header, state = _index_tensors(path)
     pairs: dict[str, dict[str, TensorInfo]] = {}
     embedding_modules: set[str] = set()
-    base_layers: dict[str, TensorInfo] = {}
+    replacements: dict[str, TensorInfo] = {}
     magnitudes: dict[str, TensorInfo] = {}
     for key, info in tensors.items():
         for pattern, feature in _UNSUPPORTED_KEYS:
@@ -251,13 +260,22 @@ def read_adapter(path: Path, *, weight: float = 1.0) -> LoraAdapter:
             module = re.sub(r"\.lora_magnitude_vector(\.weight)?$", "", key).removeprefix(PEFT_PREFIX)
             magnitudes[module] = info
             continue
+        param_path = key.removeprefix(PEFT_PREFIX)
         if key.endswith(BASE_LAYER_SUFFIX):  # PEFT save_embedding_layers: the layer's own weight
-            if state is not None:
-                raise UnsupportedError(f"{weights_path}: saved base layer {key!r} in a .bin adapter; "
-                                       "re-save the adapter as safetensors")
-            base_layers[key.removeprefix(PEFT_PREFIX).removesuffix(BASE_LAYER_SUFFIX)] = info
+            replacements[param_path.removesuffix(BASE_LAYER_SUFFIX) + ".weight"] = info
             continue
         match = _LORA_KEY.match(key)
+        if match is None and _saved_module(param_path, (config.get("modules_to_save") or []) + EMBEDDING_LAYERS):
+            # A modules_to_save tensor replaces the base's. With resized embeddings PEFT also saves the
+            # wrapper's parts: ".modules_to_save." (the same trained tensor) and ".original_module."
+            # (the untrained copy, which PEFT's forward does not use while the wrapper is active).
+            if ".original_module." in param_path:
+                continue
+            param_path = param_path.replace(".modules_to_save.", ".")
+            if param_path in replacements and replacements[param_path].shape != info.shape:
+                raise InputError(f"{weights_path}: {key!r} and the saved {param_path!r} disagree in shape")
+            replacements.setdefault(param_path, info)
+            continue
         if match is None:
             raise PlanError(
                 f"{weights_path}: tensor {key!r} is not a LoRA factor (expected '<module>.lora_A.weight' / "
@@ -298,7 +316,10 @@ def read_adapter(path: Path, *, weight: float = 1.0) -> LoraAdapter:
         raise InputError(f"{weights_path}: the adapter holds no LoRA tensors")
     if not math.isfinite(weight):
         raise InputError(f"adapter {path}: weight {weight!r} is not a finite number")
-    return LoraAdapter(path, weights_path, config, weight, tensors, modules, header, state, base_layers)
+    if replacements and state is not None:
+        raise UnsupportedError(f"{weights_path}: full tensors ({sorted(replacements)[0]} ...) in a .bin adapter; "
+                               "re-save the adapter as safetensors")
+    return LoraAdapter(path, weights_path, config, weight, tensors, modules, header, state, replacements)
 
 
 def adapter_fingerprint(adapter: LoraAdapter) -> dict[str, Any]:

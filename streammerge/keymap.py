@@ -60,8 +60,9 @@ class Match:
     rule: Rule
 
 
-def resolve(module: str, weight_map: dict[str, str], *, user_rules: tuple[Rule, ...] = ()) -> Match | None:
-    """The base weight tensor for an adapter module, or None when no rule finds one.
+def resolve(module: str, weight_map: dict[str, str], *, user_rules: tuple[Rule, ...] = (),
+            param: str = "weight") -> Match | None:
+    """The base tensor ``<module>.<param>`` for an adapter module, or None when no rule finds one.
 
     User rules are tried first and, when any of them finds a tensor, the built-in table is not
     consulted. Several distinct tensors is an error: ambiguity is never resolved by guessing.
@@ -70,8 +71,8 @@ def resolve(module: str, weight_map: dict[str, str], *, user_rules: tuple[Rule, 
         found: dict[str, Rule] = {}
         for rule in rules:
             path = rule.candidate(module)
-            if path is not None and f"{path}.weight" in weight_map:
-                found.setdefault(f"{path}.weight", rule)
+            if path is not None and f"{path}.{param}" in weight_map:
+                found.setdefault(f"{path}.{param}", rule)
         if len(found) > 1:
             raise PlanError(
                 f"adapter module {module!r} matches several base tensors "
@@ -107,6 +108,8 @@ LAYOUTS: tuple[Layout, ...] = (
 def stored_transposed(model_type: str | None, module: str) -> Layout | None:
     return next((layout for layout in LAYOUTS if layout.applies(model_type, module)), None)
 
+
+VOCAB_TENSORS = r"(embed_tokens|wte|word_embeddings|lm_head)\.weight$"  # tensors with one row per token
 
 # Tied checkpoints store only the input embedding; the output head's name follows from it.
 # (embedding tensor pattern, head tensor replacement) -- first match wins.

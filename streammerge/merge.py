@@ -28,7 +28,7 @@ from .header import DTYPE_SIZES
 from .keymap import Rule, parse_map
 from .manifest import MANIFEST_NAME, build_manifest, reusable_shards, shard_fingerprint, write_json_atomic
 from .memory import DEFAULT_MAX_MEM, peak_rss
-from .output import STAGING, aux_files, check_free_space, check_output, copy_aux_files, default_output, publish, write_index
+from .output import STAGING, aux_files, check_free_space, check_output, copy_aux_files, copy_tokenizer, default_output, publish, write_index
 from .plan import CONFIG_DTYPE_NAMES, MergePlan, build_plan
 
 log = logging.getLogger(__name__)
@@ -136,6 +136,14 @@ def merge(
         config_dtype = CONFIG_DTYPE_NAMES.get(plan.out_dtype or "")
         report.files_copied = copy_aux_files(plan.base.root, staging, config_dtype=config_dtype,
                                              config_changes=plan.config_changes)
+        if plan.tokenizer_from is not None:
+            from_adapter = copy_tokenizer(plan.tokenizer_from, staging)
+            report.files_copied = sorted(set(report.files_copied) | set(from_adapter))
+            report.notes.append(
+                f"vocabulary resized to {plan.config_changes['vocab_size']}: tokenizer files "
+                f"{', '.join(from_adapter)} taken from {plan.tokenizer_from}" if from_adapter else
+                f"vocabulary resized to {plan.config_changes['vocab_size']} but {plan.tokenizer_from} has no "
+                "tokenizer files: the base's tokenizer was copied; make sure it knows the new tokens")
         last = [INDEX_NAME] if plan.base.sharded else []
         if plan.base.sharded:
             write_index(staging, plan.base, plan.weight_map, plan.output_size)

@@ -113,6 +113,20 @@ def copy_aux_files(base: Path, staging: Path, *, config_dtype: str | None,
     return copied
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+                   "tokenizer.model", "vocab.json", "merges.txt", "chat_template.jinja", "chat_template.json")
+
+
+def copy_tokenizer(adapter: Path, staging: Path) -> list[str]:
+    """With a resized vocabulary, the adapter directory's tokenizer files replace the base's."""
+    copied = []
+    for path in sorted(adapter.iterdir()):
+        if path.is_file() and (path.name in TOKENIZER_FILES or path.name.endswith(".tiktoken")):
+            shutil.copyfile(path, staging / path.name)
+            copied.append(path.name)
+    return copied
+
+
 def write_index(staging: Path, base: BaseCheckpoint, weight_map: dict[str, str], total_size: int) -> None:
     """The base's index metadata (e.g. total_parameters kept) with the new total_size and weight map."""
     assert base.index_metadata is not None

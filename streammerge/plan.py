@@ -7,6 +7,7 @@ leaves an adapter tensor unmatched, matches it twice or finds a wrong shape rais
 from __future__ import annotations
 
 import dataclasses
+import re
 
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,7 +17,7 @@ from .adapter import LoraAdapter, LoraModule
 from .checkpoint import BaseCheckpoint
 from .errors import PlanError, UnsupportedError
 from .header import FLOAT_DTYPES, TensorInfo
-from .keymap import Rule, resolve, stored_transposed, tied_head
+from .keymap import VOCAB_TENSORS, Rule, resolve, stored_transposed, tied_head
 
 DTYPE_CHOICES = {"bf16": "BF16", "fp16": "F16", "fp32": "F32"}
 CONFIG_DTYPE_NAMES = {"BF16": "bfloat16", "F16": "float16", "F32": "float32"}
@@ -88,6 +89,7 @@ class MergePlan:
     shards: dict[str, list[TensorPlan]]  # output shard name -> tensors in the base's data order
     out_dtype: str | None  # None: each tensor keeps its dtype
     config_changes: dict[str, Any] = field(default_factory=dict)  # keys to set in config.json
+    tokenizer_from: Path | None = None  # an adapter directory whose tokenizer goes with a resized vocabulary
 
     @property
     def weight_map(self) -> dict[str, str]:
@@ -166,28 +168,52 @@ def _check_shapes(name: str, info: TensorInfo, delta: Delta) -> str | None:
     return None
 
 
-def _base_layer_sources(base: BaseCheckpoint, adapters: list[LoraAdapter], user_rules: tuple[Rule, ...],
-                        names: dict[str, str], infos: dict[str, TensorInfo]) -> dict[str, Source]:
-    """Adapter-saved base layers, mapped like modules; a different shape (resized vocabulary) is refused."""
+def _replacement_sources(base: BaseCheckpoint, adapters: list[LoraAdapter], user_rules: tuple[Rule, ...],
+                         names: dict[str, str], infos: dict[str, TensorInfo], plan_changes: dict[str, Any]) -> dict[str, Source]:
+    """Full tensors saved with an adapter, mapped like modules. A vocabulary tensor (embedding or
+    head) may come with a new row count: ``infos`` then gets the new shape and the config change."""
     sources: dict[str, Source] = {}
+    vocab = _vocab_size(base.config)
     for adapter in adapters:
-        for module, info in adapter.base_layers.items():
-            match = resolve(module, names, user_rules=user_rules)
+        for param_path, info in adapter.replacements.items():
+            module, _, param = param_path.rpartition(".")
+            match = resolve(module, names, user_rules=user_rules, param=param)
             if match is None:
-                raise _unmatched_error(adapter, [module], base)
+                raise _unmatched_error(adapter, [param_path], base)
             tensor = infos.get(match.tensor) or base.info(match.tensor)
-            if info.shape != tensor.shape:
-                raise UnsupportedError(
-                    f"adapter {adapter.path}: {module} is saved with shape {list(info.shape)} but the base has "
-                    f"{list(tensor.shape)} (a resized vocabulary); merging a resized vocabulary is not supported yet"
-                )
             if info.dtype not in FLOAT_DTYPES:
-                raise UnsupportedError(f"adapter {adapter.path}: saved {module} is {info.dtype}, not a float weight")
+                raise UnsupportedError(f"adapter {adapter.path}: saved {param_path} is {info.dtype}, not a float weight")
+            if info.shape != tensor.shape:
+                resized = (len(info.shape) == 2 and len(tensor.shape) == 2 and info.shape[1] == tensor.shape[1]
+                           and tensor.shape[0] == vocab and re.search(VOCAB_TENSORS, match.tensor))
+                if not resized:
+                    raise PlanError(f"adapter {adapter.path}: {param_path} is saved with shape {list(info.shape)} but "
+                                    f"{match.tensor} is {list(tensor.shape)} in the base")
+                if plan_changes.setdefault("vocab_size", info.shape[0]) != info.shape[0]:
+                    raise PlanError(f"adapter {adapter.path}: {param_path} resizes the vocabulary to {info.shape[0]} "
+                                    f"rows but another tensor to {plan_changes['vocab_size']}")
+                infos[match.tensor] = dataclasses.replace(tensor, shape=info.shape,
+                                                          end=tensor.begin + info.numel * tensor.itemsize)
+                plan_changes.setdefault("_tokenizer_from", str(adapter.path))
             if match.tensor in sources:
                 raise PlanError(f"two adapters both replace {match.tensor}; merge them one at a time")
             assert adapter._header is not None
             sources[match.tensor] = Source(adapter.weights_path, adapter._header.data_start, info)
+    if "vocab_size" in plan_changes:  # every vocabulary tensor must follow, or the model is inconsistent
+        stale = [n for n in names if re.search(VOCAB_TENSORS, n) and n not in sources
+                 and (infos.get(n) or base.info(n)).shape[0] != plan_changes["vocab_size"]]
+        if stale:
+            raise PlanError(f"the adapter resizes the vocabulary to {plan_changes['vocab_size']} rows but "
+                            f"{', '.join(stale)} keeps {vocab}: the adapter must save it too (modules_to_save)")
     return sources
+
+
+def _vocab_size(config: dict[str, Any]) -> int | None:
+    text = config.get("text_config")
+    for cfg in ((text if isinstance(text, dict) else {}), config):
+        if isinstance(cfg.get("vocab_size"), int):
+            return cfg["vocab_size"]
+    return None
 
 
 def build_plan(
@@ -204,6 +230,8 @@ def build_plan(
     tie = tie if tie and tie[1] not in base.weight_map else None
     names = dict(base.weight_map, **({tie[1]: base.weight_map[tie[0]]} if tie else {}))
     infos = {tie[1]: dataclasses.replace(base.info(tie[0]), name=tie[1])} if tie else {}
+    changes: dict[str, Any] = {}
+    sources = _replacement_sources(base, adapters, user_rules, names, infos, changes)
     deltas: dict[str, list[Delta]] = {}
     for adapter in adapters:
         unmatched, claimed, bad = [], {}, []
@@ -241,16 +269,16 @@ def build_plan(
         if len(ds) > 1 and any(d.lora.magnitude_key for d in ds):
             raise UnsupportedError(f"{tensor}: a DoRA adapter cannot be merged together with another adapter "
                                    "on the same weight (DoRA rescales the sum); merge them one after another")
-    sources = _base_layer_sources(base, adapters, user_rules, names, infos)
     shards: dict[str, list[TensorPlan]] = {}
     for shard, header in base.shards.items():
         # Tensors a shard holds but the index does not list are left out, as loaders ignore them.
         shards[shard] = [
-            TensorPlan(name, shard, info, _out_dtype(info, target), deltas.get(name, []), sources.get(name))
+            TensorPlan(name, shard, infos.get(name, info), _out_dtype(info, target), deltas.get(name, []), sources.get(name))
             for name, info in header.tensors.items()
             if base.weight_map.get(name) == shard
         ]
-    plan = MergePlan(base, adapters, shards, target)
+    tokenizer_from = changes.pop("_tokenizer_from", None)
+    plan = MergePlan(base, adapters, shards, target, changes, Path(tokenizer_from) if tokenizer_from else None)
     if tie and (deltas.get(tie[0]) or deltas.get(tie[1])):
         _untie(plan, *tie, infos[tie[1]], deltas.get(tie[1], []), sources.get(tie[1]) or sources.get(tie[0]))
     return plan
