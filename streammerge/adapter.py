@@ -27,6 +27,7 @@ CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAMES = ("adapter_model.safetensors", "adapter_model.bin")
 PEFT_PREFIX = "base_model.model."
 BASE_LAYER_SUFFIX = ".base_layer.weight"
+TOKENS_SUFFIX = ".token_adapter.trainable_tokens_delta"
 # PEFT saves these layers whole when it sees them resized (save_embedding_layers), as "<name>.weight".
 EMBEDDING_LAYERS = ["embed_tokens", "lm_head"]
 MAGNITUDE_SUFFIXES = (".lora_magnitude_vector", ".lora_magnitude_vector.weight")
@@ -37,7 +38,6 @@ _LORA_KEY = re.compile(r"^(?P<module>.+)\.(?:(?P<factor>lora_A|lora_B)\.weight|l
 # Saved tensors of PEFT features this version cannot merge exactly; named in the refusal.
 _UNSUPPORTED_KEYS = (
     (re.compile(r"\.lora_B\.bias$"), "lora_bias"),
-    (re.compile(r"\.trainable_tokens_delta$"), "trainable_token_indices"),
 )
 _SAFE_INIT = (True, False, "gaussian", "eva", "orthogonal")
 # Config fields whose truthy value means the saved factors alone do not reproduce the model.
@@ -46,7 +46,6 @@ _UNSUPPORTED_FIELDS = {
     "layer_replication": "layer_replication (the merged model would need duplicated layers)",
     "alora_invocation_tokens": "aLoRA (activated only after invocation tokens)",
     "target_parameters": "target_parameters (LoRA on fused parameters such as MoE experts)",
-    "trainable_token_indices": "trainable_token_indices",
     "use_qalora": "QA-LoRA",
     "use_bdlora": "BD-LoRA",
     "velora_config": "VeLoRA",
@@ -91,6 +90,9 @@ class LoraAdapter:
     # save_embedding_layers ("<module>.base_layer.weight", LoRA is added on top) and
     # modules_to_save ("<module>.<param>", used as is). After loading, PEFT uses them, so do we.
     replacements: dict[str, TensorInfo] = field(default_factory=dict)
+    # module -> (token ids, "<module>.token_adapter.trainable_tokens_delta" (len(ids), dim)): rows
+    # of the module's weight replaced by the saved values (PEFT's trainable_token_indices).
+    token_rows: dict[str, tuple[list[int], TensorInfo]] = field(default_factory=dict)
 
     @property
     def label(self) -> str:
@@ -113,6 +115,8 @@ def changes_something(adapter: LoraAdapter) -> bool:
     adapter's weight is 0. Stops at the first non-zero factor, so this is cheap for real adapters."""
     if adapter.weight == 0:
         return False
+    if adapter.replacements or adapter.token_rows:
+        return True
     for module in adapter.modules.values():
         if adapter._bin is not None:
             if bool(adapter._bin[module.b_key].any()):
@@ -129,6 +133,20 @@ def changes_something(adapter: LoraAdapter) -> bool:
         if buf.strip(b"\0"):  # any bit set (a -0.0 counts as a change: conservative)
             return True
     return False
+
+
+def _token_ids(config: dict[str, Any], module: str, info: TensorInfo, where: Path) -> list[int]:
+    """The token ids of ``module``'s trainable rows: a list (the input embedding) or {name suffix: list}."""
+    spec = config.get("trainable_token_indices")
+    if isinstance(spec, dict):
+        spec = next((ids for name, ids in spec.items() if isinstance(name, str) and module.endswith(name)), None)
+    if (not isinstance(spec, list) or not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in spec)
+            or len(set(spec)) != len(spec)):
+        raise InputError(f"{where}: trainable_token_indices for {module!r} must be a list of distinct token ids, "
+                         f"got {spec!r}")
+    if len(info.shape) != 2 or info.shape[0] != len(spec):
+        raise InputError(f"{where}: {module!r} saves {list(info.shape)} token rows for {len(spec)} token ids")
+    return spec
 
 
 def _saved_module(param_path: str, modules_to_save: list[str]) -> bool:
@@ -248,6 +266,7 @@ def read_adapter(path: Path, *, weight: float = 1.0) -> LoraAdapter:
     pairs: dict[str, dict[str, TensorInfo]] = {}
     embedding_modules: set[str] = set()
     replacements: dict[str, TensorInfo] = {}
+    token_rows: dict[str, tuple[list[int], TensorInfo]] = {}
     magnitudes: dict[str, TensorInfo] = {}
     for key, info in tensors.items():
         for pattern, feature in _UNSUPPORTED_KEYS:
@@ -261,6 +280,10 @@ def read_adapter(path: Path, *, weight: float = 1.0) -> LoraAdapter:
             magnitudes[module] = info
             continue
         param_path = key.removeprefix(PEFT_PREFIX)
+        if key.endswith(TOKENS_SUFFIX):  # trainable_token_indices
+            module = param_path.removesuffix(TOKENS_SUFFIX)
+            token_rows[module] = (_token_ids(config, module, info, weights_path), info)
+            continue
         if key.endswith(BASE_LAYER_SUFFIX):  # PEFT save_embedding_layers: the layer's own weight
             replacements[param_path.removesuffix(BASE_LAYER_SUFFIX) + ".weight"] = info
             continue
@@ -312,14 +335,14 @@ def read_adapter(path: Path, *, weight: float = 1.0) -> LoraAdapter:
             f"{weights_path}: the config says use_dora={bool(config.get('use_dora'))} but "
             f"{dora} module(s) have a lora_magnitude_vector and {len(plain)} do not; the adapter files are inconsistent"
         )
-    if not modules:
+    if not modules and not token_rows and not replacements:
         raise InputError(f"{weights_path}: the adapter holds no LoRA tensors")
     if not math.isfinite(weight):
         raise InputError(f"adapter {path}: weight {weight!r} is not a finite number")
-    if replacements and state is not None:
-        raise UnsupportedError(f"{weights_path}: full tensors ({sorted(replacements)[0]} ...) in a .bin adapter; "
+    if (replacements or token_rows) and state is not None:
+        raise UnsupportedError(f"{weights_path}: full tensors or token rows in a .bin adapter; "
                                "re-save the adapter as safetensors")
-    return LoraAdapter(path, weights_path, config, weight, tensors, modules, header, state, replacements)
+    return LoraAdapter(path, weights_path, config, weight, tensors, modules, header, state, replacements, token_rows)
 
 
 def adapter_fingerprint(adapter: LoraAdapter) -> dict[str, Any]:

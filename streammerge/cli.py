@@ -129,7 +129,8 @@ def _print_report(report: dict[str, Any], as_json: bool) -> None:
         return
     print(
         f"merged {report['tensors_merged']} tensors ({report['adapter_modules']} adapter modules), "
-        f"converted {report['tensors_converted']}, copied {report['tensors_copied']} unchanged "
+        f"replaced {report['tensors_replaced']}, converted {report['tensors_converted']}, "
+        f"copied {report['tensors_copied']} unchanged "
         f"-> {report['output']}"
     )
     gpu = f", GPU peak {format_size(report['peak_gpu'])}" if report.get("peak_gpu") is not None else ""

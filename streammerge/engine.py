@@ -45,6 +45,18 @@ SLOTS = 2
 LOOKAHEAD = 1  # shards whose copies may be queued ahead while torch loads
 
 
+def count(report: MergeReport, t: TensorPlan) -> None:
+    """One output tensor in the report: merged (LoRA or token rows), replaced, converted or copied."""
+    if t.merged:
+        report.tensors_merged += 1
+    elif t.source is not None:
+        report.tensors_replaced += 1
+    elif t.rewritten:
+        report.tensors_converted += 1
+    else:
+        report.tensors_copied += 1
+
+
 class Runtime:
     """Imports the torch side (``kernels``) in the background; ``get()`` waits for it."""
 
@@ -133,9 +145,8 @@ class Engine:
             bar.update(sum(t.info.numel * DTYPE_SIZES[t.out_dtype] for t in tensors))
             report.shards_resumed += 1
             report.shards += 1
-            report.tensors_copied += sum(not t.rewritten for t in tensors)
-            report.tensors_merged += sum(bool(t.deltas) for t in tensors)
-            report.tensors_converted += sum(t.rewritten and not t.deltas for t in tensors)
+            for t in tensors:
+                count(report, t)
         names = [s for s in self.plan.shards if s not in kept]
         def checksum_later(record: dict) -> None:
             if checksum and record["sha256"] is None:
@@ -179,7 +190,7 @@ class Engine:
             if not t.rewritten:
                 self.io.submit(lambda t=t: writer.copy_range(src, header.data_start + t.info.begin, t.name, t.info.nbytes))
                 bar.update(t.info.nbytes)
-                report.tensors_copied += 1
+                count(report, t)
         return src, writer
 
     def _finish_shard(self, shard: str, src: int, writer: ShardWriter, report: MergeReport, bar: tqdm) -> None:
@@ -215,10 +226,7 @@ class Engine:
                     raise
                 self._shrink(t, report)
         bar.update(written)
-        if t.deltas:
-            report.tensors_merged += 1
-        else:
-            report.tensors_converted += 1
+        count(report, t)
 
     def _shrink(self, t: TensorPlan, report: MergeReport) -> None:
         assert self.kernels is not None and self.processor is not None
@@ -244,6 +252,8 @@ class Engine:
                     proc.to_device(d.adapter.load(d.lora.magnitude_key)) if d.lora.magnitude_key else None)
             for d in t.deltas
         ]
+        tokens = t.tokens and (proc.to_device(self.kernels.as_ids(t.tokens.ids)),
+                               proc.to_device(t.tokens.adapter.load(t.tokens.key)))
         rows, cols = t.rows_cols
         step = max(1, proc.capacity // cols)
         origin = t.origin(self.plan.base)
@@ -259,7 +269,7 @@ class Engine:
                 offset = origin.data_start + origin.info.begin + row0 * cols * src_item
                 pread_into(src, offset, slot.bytes[: n * cols * src_item], path=origin.path)
                 out = proc.merge_rows(slot, src_dtype=origin.info.dtype, out_dtype=t.out_dtype, row0=row0, rows=n,
-                                      cols=cols, factors=factors, tensor=t.name)
+                                      cols=cols, factors=factors, tensor=t.name, tokens=tokens)
                 self.io.submit(lambda at=row0 * cols * out_item, out=out: writer.write(t.name, at, out),
                                done=slot.free.set)
             except BaseException:

@@ -61,6 +61,10 @@ def is_cuda_oom(exc: BaseException) -> bool:
     return isinstance(exc, torch.OutOfMemoryError)
 
 
+def as_ids(ids: tuple[int, ...]) -> torch.Tensor:
+    return torch.tensor(ids, dtype=torch.long)
+
+
 def cpu_device() -> torch.device:
     return torch.device("cpu")
 
@@ -124,6 +128,7 @@ class Processor:
         cols: int,
         factors: list[Factors],
         tensor: str,
+        tokens: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> memoryview:
         """Merge rows ``[row0, row0+rows)`` whose raw bytes are already in ``slot``.
 
@@ -147,9 +152,13 @@ class Processor:
             if f.magnitude is not None:  # DoRA: every output row rescaled to m / ||W + dW||_2
                 norms = torch.linalg.vector_norm(work, dim=1)  # (rows,): whole rows are in the chunk
                 work.mul_((f.magnitude[row0 : row0 + rows] / norms).unsqueeze(1))
+        if tokens is not None:  # token rows replaced by the adapter's values: ids (k,), values (k, cols)
+            ids, values = tokens
+            inside = (ids >= row0) & (ids < row0 + rows)
+            work[ids[inside] - row0] = values[inside]
         out = io[:out_bytes].view(out_t).view(rows, cols)
         out.copy_(work)
-        if factors:
+        if factors or tokens is not None:
             # min/max propagate NaN and show Inf (also overflow in the rounding to fp16), and,
             # unlike isfinite(), allocate no chunk-sized temporaries.
             lo, hi = torch.aminmax(out)

@@ -51,7 +51,8 @@ def shard_fingerprint(plan: MergePlan, shard: str, *, device: str, chunk: int) -
              [[_file_identity(d.adapter.weights_path), d.lora.a_key, d.lora.b_key, d.lora.magnitude_key, repr(d.scale),
                d.transposed]
               for d in t.deltas],
-             t.source and [_file_identity(t.source.path), t.source.info.dtype, t.source.info.begin]]
+             t.source and [_file_identity(t.source.path), t.source.info.dtype, t.source.info.begin],
+             t.tokens and [_file_identity(t.tokens.adapter.weights_path), t.tokens.key, list(t.tokens.ids)]]
             for t in plan.shards[shard]
         ],
     }

@@ -43,6 +43,7 @@ class MergeReport:
     shards_resumed: int = 0
     tensors_merged: int = 0
     tensors_converted: int = 0
+    tensors_replaced: int = 0
     tensors_copied: int = 0
     adapter_modules: int = 0
     bytes_written: int = 0

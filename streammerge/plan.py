@@ -54,6 +54,15 @@ class Source:
     info: TensorInfo
 
 
+@dataclass(frozen=True, eq=False)
+class TokenRows:
+    """Rows ``ids`` of a weight replaced by the adapter's saved values (PEFT trainable tokens)."""
+
+    adapter: LoraAdapter
+    ids: tuple[int, ...]
+    key: str  # "<module>.token_adapter.trainable_tokens_delta", (len(ids), dim)
+
+
 @dataclass
 class TensorPlan:
     name: str
@@ -62,11 +71,17 @@ class TensorPlan:
     out_dtype: str
     deltas: list[Delta] = field(default_factory=list)
     source: Source | None = None  # set when an adapter supplies the tensor's base weight
+    tokens: TokenRows | None = None  # rows replaced last (trainable_token_indices)
 
     @property
     def rewritten(self) -> bool:
         """True when the bytes change (merged, converted or replaced); False: copied byte for byte."""
-        return bool(self.deltas) or self.out_dtype != self.info.dtype or self.source is not None
+        return bool(self.deltas) or self.out_dtype != self.info.dtype or self.source is not None or self.tokens is not None
+
+    @property
+    def merged(self) -> bool:
+        """Row-wise work beyond a copy or conversion: LoRA deltas or token rows."""
+        return bool(self.deltas) or self.tokens is not None
 
     def origin(self, base: BaseCheckpoint) -> Source:
         if self.source is not None:
@@ -77,7 +92,7 @@ class TensorPlan:
     @property
     def rows_cols(self) -> tuple[int, int]:
         """The 2-D view the merge walks in row chunks: (out, in) for weights, (numel, 1) otherwise."""
-        if self.deltas:
+        if self.merged:
             return self.info.shape[0], self.info.shape[1]
         return self.info.numel, 1
 
@@ -102,7 +117,7 @@ class MergePlan:
 
     @property
     def touched(self) -> list[TensorPlan]:
-        return [t for t in self.tensors() if t.deltas]
+        return [t for t in self.tensors() if t.merged]
 
     @property
     def output_size(self) -> int:
@@ -112,7 +127,8 @@ class MergePlan:
 
     @property
     def max_factor_bytes(self) -> int:
-        return max((sum(d.factor_bytes for d in t.deltas) for t in self.touched), default=0)
+        return max((sum(d.factor_bytes for d in t.deltas) + (t.tokens.adapter.tensors[t.tokens.key].numel * 12
+                    if t.tokens else 0) for t in self.touched), default=0)
 
     def summary(self) -> dict[str, Any]:
         """A JSON-able description: which module goes where, by which rule."""
@@ -208,6 +224,24 @@ def _replacement_sources(base: BaseCheckpoint, adapters: list[LoraAdapter], user
     return sources
 
 
+def _token_rows(base: BaseCheckpoint, adapters: list[LoraAdapter], user_rules: tuple[Rule, ...],
+                names: dict[str, str], infos: dict[str, TensorInfo]) -> dict[str, TokenRows]:
+    rows: dict[str, TokenRows] = {}
+    for adapter in adapters:
+        for module, (ids, info) in adapter.token_rows.items():
+            match = resolve(module, names, user_rules=user_rules)
+            if match is None:
+                raise _unmatched_error(adapter, [module], base)
+            tensor = infos.get(match.tensor) or base.info(match.tensor)
+            if len(tensor.shape) != 2 or tensor.shape[1] != info.shape[1] or max(ids) >= tensor.shape[0]:
+                raise PlanError(f"adapter {adapter.path}: token rows {list(info.shape)} for ids up to {max(ids)} do not "
+                                f"fit {match.tensor} {list(tensor.shape)}")
+            if match.tensor in rows:
+                raise PlanError(f"two adapters both replace token rows of {match.tensor}; merge them one at a time")
+            rows[match.tensor] = TokenRows(adapter, tuple(ids), info.name)
+    return rows
+
+
 def _vocab_size(config: dict[str, Any]) -> int | None:
     text = config.get("text_config")
     for cfg in ((text if isinstance(text, dict) else {}), config):
@@ -265,6 +299,7 @@ def build_plan(
                 f"adapter {adapter.path}: shapes do not fit base {base.root}: {_listing(bad)}; "
                 "the adapter was trained on a model of another size"
             )
+    tokens = _token_rows(base, adapters, user_rules, names, infos)
     for tensor, ds in deltas.items():
         if len(ds) > 1 and any(d.lora.magnitude_key for d in ds):
             raise UnsupportedError(f"{tensor}: a DoRA adapter cannot be merged together with another adapter "
@@ -273,7 +308,8 @@ def build_plan(
     for shard, header in base.shards.items():
         # Tensors a shard holds but the index does not list are left out, as loaders ignore them.
         shards[shard] = [
-            TensorPlan(name, shard, infos.get(name, info), _out_dtype(info, target), deltas.get(name, []), sources.get(name))
+            TensorPlan(name, shard, infos.get(name, info), _out_dtype(info, target), deltas.get(name, []),
+                       sources.get(name), tokens.get(name))
             for name, info in header.tensors.items()
             if base.weight_map.get(name) == shard
         ]

@@ -127,7 +127,9 @@ def _sample_rows(t: TensorPlan, base: BaseCheckpoint, out: BaseCheckpoint, io: _
     dora_m = next((d.adapter.load(d.lora.magnitude_key).double() for d in t.deltas if d.lora.magnitude_key), None)
     out_t = TORCH_DTYPES[t.out_dtype]
     finfo = torch.finfo(out_t)
-    r_max = max(f[0].shape[0] for f in factors)
+    r_max = max((f[0].shape[0] for f in factors), default=0)
+    token_values = dict(zip(t.tokens.ids, t.tokens.adapter.load(t.tokens.key).double())) if t.tokens else {}
+    picks = sorted(set(picks) | set(list(token_values)[:4]))
     src, dst = t.origin(base), _output(out, t.name)
     src_item, out_item = DTYPE_SIZES[src.info.dtype], DTYPE_SIZES[t.out_dtype]
     for row in picks:
@@ -142,6 +144,8 @@ def _sample_rows(t: TensorPlan, base: BaseCheckpoint, out: BaseCheckpoint, io: _
                 exact += scale * (b[row] @ a)
                 size += abs(scale) * (b[row].abs() @ a.abs())
         arithmetic = (r_max + 2) * 2.0**-24 * size
+        if row in token_values:  # a replaced token row: the saved values, rounded once
+            exact, arithmetic = token_values[row].clone(), torch.zeros_like(exact)
         if dora_m is not None:  # DoRA: the row rescaled to m / ||row||; its float32 norm adds (cols + 4) * 2^-24 relative
             factor = float(dora_m[row] / exact.norm())
             exact = exact * factor
@@ -197,7 +201,7 @@ def verify(
     io, rng = _Reader(), random.Random(seed)
     try:
         for t in plan_tensors.values():
-            if t.deltas:
+            if t.merged:
                 _sample_rows(t, plan.base, out, io, report, rows_per_tensor=rows_per_tensor, rng=rng)
             else:
                 _compare_untouched(t, plan.base, out, io, report)

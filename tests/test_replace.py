@@ -88,3 +88,30 @@ def test_resizing_only_the_embedding_is_refused(tmp_path: Path, capsys) -> None:
     save_file(tensors, path)
     assert main(["--base", str(base), "--adapter", str(tmp_path / "adapter"), "--output", str(tmp_path / "out"), "-q"]) != 0
     assert "lm_head.weight keeps 160" in capsys.readouterr().err
+
+
+def test_trainable_tokens_replace_rows(tmp_path: Path) -> None:
+    from peft import LoraConfig, get_peft_model
+
+    base = build_base("llama", tmp_path / "base", dtype="bf16", sharded=True)
+    model = transformers.AutoModelForCausalLM.from_pretrained(base)
+    torch.manual_seed(7)
+    pm = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"], init_lora_weights=False,
+                                          trainable_token_indices={"embed_tokens": [3, 7, 150]}))
+    with torch.no_grad():
+        for name, p in pm.named_parameters():
+            if "trainable_tokens_delta" in name:
+                p.add_(torch.randn_like(p))  # "trained" rows
+                values = p.detach().clone()
+    pm.save_pretrained(tmp_path / "adapter")
+    out = tmp_path / "out"
+    assert main(["--base", str(base), "--adapter", str(tmp_path / "adapter"), "--output", str(out), "-q",
+                 "--max-mem", "34MiB"]) == 0
+    got, ref = read_checkpoint(out)["model.embed_tokens.weight"], read_checkpoint(base)["model.embed_tokens.weight"]
+    ids = [3, 7, 150]
+    assert torch.equal(bits(got[ids]), bits(values.to(torch.bfloat16)))
+    keep = [i for i in range(ref.shape[0]) if i not in ids]
+    assert torch.equal(bits(got[keep]), bits(ref[keep]))
+    merged = transformers.AutoModelForCausalLM.from_pretrained(out)
+    assert torch.allclose(logits_of(merged, 160), logits_of(pm, 160), atol=3e-2, rtol=3e-2)
+    assert main(["verify", "--base", str(base), "--adapter", str(tmp_path / "adapter"), "--output", str(out)]) == 0
