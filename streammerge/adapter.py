@@ -34,15 +34,14 @@ MAGNITUDE_SUFFIXES = (".lora_magnitude_vector", ".lora_magnitude_vector.weight")
 MAX_RANK = 1 << 16
 
 # Linear / Conv1D factors end in ".weight"; Embedding factors are bare parameters.
-_LORA_KEY = re.compile(r"^(?P<module>.+)\.(?:(?P<factor>lora_A|lora_B)\.weight|lora_embedding_(?P<emb>[AB]))$")
+_LORA_KEY = re.compile(
+    r"^(?P<module>.+)\.(?:(?P<factor>lora_A|lora_B)\.weight|lora_embedding_(?P<emb>[AB])|lora_B\.(?P<bias>bias))$")
 # Saved tensors of PEFT features this version cannot merge exactly; named in the refusal.
 _UNSUPPORTED_KEYS = (
-    (re.compile(r"\.lora_B\.bias$"), "lora_bias"),
 )
 _SAFE_INIT = (True, False, "gaussian", "eva", "orthogonal")
 # Config fields whose truthy value means the saved factors alone do not reproduce the model.
 _UNSUPPORTED_FIELDS = {
-    "lora_bias": "lora_bias",
     "layer_replication": "layer_replication (the merged model would need duplicated layers)",
     "alora_invocation_tokens": "aLoRA (activated only after invocation tokens)",
     "target_parameters": "target_parameters (LoRA on fused parameters such as MoE experts)",
@@ -72,6 +71,7 @@ class LoraModule:
     scaling: float
     embedding: bool = False
     magnitude_key: str | None = None  # DoRA: m (out,), and W' = m / ||W + dW||_row * (W + dW)
+    bias_key: str | None = None  # lora_bias: lora_B.bias (out,), and bias += scaling * lora_B.bias
 
 
 @dataclass
@@ -199,10 +199,8 @@ def _check_config(config: dict[str, Any], where: Path) -> None:
                 f"{where}: the adapter uses {feature}, which this streammerge version does not "
                 "merge; nothing was written"
             )
-    if config.get("bias", "none") != "none":
-        raise UnsupportedError(
-            f"{where}: bias={config['bias']!r} saves trained biases, which this version does not merge"
-        )
+    if config.get("bias", "none") not in ("none", "all", "lora_only"):
+        raise InputError(f"{where}: 'bias' must be 'none', 'all' or 'lora_only', got {config['bias']!r}")
     init = config.get("init_lora_weights", True)
     if init not in _SAFE_INIT:
         raise UnsupportedError(
@@ -288,6 +286,10 @@ def read_adapter(path: Path, *, weight: float = 1.0) -> LoraAdapter:
             replacements[param_path.removesuffix(BASE_LAYER_SUFFIX) + ".weight"] = info
             continue
         match = _LORA_KEY.match(key)
+        if match is None and param_path.endswith(".bias") and config.get("bias") in ("all", "lora_only"):
+            # a trained bias (bias="all"/"lora_only"): replaces the base's ("<m>.base_layer.bias" when m has LoRA)
+            replacements[param_path.replace(".base_layer.", ".")] = info
+            continue
         if match is None and _saved_module(param_path, (config.get("modules_to_save") or []) + EMBEDDING_LAYERS):
             # A modules_to_save tensor replaces the base's. With resized embeddings PEFT also saves the
             # wrapper's parts: ".modules_to_save." (the same trained tensor) and ".original_module."
@@ -305,17 +307,22 @@ def read_adapter(path: Path, *, weight: float = 1.0) -> LoraAdapter:
                 "'<module>.lora_B.weight' or '<module>.lora_embedding_A/B'); refusing to drop it silently"
             )
         module = match["module"].removeprefix(PEFT_PREFIX)
-        factor = match["factor"] or f"lora_{match['emb']}"
+        factor = "lora_B.bias" if match["bias"] else match["factor"] or f"lora_{match['emb']}"
         if match["emb"]:
             embedding_modules.add(module)
         pairs.setdefault(module, {})[factor] = info
     modules: dict[str, LoraModule] = {}
     for module, factors in pairs.items():
-        if set(factors) != {"lora_A", "lora_B"}:
+        if {"lora_A", "lora_B"} - set(factors):
             missing = ({"lora_A", "lora_B"} - set(factors)).pop()
             raise InputError(f"{weights_path}: module {module!r} has no {missing} tensor")
         lora = _module_of(config, module, factors["lora_A"], factors["lora_B"], weights_path,
                           embedding=module in embedding_modules)
+        if "lora_B.bias" in factors:
+            if factors["lora_B.bias"].shape != (factors["lora_B"].shape[0],):
+                raise InputError(f"{weights_path}: {module!r} has a lora_B.bias of shape "
+                                 f"{list(factors['lora_B.bias'].shape)}, expected [{factors['lora_B'].shape[0]}]")
+            lora = dataclasses.replace(lora, bias_key=factors["lora_B.bias"].name)
         magnitude = magnitudes.pop(module, None)
         if magnitude is not None:
             if lora.embedding:

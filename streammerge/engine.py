@@ -32,7 +32,7 @@ from .header import DTYPE_SIZES, SafetensorsHeader
 from .iothread import IOThread
 from .manifest import add_checksum, record_shard
 from .memory import chunk_capacity, current_rss, format_size, reset_peak_rss
-from .plan import MergePlan, TensorPlan
+from .plan import Delta, MergePlan, TensorPlan
 
 if TYPE_CHECKING:
     from .kernels import Processor
@@ -245,13 +245,7 @@ class Engine:
     def _rewrite(self, t: TensorPlan, src: int, header: SafetensorsHeader, writer: ShardWriter) -> int:
         assert self.kernels is not None and self.processor is not None
         proc = self.processor
-        factors = [
-            self.kernels.Factors(proc.to_device(d.adapter.load(d.lora.a_key)),  # (r, in)
-                    proc.to_device(d.adapter.load(d.lora.b_key)),  # (out, r)
-                    d.scale, d.transposed,
-                    proc.to_device(d.adapter.load(d.lora.magnitude_key)) if d.lora.magnitude_key else None)
-            for d in t.deltas
-        ]
+        factors = [self._factors(d) for d in t.deltas]
         tokens = t.tokens and (proc.to_device(self.kernels.as_ids(t.tokens.ids)),
                                proc.to_device(t.tokens.adapter.load(t.tokens.key)))
         rows, cols = t.rows_cols
@@ -277,6 +271,17 @@ class Engine:
                 raise
             written += len(out)
         return written
+
+    def _factors(self, d: Delta) -> object:
+        proc, load = self.processor, d.adapter.load
+        assert self.kernels is not None and proc is not None
+        if d.vector:  # lora_bias: (out,)
+            return self.kernels.Factors(None, proc.to_device(load(d.lora.bias_key)), d.scale, vector=True)
+        return self.kernels.Factors(
+            proc.to_device(load(d.lora.a_key)),  # (r, in)
+            proc.to_device(load(d.lora.b_key)),  # (out, r)
+            d.scale, d.transposed,
+            proc.to_device(load(d.lora.magnitude_key)) if d.lora.magnitude_key else None)
 
     def _source_fd(self, path: Path) -> int:
         if path not in self._source_fds:

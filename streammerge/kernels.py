@@ -24,11 +24,12 @@ class Factors:
     """One delta's factors on the processor's device: A (r, in), B (out, r), scale; ``transposed``
     when the weight holds (B @ A).T (Conv1D, Embedding)."""
 
-    A: torch.Tensor
+    A: torch.Tensor | None
     B: torch.Tensor
     scale: float
     transposed: bool = False
     magnitude: torch.Tensor | None = None  # DoRA m (out,)
+    vector: bool = False  # lora_bias: B is lora_B.bias (cols,), added to a bias viewed as one row
 
 
 def resolve_device(spec: str) -> torch.device:
@@ -145,7 +146,9 @@ class Processor:
         work = self.work[:n].view(rows, cols)
         work.copy_(raw.view(rows, cols))
         for f in factors:
-            if f.transposed:  # rows of (B @ A).T: (rows, r) @ (r, cols) = A[:, rows].T @ B.T
+            if f.vector:
+                work.add_(f.B.view(1, -1), alpha=f.scale)
+            elif f.transposed:  # rows of (B @ A).T: (rows, r) @ (r, cols) = A[:, rows].T @ B.T
                 work.addmm_(f.A[:, row0 : row0 + rows].t(), f.B.t(), alpha=f.scale)
             else:  # (rows, r) @ (r, cols), accumulated into the float32 chunk in place
                 work.addmm_(f.B[row0 : row0 + rows], f.A, alpha=f.scale)

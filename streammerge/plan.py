@@ -33,6 +33,7 @@ class Delta:
     lora: LoraModule
     rule: str
     transposed: bool = False
+    vector: bool = False  # lora_bias: ``scale * lora_B.bias`` added to the layer's bias (a 1-D tensor)
 
     @property
     def scale(self) -> float:
@@ -40,8 +41,10 @@ class Delta:
 
     @property
     def factor_bytes(self) -> int:
-        """float32 bytes of A and B (and a DoRA magnitude) together."""
+        """float32 bytes of A and B (and a DoRA magnitude) together; of the bias vector for lora_bias."""
         keys = [self.lora.a_key, self.lora.b_key] + ([self.lora.magnitude_key] if self.lora.magnitude_key else [])
+        if self.vector:
+            keys = [self.lora.bias_key]
         return 4 * sum(self.adapter.tensors[k].numel for k in keys)
 
 
@@ -91,7 +94,10 @@ class TensorPlan:
 
     @property
     def rows_cols(self) -> tuple[int, int]:
-        """The 2-D view the merge walks in row chunks: (out, in) for weights, (numel, 1) otherwise."""
+        """The 2-D view the merge walks in row chunks: (out, in) for weights, (numel, 1) otherwise;
+        a merged bias is one row."""
+        if self.merged and len(self.info.shape) == 1:
+            return 1, self.info.shape[0]
         if self.merged:
             return self.info.shape[0], self.info.shape[1]
         return self.info.numel, 1
@@ -292,6 +298,15 @@ def build_plan(
             deltas.setdefault(match.tensor, []).append(delta)
             if lora.magnitude_key and delta.transposed:
                 bad.append(f"{module}: DoRA on a Conv1D layer is not supported yet (DoRA on Linear is)")
+            if lora.bias_key:  # lora_bias: the layer's bias takes scale * lora_B.bias
+                bias = resolve(module, names, user_rules=user_rules, param="bias")
+                if bias is None:
+                    raise UnsupportedError(f"adapter {adapter.path}: {module} has lora_bias but the base layer has no "
+                                           "bias tensor to merge it into")
+                if base.info(bias.tensor).shape != adapter.tensors[lora.bias_key].shape:
+                    bad.append(f"{module}: lora_B.bias {list(adapter.tensors[lora.bias_key].shape)} but "
+                               f"{bias.tensor} is {list(base.info(bias.tensor).shape)}")
+                deltas.setdefault(bias.tensor, []).append(Delta(adapter, lora, bias.rule.family, vector=True))
         if unmatched:
             raise _unmatched_error(adapter, unmatched, base)
         if bad:

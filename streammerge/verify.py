@@ -120,14 +120,15 @@ def _compare_untouched(t: TensorPlan, base: BaseCheckpoint, out: BaseCheckpoint,
 
 def _sample_rows(t: TensorPlan, base: BaseCheckpoint, out: BaseCheckpoint, io: _Reader, report: VerifyReport,
                  *, rows_per_tensor: int, rng: random.Random) -> None:
-    rows, cols = t.info.shape
+    rows, cols = t.rows_cols
     picks = sorted({0, rows - 1} | {rng.randrange(rows) for _ in range(max(0, rows_per_tensor - 2))})
-    factors = [(d.adapter.load(d.lora.a_key).double(), d.adapter.load(d.lora.b_key).double(), d.scale, d.transposed)
+    factors = [(None, d.adapter.load(d.lora.bias_key).double(), d.scale, "vector") if d.vector else
+               (d.adapter.load(d.lora.a_key).double(), d.adapter.load(d.lora.b_key).double(), d.scale, d.transposed)
                for d in t.deltas]
     dora_m = next((d.adapter.load(d.lora.magnitude_key).double() for d in t.deltas if d.lora.magnitude_key), None)
     out_t = TORCH_DTYPES[t.out_dtype]
     finfo = torch.finfo(out_t)
-    r_max = max((f[0].shape[0] for f in factors), default=0)
+    r_max = max((f[0].shape[0] for f in factors if f[0] is not None), default=0)
     token_values = dict(zip(t.tokens.ids, t.tokens.adapter.load(t.tokens.key).double())) if t.tokens else {}
     picks = sorted(set(picks) | set(list(token_values)[:4]))
     src, dst = t.origin(base), _output(out, t.name)
@@ -137,7 +138,10 @@ def _sample_rows(t: TensorPlan, base: BaseCheckpoint, out: BaseCheckpoint, io: _
         got = _as_tensor(io.read(dst, row * cols * out_item, cols * out_item), t.out_dtype).double()
         exact, size = w.clone(), w.abs()  # size: sum of |terms|, for the float32 error bound
         for a, b, scale, transposed in factors:
-            if transposed:  # row of (B @ A).T = A[:, row] @ B.T
+            if transposed == "vector":  # lora_bias: the bias is one row
+                exact += scale * b
+                size += abs(scale) * b.abs()
+            elif transposed:  # row of (B @ A).T = A[:, row] @ B.T
                 exact += scale * (a[:, row] @ b.t())
                 size += abs(scale) * (a[:, row].abs() @ b.abs().t())
             else:  # (r,) @ (r, cols)

@@ -85,3 +85,41 @@ def test_embedding_saved_with_the_adapter_is_the_base(tmp_path: Path) -> None:
     exact = tensors[key].double() + s * (b @ a)
     assert (got.double() - exact).abs().max() < 1e-5 and (got - expected).abs().max() < 1e-5
     assert cli(["verify", "--base", str(base), "--adapter", str(peft.adapter), "--output", str(out)]) == 0
+
+
+@pytest.mark.parametrize("bias", ["lora_bias", "all"])
+def test_biases(tmp_path: Path, bias: str) -> None:
+    """lora_bias (bias += s * lora_B.bias) and bias="all" (trained biases saved, replacing the base's)."""
+    from peft import LoraConfig, get_peft_model
+
+    base = build_base("qwen2", tmp_path / "base", dtype="fp32", sharded=True)  # Qwen2 has q/k/v biases
+    model = transformers.AutoModelForCausalLM.from_pretrained(base)
+    torch.manual_seed(8)
+    options = {"lora_bias": True} if bias == "lora_bias" else {"bias": "all"}
+    pm = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+                                          init_lora_weights=False, **options))
+    with torch.no_grad():
+        for name, p in pm.named_parameters():
+            if name.endswith("bias") and p.requires_grad:
+                p.add_(torch.randn_like(p))  # a trained bias, or a non-zero lora_B.bias
+    pm.save_pretrained(tmp_path / "adapter")
+    out = tmp_path / "out"
+    assert main(["--base", str(base), "--adapter", str(tmp_path / "adapter"), "--output", str(out), "-q"]) == 0
+    got, ref = read_checkpoint(out), read_checkpoint(base)
+    changed = {n for n in ref if n.endswith(".bias") and not torch.equal(got[n], ref[n])}
+    assert changed == {f"model.layers.{i}.self_attn.{p}_proj.bias" for i in range(2)
+                       for p in (("q", "v") if bias == "lora_bias" else ("q", "k", "v"))}
+    merged = transformers.AutoModelForCausalLM.from_pretrained(out)
+    assert torch.allclose(logits(merged), logits(pm), atol=1e-4, rtol=1e-4)
+    assert main(["verify", "--base", str(base), "--adapter", str(tmp_path / "adapter"), "--output", str(out)]) == 0
+
+
+def test_lora_bias_without_a_base_bias_is_refused(tmp_path: Path, capsys) -> None:
+    from peft import LoraConfig, get_peft_model
+
+    base = build_base("llama", tmp_path / "base", dtype="fp32", sharded=False)  # Llama: no biases
+    pm = get_peft_model(transformers.AutoModelForCausalLM.from_pretrained(base),
+                        LoraConfig(r=2, target_modules=["q_proj"], lora_bias=True, init_lora_weights=False))
+    pm.save_pretrained(tmp_path / "adapter")
+    assert main(["--base", str(base), "--adapter", str(tmp_path / "adapter"), "--output", str(tmp_path / "out"), "-q"]) != 0
+    assert "has lora_bias but the base layer has no bias" in capsys.readouterr().err
