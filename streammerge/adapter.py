@@ -44,7 +44,6 @@ _SAFE_INIT = (True, False, "gaussian", "eva", "orthogonal")
 _UNSUPPORTED_FIELDS = {
     "layer_replication": "layer_replication (the merged model would need duplicated layers)",
     "alora_invocation_tokens": "aLoRA (activated only after invocation tokens)",
-    "target_parameters": "target_parameters (LoRA on fused parameters such as MoE experts)",
     "use_qalora": "QA-LoRA",
     "use_bdlora": "BD-LoRA",
     "velora_config": "VeLoRA",
@@ -72,6 +71,10 @@ class LoraModule:
     embedding: bool = False
     magnitude_key: str | None = None  # DoRA: m (out,), and W' = m / ||W + dW||_row * (W + dW)
     bias_key: str | None = None  # lora_bias: lora_B.bias (out,), and bias += scaling * lora_B.bias
+    # target_parameters on fused experts (E, out, in): A (r*E, in), B (out, r*E); expert e takes
+    # A[e*r:(e+1)*r] and B[:, e::E]. ``experts`` = E, ``container`` = the experts module path.
+    experts: int = 0
+    container: str = ""
 
 
 @dataclass
@@ -217,10 +220,24 @@ def _pattern_value(pattern: dict[str, Any], module: str, default: float) -> floa
     return default
 
 
+def _experts_container(config: dict[str, Any], module: str) -> str:
+    """The fused-experts module a target_parameters factor belongs to ('' if none). PEFT nests one
+    wrapper per targeted parameter, so the keys may end in '.base_layer' once or more."""
+    container = re.sub(r"(\.base_layer)+$", "", module)
+    for target in config.get("target_parameters") or []:
+        if isinstance(target, str) and container.endswith(target.rpartition(".")[0]):
+            return container
+    return ""
+
+
 def _module_of(config: dict[str, Any], module: str, a: TensorInfo, b: TensorInfo, where: Path, *,
                embedding: bool) -> LoraModule:
     r = int(_pattern_value(config.get("rank_pattern") or {}, module, config["r"]))
     alpha = float(_pattern_value(config.get("alpha_pattern") or {}, module, config["lora_alpha"]))
+    container = _experts_container(config, module)
+    if container and len(a.shape) == 2 and len(b.shape) == 2 and a.shape[0] % r == 0 and b.shape[1] == a.shape[0]:
+        scaling = alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r
+        return LoraModule(module, a.name, b.name, r, alpha, scaling, experts=a.shape[0] // r, container=container)
     if len(a.shape) != 2 or len(b.shape) != 2 or a.shape[0] != r or b.shape[1] != r:
         raise InputError(
             f"{where}: module {module!r} has lora_A {list(a.shape)} and lora_B {list(b.shape)} "

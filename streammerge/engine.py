@@ -43,6 +43,7 @@ log = logging.getLogger(__name__)
 RESERVE = 32 * 1024**2  # runtime allocations outside our buffers (BLAS packing, copy bounce, files)
 SLOTS = 2
 LOOKAHEAD = 1  # shards whose copies may be queued ahead while torch loads
+EXPERT_CACHE = 4  # A and B of gate_up and of down
 
 
 def count(report: MergeReport, t: TensorPlan) -> None:
@@ -102,6 +103,7 @@ class Engine:
         self.records: dict[str, dict] = {}
         self._open: list[tuple[int, ShardWriter]] = []  # (source fd, writer) not yet closed
         self._source_fds: dict[Path, int] = {}  # adapter files that supply base weights
+        self._cache: dict[tuple[int, str], object] = {}  # fused-expert factors (see _cached)
 
     def start_compute(self) -> None:
         """Wait for torch, resolve the device, reset the peak-RSS counter and allocate the buffers.
@@ -277,11 +279,23 @@ class Engine:
         assert self.kernels is not None and proc is not None
         if d.vector:  # lora_bias: (out,)
             return self.kernels.Factors(None, proc.to_device(load(d.lora.bias_key)), d.scale, vector=True)
+        if d.expert >= 0:  # one expert's slice of fused factors, loaded once per layer
+            a, b = d.select(self._cached(d.adapter, d.lora.a_key), self._cached(d.adapter, d.lora.b_key))
+            return self.kernels.Factors(proc.to_device(a), proc.to_device(b), d.scale)
         return self.kernels.Factors(
             proc.to_device(load(d.lora.a_key)),  # (r, in)
             proc.to_device(load(d.lora.b_key)),  # (out, r)
             d.scale, d.transposed,
             proc.to_device(load(d.lora.magnitude_key)) if d.lora.magnitude_key else None)
+
+    def _cached(self, adapter: object, key: str) -> object:
+        """Fused-expert factors: the last EXPERT_CACHE tensors read stay (gate_up and down alternate)."""
+        entry = (id(adapter), key)
+        if entry not in self._cache:
+            while len(self._cache) >= EXPERT_CACHE:
+                self._cache.pop(next(iter(self._cache)))
+            self._cache[entry] = adapter.load(key)  # type: ignore[attr-defined]
+        return self._cache[entry]
 
     def _source_fd(self, path: Path) -> int:
         if path not in self._source_fds:

@@ -126,3 +126,23 @@ def tied_head(weight_map: dict[str, str]) -> tuple[str, str] | None:
         if len(found) == 1:
             return found[0], re.sub(pattern, replacement, found[0])
     return None
+
+
+@dataclass(frozen=True)
+class Experts:
+    """Fused experts in memory (transformers v5 ``gate_up_proj`` (E, 2I, H), ``down_proj`` (E, H, I))
+    stored per expert on disk: ``<disk container>.{e}.<gate|up|down>.weight``."""
+
+    family: str
+    container: str  # regex on the in-memory experts module path
+    disk: str  # its replacement on disk
+    gate: str
+    up: str
+    down: str
+
+
+EXPERTS: tuple[Experts, ...] = (
+    Experts("per-expert gate/up/down_proj (Qwen2-MoE, Qwen3-MoE, OLMoE ...)", r"\.mlp\.experts$", ".mlp.experts",
+            "gate_proj", "up_proj", "down_proj"),
+    Experts("Mixtral (block_sparse_moe w1/w3/w2)", r"\.mlp\.experts$", ".block_sparse_moe.experts", "w1", "w3", "w2"),
+)

@@ -49,7 +49,7 @@ def shard_fingerprint(plan: MergePlan, shard: str, *, device: str, chunk: int) -
         "tensors": [
             [t.name, t.info.dtype, t.out_dtype, list(t.info.shape), t.info.begin,
              [[_file_identity(d.adapter.weights_path), d.lora.a_key, d.lora.b_key, d.lora.magnitude_key, d.lora.bias_key,
-               repr(d.scale), d.transposed, d.vector]
+               repr(d.scale), d.transposed, d.vector, d.expert, d.rows]
               for d in t.deltas],
              t.source and [_file_identity(t.source.path), t.source.info.dtype, t.source.info.begin],
              t.tokens and [_file_identity(t.tokens.adapter.weights_path), t.tokens.key, list(t.tokens.ids)]]

@@ -17,7 +17,7 @@ from .adapter import LoraAdapter, LoraModule
 from .checkpoint import BaseCheckpoint
 from .errors import PlanError, UnsupportedError
 from .header import FLOAT_DTYPES, TensorInfo
-from .keymap import VOCAB_TENSORS, Rule, resolve, stored_transposed, tied_head
+from .keymap import EXPERTS, VOCAB_TENSORS, Rule, resolve, stored_transposed, tied_head
 
 DTYPE_CHOICES = {"bf16": "BF16", "fp16": "F16", "fp32": "F32"}
 CONFIG_DTYPE_NAMES = {"BF16": "bfloat16", "F16": "float16", "F32": "float32"}
@@ -34,6 +34,16 @@ class Delta:
     rule: str
     transposed: bool = False
     vector: bool = False  # lora_bias: ``scale * lora_B.bias`` added to the layer's bias (a 1-D tensor)
+    expert: int = -1  # fused experts: this expert's factors, and ``rows`` of its output (gate / up split)
+    rows: tuple[int, int] | None = None
+
+    def select(self, a: Any, b: Any) -> tuple[Any, Any]:
+        """This delta's A (r, in) and B (out, r) out of the adapter's full factors."""
+        if self.expert < 0:
+            return a, b
+        r, count = self.lora.r, self.lora.experts
+        b = b[:, self.expert :: count]
+        return a[self.expert * r : (self.expert + 1) * r], (b[self.rows[0] : self.rows[1]] if self.rows else b)
 
     @property
     def scale(self) -> float:
@@ -133,6 +143,13 @@ class MergePlan:
 
     @property
     def max_factor_bytes(self) -> int:
+        """Largest float32 factor set one tensor needs; doubled for fused experts, whose two
+        parameters' factors stay cached while their per-expert tensors alternate."""
+        single = self._max_factor_bytes
+        return 2 * single if any(d.expert >= 0 for t in self.touched for d in t.deltas) else single
+
+    @property
+    def _max_factor_bytes(self) -> int:
         return max((sum(d.factor_bytes for d in t.deltas) + (t.tokens.adapter.tensors[t.tokens.key].numel * 12
                     if t.tokens else 0) for t in self.touched), default=0)
 
@@ -248,6 +265,41 @@ def _token_rows(base: BaseCheckpoint, adapters: list[LoraAdapter], user_rules: t
     return rows
 
 
+def _expert_deltas(adapter: LoraAdapter, lora: LoraModule, names: dict[str, str], user_rules: tuple[Rule, ...],
+                   base: BaseCheckpoint) -> list[tuple[str, Delta]]:
+    """A fused-experts factor pair -> one delta per expert tensor on disk (gate_up split in two).
+    Which parameter it is (gate_up or down) is told by the shapes; which layout, by the names on disk."""
+    a, b = adapter.tensors[lora.a_key].shape, adapter.tensors[lora.b_key].shape
+    found = []
+    for layout in EXPERTS:
+        disk = re.sub(layout.container, layout.disk, lora.container)
+        parts = {part: resolve(f"{disk}.0.{getattr(layout, part)}", names, user_rules=user_rules)
+                 for part in ("gate", "up", "down")}
+        if all(parts.values()):
+            found.append((layout, disk, {k: base.info(m.tensor).shape for k, m in parts.items()}))
+    if len(found) != 1:
+        raise PlanError(f"adapter {adapter.path}: fused experts {lora.container!r} match "
+                        f"{'no' if not found else 'several'} per-expert layouts in base {base.root}; add --map rules")
+    layout, disk, shapes = found[0]
+    gate, down = shapes["gate"], shapes["down"]
+    if b[0] == 2 * gate[0] and a[1] == gate[1]:  # gate_up_proj: rows [:I] -> gate, [I:] -> up
+        split = [(layout.gate, (0, gate[0])), (layout.up, (gate[0], 2 * gate[0]))]
+    elif (b[0], a[1]) == tuple(down):
+        split = [(layout.down, None)]
+    else:
+        raise PlanError(f"adapter {adapter.path}: {lora.module}: factors {list(a)} / {list(b)} fit neither "
+                        f"gate_up {[2 * gate[0], gate[1]]} nor down {list(down)} of {disk}")
+    out = []
+    for e in range(lora.experts):
+        for name, rows in split:
+            match = resolve(f"{disk}.{e}.{name}", names, user_rules=user_rules)
+            if match is None:
+                raise PlanError(f"adapter {adapter.path}: {lora.module} has {lora.experts} experts but base "
+                                f"{base.root} has no {disk}.{e}.{name}")
+            out.append((match.tensor, Delta(adapter, lora, f"{match.rule.family}; {layout.family}", expert=e, rows=rows)))
+    return out
+
+
 def _vocab_size(config: dict[str, Any]) -> int | None:
     text = config.get("text_config")
     for cfg in ((text if isinstance(text, dict) else {}), config):
@@ -276,6 +328,10 @@ def build_plan(
     for adapter in adapters:
         unmatched, claimed, bad = [], {}, []
         for module, lora in adapter.modules.items():
+            if lora.experts:
+                for tensor, delta in _expert_deltas(adapter, lora, names, user_rules, base):
+                    deltas.setdefault(tensor, []).append(delta)
+                continue
             match = resolve(module, names, user_rules=user_rules)
             if match is None:
                 unmatched.append(module)

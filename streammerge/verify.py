@@ -123,7 +123,8 @@ def _sample_rows(t: TensorPlan, base: BaseCheckpoint, out: BaseCheckpoint, io: _
     rows, cols = t.rows_cols
     picks = sorted({0, rows - 1} | {rng.randrange(rows) for _ in range(max(0, rows_per_tensor - 2))})
     factors = [(None, d.adapter.load(d.lora.bias_key).double(), d.scale, "vector") if d.vector else
-               (d.adapter.load(d.lora.a_key).double(), d.adapter.load(d.lora.b_key).double(), d.scale, d.transposed)
+               (*(f.double() for f in d.select(d.adapter.load(d.lora.a_key), d.adapter.load(d.lora.b_key))),
+                d.scale, d.transposed)
                for d in t.deltas]
     dora_m = next((d.adapter.load(d.lora.magnitude_key).double() for d in t.deltas if d.lora.magnitude_key), None)
     out_t = TORCH_DTYPES[t.out_dtype]

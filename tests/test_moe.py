@@ -1,0 +1,77 @@
+"""MoE: LoRA on fused expert parameters (PEFT target_parameters on transformers v5 experts,
+(E, 2I, H) gate_up_proj and (E, H, I) down_proj in memory) merged into the per-expert tensors
+that checkpoints keep on disk (Qwen3-MoE gate/up/down_proj, Mixtral w1/w3/w2)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+import transformers
+from oracle import bits, exact_and_bound, logits, read_checkpoint
+
+from streammerge.cli import main
+
+SMALL = dict(vocab_size=160, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
+FAMILIES = {
+    "qwen3-moe": (lambda: transformers.Qwen3MoeConfig(**SMALL, intermediate_size=112, moe_intermediate_size=48,
+                                                      num_experts=4, num_experts_per_tok=2, head_dim=16),
+                  "model.layers.{l}.mlp.experts.{e}.{p}.weight", {"gate": "gate_proj", "up": "up_proj", "down": "down_proj"}),
+    "mixtral": (lambda: transformers.MixtralConfig(**SMALL, intermediate_size=48, num_local_experts=4,
+                                                   num_experts_per_tok=2),
+                "model.layers.{l}.block_sparse_moe.experts.{e}.{p}.weight", {"gate": "w1", "up": "w3", "down": "w2"}),
+}
+
+
+def expected_deltas(pm, disk: str, parts: dict[str, str]) -> dict[str, list]:
+    """Per-expert disk tensor -> [(A', B', 1.0)] with B' A' = PEFT's own einsum of its factors, in float64."""
+    from peft.tuners.lora.layer import ParamWrapper
+
+    out: dict[str, list] = {}
+    for name, module in pm.base_model.model.named_modules():
+        if not isinstance(module, ParamWrapper) or "default" not in module.lora_A:
+            continue
+        layer = int(name.split(".layers.")[1].split(".")[0])
+        a = module.lora_A["default"].weight.detach().double()
+        b = module.lora_B["default"].weight.detach().double()
+        n, s = module.num_experts, float(module.scaling["default"])
+        a3, b3 = a.reshape(n, -1, a.shape[-1]), b.reshape(b.shape[0], -1, n)
+        for e in range(n):  # expert e: B3[:, :, e] (out, r) @ A3[e] (r, in), as PEFT's "o r e, e r i -> e o i"
+            be, ae = b3[:, :, e] * s, a3[e]
+            if module.parameter_name == "gate_up_proj":
+                half = be.shape[0] // 2
+                out[disk.format(l=layer, e=e, p=parts["gate"])] = [(ae, be[:half], 1.0)]
+                out[disk.format(l=layer, e=e, p=parts["up"])] = [(ae, be[half:], 1.0)]
+            else:
+                out[disk.format(l=layer, e=e, p=parts["down"])] = [(ae, be, 1.0)]
+    return out
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_fused_experts_merge_per_expert(tmp_path: Path, family: str) -> None:
+    from peft import LoraConfig, get_peft_model
+
+    make_config, disk, parts = FAMILIES[family]
+    torch.manual_seed(0)
+    base = tmp_path / "base"
+    transformers.AutoModelForCausalLM.from_config(make_config()).save_pretrained(base, max_shard_size="60KB")
+    model = transformers.AutoModelForCausalLM.from_pretrained(base)
+    torch.manual_seed(1)
+    pm = get_peft_model(model, LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj"], init_lora_weights=False,
+                                          target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]))
+    pm.save_pretrained(tmp_path / "adapter")
+    out = tmp_path / "out"
+    assert main(["--base", str(base), "--adapter", str(tmp_path / "adapter"), "--output", str(out), "-q",
+                 "--max-mem", "40MiB"]) == 0
+    want = expected_deltas(pm, disk, parts)
+    assert len(want) == 2 * 4 * 3  # layers x experts x (gate, up, down): none dropped
+    got, ref = read_checkpoint(out), read_checkpoint(base)
+    for name, deltas in want.items():
+        exact, bound = exact_and_bound(ref[name], deltas, torch.float32)
+        assert ((got[name].double() - exact).abs() <= bound).all(), name
+    changed = {n for n in ref if not torch.equal(bits(got[n]), bits(ref[n]))}
+    assert changed == set(want) | {f"model.layers.{i}.self_attn.q_proj.weight" for i in range(2)}
+    merged = transformers.AutoModelForCausalLM.from_pretrained(out)
+    assert torch.allclose(logits(merged), logits(pm), atol=1e-4, rtol=1e-4)
+    assert main(["verify", "--base", str(base), "--adapter", str(tmp_path / "adapter"), "--output", str(out)]) == 0
