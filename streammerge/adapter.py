@@ -19,6 +19,8 @@ from typing import TYPE_CHECKING, Any
 from .checkpoint import check_inside, pread_into
 from .errors import InputError, PlanError, UnsupportedError
 from .header import SafetensorsHeader, TensorInfo, read_header
+from .mlx import WEIGHTS_NAME as MLX_WEIGHTS
+from .mlx import read_mlx_adapter
 
 if TYPE_CHECKING:
     import torch
@@ -96,6 +98,7 @@ class LoraAdapter:
     # module -> (token ids, "<module>.token_adapter.trainable_tokens_delta" (len(ids), dim)): rows
     # of the module's weight replaced by the saved values (PEFT's trainable_token_indices).
     token_rows: dict[str, tuple[list[int], TensorInfo]] = field(default_factory=dict)
+    transposed_keys: frozenset[str] = frozenset()  # stored transposed (mlx-lm): load() turns them
 
     @property
     def label(self) -> str:
@@ -110,7 +113,8 @@ class LoraAdapter:
         from .tensors import read_tensor
 
         assert self._header is not None
-        return read_tensor(self.weights_path, self._header, key).to(torch.float32)
+        tensor = read_tensor(self.weights_path, self._header, key).to(torch.float32)
+        return tensor.t().contiguous() if key in self.transposed_keys else tensor
 
 
 def changes_something(adapter: LoraAdapter) -> bool:
@@ -268,7 +272,7 @@ def _index_tensors(path: Path) -> tuple[Path, dict[str, TensorInfo], Safetensors
             k: TensorInfo(k, "F32", tuple(v.shape), 0, v.numel() * 4) for k, v in state.items()
         }
         return binary, infos, None, state
-    raise InputError(f"adapter {path}: no {' or '.join(WEIGHTS_NAMES)}")
+    raise InputError(f"adapter {path}: no {' or '.join(WEIGHTS_NAMES)} (PEFT) or {MLX_WEIGHTS} (mlx-lm)")
 
 
 def read_adapter(path: Path, *, weight: float = 1.0) -> LoraAdapter:
@@ -276,6 +280,9 @@ def read_adapter(path: Path, *, weight: float = 1.0) -> LoraAdapter:
     if not path.is_dir():
         raise InputError(f"adapter {path}: not a directory (pass the folder holding {CONFIG_NAME})")
     config = _read_config(path)
+    if (path / MLX_WEIGHTS).is_file() and not any((path / n).exists() for n in WEIGHTS_NAMES):
+        check_inside(path / MLX_WEIGHTS, path)
+        return read_mlx_adapter(path, config, weight=_finite(weight, path))
     _check_config(config, path / CONFIG_NAME)
     weights_path, tensors, header, state = _index_tensors(path)
     pairs: dict[str, dict[str, TensorInfo]] = {}
@@ -361,15 +368,14 @@ def read_adapter(path: Path, *, weight: float = 1.0) -> LoraAdapter:
         )
     if not modules and not token_rows and not replacements:
         raise InputError(f"{weights_path}: the adapter holds no LoRA tensors")
-    if not math.isfinite(weight):
-        raise InputError(f"adapter {path}: weight {weight!r} is not a finite number")
+    _finite(weight, path)
     if (replacements or token_rows) and state is not None:
         raise UnsupportedError(f"{weights_path}: full tensors or token rows in a .bin adapter; "
                                "re-save the adapter as safetensors")
     return LoraAdapter(path, weights_path, config, weight, tensors, modules, header, state, replacements, token_rows)
 
 
-def adapter_fingerprint(adapter: LoraAdapter) -> dict[str, Any]:
-    """What identifies the adapter's inputs, for the report (path, size, mtime)."""
-    st = os.stat(adapter.weights_path)
-    return {"path": str(adapter.path), "weight": adapter.weight, "bytes": st.st_size, "mtime": st.st_mtime}
+def _finite(weight: float, path: Path) -> float:
+    if not math.isfinite(weight):
+        raise InputError(f"adapter {path}: weight {weight!r} is not a finite number")
+    return weight

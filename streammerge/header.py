@@ -144,7 +144,8 @@ def parse_header(prefix: bytes, raw: bytes, *, file_size: int, path: Path) -> Sa
         raise HeaderError(f"{where}: header is not valid JSON ({exc})") from None
     if not isinstance(doc, dict):
         raise HeaderError(f"{where}: header is a JSON {type(doc).__name__}, not an object")
-    metadata = doc.pop("__metadata__", {})
+    metadata = doc.pop("__metadata__", None)
+    metadata = {} if metadata is None else metadata  # optional; mlx writes null
     if not isinstance(metadata, dict) or not all(
         isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()
     ):

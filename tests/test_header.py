@@ -150,3 +150,9 @@ def test_symlinks_of_a_hub_cache_snapshot_are_allowed(tmp_path: Path) -> None:
     snap.mkdir(parents=True)
     (snap / "model.safetensors").symlink_to("../../blobs/0123abcd")
     assert list(open_base(snap).weight_map) == ["a"]
+
+
+def test_null_metadata_is_absent_metadata() -> None:
+    """mlx writes "__metadata__": null; the format makes the field optional."""
+    parsed = parse_bytes(raw_file({"__metadata__": None, "a": ENTRY}, b"\0" * 8))
+    assert parsed.metadata == {} and list(parsed.tensors) == ["a"]
