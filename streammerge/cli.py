@@ -86,6 +86,8 @@ def _plan_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="streammerge plan", description="Dry run: map adapter modules to base "
                                 "tensors from the headers alone and print the plan. Writes nothing.")
     _common(p)
+    p.add_argument("--max-mem", type=_size, default=DEFAULT_MAX_MEM, metavar="SIZE",
+                   help="the budget to size the working set for (as for a merge)")
     return p
 
 
@@ -148,9 +150,23 @@ def _print_plan(summary: dict[str, Any], as_json: bool) -> None:
         print(json.dumps(summary, indent=2))
         return
     for m in summary["modules"]:
-        print(f"{m['adapter']}: {m['module']} -> {m['tensor']}  [r={m['r']} scale={m['scale']:g}; {m['rule']}]")
-    print(f"{summary['tensors_merged']} of {summary['tensors_total']} base tensors change; "
-          f"output {format_size(summary['output_bytes'])}, dtype {summary['out_dtype']}")
+        print(f"{m['adapter']}: {m['module']} -> {m['tensor']}  [{m['kind']}, r={m['r']} scale={m['scale']:g}; "
+              f"{m['rule']}]")
+    for tensor, source in summary["replaced"].items():
+        print(f"replaced: {tensor} <- {source}")
+    for tensor, ids in summary["token_rows"].items():
+        print(f"token rows: {tensor} rows {ids}")
+    for tensor in summary["added"]:
+        print(f"added: {tensor}")
+    for key, value in summary["config_changes"].items():
+        print(f"config.json: {key} = {json.dumps(value)}")
+    if summary["tokenizer_from"]:
+        print(f"tokenizer from: {summary['tokenizer_from']}")
+    memory = summary["memory"]
+    print(f"{summary['tensors_merged']} of {summary['tensors_total']} output tensors change; "
+          f"output {format_size(summary['output_bytes'])}, dtype {summary['out_dtype']}; working set "
+          f"{format_size(memory['working_set_bytes'])} of --max-mem {format_size(memory['max_mem'])} "
+          f"(chunks of {memory['chunk_elements']} elements)")
 
 
 def _print_verify(result: dict[str, Any], as_json: bool) -> None:
@@ -191,8 +207,10 @@ def _run(argv: list[str]) -> int:
             _print_verify(result, args.json)
             return ExitCode.OK if result["ok"] else ExitCode.VERIFY
         if command == "plan":
+            from .engine import WorkingSet
+
             plan = load_inputs(args.base, args.adapter, dtype=args.dtype, maps=args.map)
-            _print_plan(plan.summary(), args.json)
+            _print_plan({**plan.summary(), "memory": WorkingSet.of(plan, args.max_mem).to_dict()}, args.json)
             return ExitCode.OK
         report = merge(args.base, args.adapter, output=args.output, device=args.device, max_mem=args.max_mem,
                        dtype=args.dtype, overwrite=args.overwrite, maps=args.map, progress=not args.quiet,

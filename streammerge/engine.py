@@ -21,6 +21,7 @@ import logging
 import os
 import sys
 import threading
+from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
 from typing import TYPE_CHECKING
@@ -44,6 +45,36 @@ RESERVE = 32 * 1024**2  # runtime allocations outside our buffers (BLAS packing,
 SLOTS = 2
 LOOKAHEAD = 1  # shards whose copies may be queued ahead while torch loads
 EXPERT_CACHE = 4  # A and B of gate_up and of down
+
+
+@dataclass(frozen=True)
+class WorkingSet:
+    """What the merge holds at most, from the plan and the budget (the memory model above)."""
+
+    max_mem: int
+    fixed_bytes: int  # float32 factors of the largest merged tensor + RESERVE
+    chunk_elements: int
+    io_itemsize: int
+    widest: int  # the longest row: the smallest chunk possible
+
+    @property
+    def chunk_bytes(self) -> int:
+        return self.chunk_elements * (4 + SLOTS * self.io_itemsize)
+
+    @classmethod
+    def of(cls, plan: MergePlan, max_mem: int) -> WorkingSet:
+        rewritten = [t for t in plan.tensors() if t.rewritten]
+        io_itemsize = max((max(DTYPE_SIZES[t.origin(plan.base).info.dtype], DTYPE_SIZES[t.out_dtype])
+                           for t in rewritten), default=1)
+        widest = max((t.rows_cols[1] for t in rewritten), default=1)
+        fixed = plan.max_factor_bytes + RESERVE
+        chunk = chunk_capacity(max_mem, fixed=fixed, bytes_per_element=4 + SLOTS * io_itemsize, minimum_elements=widest)
+        return cls(max_mem, fixed, min(chunk, max((t.info.numel for t in rewritten), default=1)), io_itemsize, widest)
+
+    def to_dict(self) -> dict[str, int]:
+        return {"max_mem": self.max_mem, "factor_and_reserve_bytes": self.fixed_bytes,
+                "chunk_elements": self.chunk_elements, "chunk_bytes": self.chunk_bytes,
+                "working_set_bytes": self.fixed_bytes + self.chunk_bytes}
 
 
 def count(report: MergeReport, t: TensorPlan) -> None:
@@ -91,13 +122,9 @@ class Engine:
         self.kernels: ModuleType | None = None
         self.processor: Processor | None = None
         self.baseline_rss = 0
-        rewritten = [t for t in plan.tensors() if t.rewritten]
-        self.io_itemsize = max(
-            (max(DTYPE_SIZES[t.origin(plan.base).info.dtype], DTYPE_SIZES[t.out_dtype]) for t in rewritten), default=1
-        )
-        self.widest = max((t.rows_cols[1] for t in rewritten), default=1)
-        self.largest = max((t.info.numel for t in rewritten), default=1)
-        self.chunk = self._capacity()  # a budget too small is refused now, before anything is written
+        self.working_set = WorkingSet.of(plan, max_mem)  # a budget too small is refused now, before any write
+        self.io_itemsize, self.widest = self.working_set.io_itemsize, self.working_set.widest
+        self.chunk = self.working_set.chunk_elements
         self.io = IOThread()
         self.hasher = IOThread()  # reads back finished shards for their sha256, off the write path
         self.records: dict[str, dict] = {}
@@ -120,13 +147,7 @@ class Engine:
         self.processor = self._processor(self.device, self._capacity())
 
     def _capacity(self) -> int:
-        cap = chunk_capacity(
-            self.max_mem,
-            fixed=self.plan.max_factor_bytes + RESERVE,
-            bytes_per_element=4 + SLOTS * self.io_itemsize,
-            minimum_elements=self.widest,
-        )
-        return min(cap, self.largest)
+        return WorkingSet.of(self.plan, self.max_mem).chunk_elements
 
     def _processor(self, device: object, capacity: int) -> Processor:
         log.info("chunk buffers on %s: %d elements (%s)", device, capacity,

@@ -164,9 +164,17 @@ class MergePlan:
             "output_bytes": self.output_size,
             "modules": [
                 {"adapter": d.adapter.label, "module": d.lora.module, "tensor": t.name,
-                 "rule": d.rule, "r": d.lora.r, "scale": d.scale}
+                 "rule": d.rule, "r": d.lora.r, "scale": d.scale,
+                 "kind": ("lora_bias" if d.vector else "dora" if d.lora.magnitude_key else
+                          f"expert {d.expert}" if d.expert >= 0 else "transposed" if d.transposed else "linear")}
                 for t in self.touched for d in t.deltas
             ],
+            "replaced": {t.name: f"{t.source.path}:{t.source.info.name} {list(t.source.info.shape)}"
+                         for t in self.tensors() if t.source is not None},
+            "token_rows": {t.name: list(t.tokens.ids) for t in self.tensors() if t.tokens is not None},
+            "added": sorted(set(self.weight_map) - set(self.base.weight_map)),
+            "config_changes": self.config_changes,
+            "tokenizer_from": str(self.tokenizer_from) if self.tokenizer_from else None,
         }
 
 

@@ -60,6 +60,10 @@ def test_resized_vocabulary(tmp_path: Path, capsys) -> None:
     pm.save_pretrained(adapter)
     (adapter / "tokenizer.json").write_text('{"vocab": 200}')
     out = tmp_path / "out"
+    assert main(["plan", "--base", str(base), "--adapter", str(adapter), "--json"]) == 0
+    plan = json.loads(capsys.readouterr().out)
+    assert plan["config_changes"] == {"vocab_size": 200} and plan["tokenizer_from"] == str(adapter)
+    assert set(plan["replaced"]) == {"model.embed_tokens.weight", "lm_head.weight"}
     assert main(["--base", str(base), "--adapter", str(adapter), "--output", str(out), "-q", "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
     assert any("vocabulary resized to 200" in n for n in report["notes"])

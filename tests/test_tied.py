@@ -24,11 +24,15 @@ def peft_logits(base: Path, adapter: Path, cls=transformers.AutoModelForCausalLM
 
 @pytest.mark.parametrize("targets", [["lm_head", "q_proj"], ["embed_tokens"], ["embed_tokens", "lm_head"]],
                          ids=["head", "embedding", "both"])
-def test_tied_llama(tmp_path: Path, targets: list[str]) -> None:
+def test_tied_llama(tmp_path: Path, targets: list[str], capsys) -> None:
     base = build_base("llama", tmp_path / "base", dtype="fp32", sharded=True, tie=True)
     assert "lm_head.weight" not in read_checkpoint(base)
     peft = build_adapter(base, tmp_path / "adapter", dtype="fp32", r=4, lora_alpha=8, target_modules=targets)
     out = tmp_path / "out"
+    assert main(["plan", "--base", str(base), "--adapter", str(peft.adapter), "--json", "--max-mem", "64MB"]) == 0
+    plan = json.loads(capsys.readouterr().out)
+    assert plan["added"] == ["lm_head.weight"] and plan["config_changes"] == {"tie_word_embeddings": False}
+    assert plan["memory"]["working_set_bytes"] <= 64 * 10**6
     assert main(["--base", str(base), "--adapter", str(peft.adapter), "--output", str(out), "-q"]) == 0
     got, ref = read_checkpoint(out), read_checkpoint(base)
     embedding = ref["model.embed_tokens.weight"]
