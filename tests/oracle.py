@@ -29,6 +29,8 @@ def tiny_config(arch: str, *, tie: bool = False) -> Any:
         return transformers.LlamaConfig(**common)
     if arch == "qwen2":
         return transformers.Qwen2Config(**common)
+    if arch == "phi3":
+        return transformers.Phi3Config(**common, pad_token_id=0)
     if arch == "gpt2":
         return transformers.GPT2Config(vocab_size=160, n_embd=64, n_layer=2, n_head=4, n_positions=64,
                                        tie_word_embeddings=True)

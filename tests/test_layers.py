@@ -123,3 +123,15 @@ def test_lora_bias_without_a_base_bias_is_refused(tmp_path: Path, capsys) -> Non
     pm.save_pretrained(tmp_path / "adapter")
     assert main(["--base", str(base), "--adapter", str(tmp_path / "adapter"), "--output", str(tmp_path / "out"), "-q"]) != 0
     assert "has lora_bias but the base layer has no bias" in capsys.readouterr().err
+
+
+def test_phi3_fused_projections(tmp_path: Path) -> None:
+    """Phi-3 keeps q/k/v and gate/up fused in single Linear layers (qkv_proj, gate_up_proj)."""
+    base = build_base("phi3", tmp_path / "base", dtype="bf16", sharded=True)
+    peft = build_adapter(base, tmp_path / "adapter", dtype="bf16", r=4, lora_alpha=8)
+    assert {m.rsplit(".", 1)[-1] for m in peft.deltas} == {"qkv_proj", "o_proj", "gate_up_proj", "down_proj"}
+    out = tmp_path / "out"
+    assert main(["--base", str(base), "--adapter", str(peft.adapter), "--output", str(out), "-q"]) == 0
+    assert assert_merged(out, base, peft.deltas) == 8
+    model = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.bfloat16)
+    assert torch.allclose(logits(model), logits(peft.merged), atol=3e-2, rtol=3e-2)

@@ -32,7 +32,39 @@ def llava() -> transformers.PreTrainedModel:
     return transformers.LlavaForConditionalGeneration(cfg)
 
 
-@pytest.mark.parametrize("build", [qwen2_vl, llava], ids=["qwen2-vl", "llava"])
+SIGLIP = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, image_size=28, patch_size=14)
+
+
+def gemma3() -> transformers.PreTrainedModel:
+    cfg = transformers.Gemma3Config(text_config=transformers.Gemma3TextConfig(**TEXT, head_dim=16),
+                                    vision_config=transformers.SiglipVisionConfig(**SIGLIP), mm_tokens_per_image=4)
+    return transformers.Gemma3ForConditionalGeneration(cfg)
+
+
+def paligemma() -> transformers.PreTrainedModel:
+    cfg = transformers.PaliGemmaConfig(text_config=transformers.GemmaConfig(**TEXT, head_dim=16),
+                                       vision_config=transformers.SiglipVisionConfig(**SIGLIP))
+    return transformers.PaliGemmaForConditionalGeneration(cfg)
+
+
+def mistral3() -> transformers.PreTrainedModel:
+    vision = transformers.PixtralVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                              num_attention_heads=2, image_size=28, patch_size=14, head_dim=16)
+    cfg = transformers.Mistral3Config(text_config=transformers.MistralConfig(**TEXT, head_dim=16), vision_config=vision)
+    return transformers.Mistral3ForConditionalGeneration(cfg)
+
+
+def internvl() -> transformers.PreTrainedModel:
+    vision = transformers.InternVLVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                               num_attention_heads=2, image_size=[28, 28], patch_size=[14, 14])
+    cfg = transformers.InternVLConfig(text_config=transformers.Qwen2Config(**TEXT), vision_config=vision)
+    return transformers.InternVLForConditionalGeneration(cfg)
+
+
+FAMILIES = [qwen2_vl, llava, gemma3, paligemma, mistral3, internvl]
+
+
+@pytest.mark.parametrize("build", FAMILIES, ids=[f.__name__.replace("_", "-") for f in FAMILIES])
 def test_vlm_language_and_vision_towers_merge(tmp_path: Path, build) -> None:
     torch.manual_seed(0)
     model = build().to(torch.bfloat16)
