@@ -27,6 +27,7 @@ from .checkpoint import INDEX_NAME, BaseCheckpoint, open_base, pread_into
 from .errors import StreamMergeError
 from .header import DTYPE_SIZES
 from .manifest import MANIFEST_NAME, read_manifest, sha256_file
+from .memory import current_rss, peak_rss, reset_peak_rss
 from .merge import AdapterSpec, load_inputs
 from .plan import Source, TensorPlan
 from .tensors import TORCH_DTYPES
@@ -46,6 +47,8 @@ class VerifyReport:
     max_error_ratio: float = 0.0  # largest |out - exact| / bound seen (<= 1 passes)
     shards_hashed: int = 0
     seconds: float = 0.0
+    baseline_rss: int = 0
+    peak_rss: int = 0
 
     def fail(self, problem: str) -> None:
         self.ok = False
@@ -179,8 +182,9 @@ def verify(
 ) -> VerifyReport:
     """Check a merged output against its base and adapters; the report says what differs."""
     started = time.perf_counter()
+    reset_peak_rss()
     out_dir = Path(output)
-    report = VerifyReport(str(out_dir))
+    report = VerifyReport(str(out_dir), baseline_rss=current_rss())
     manifest = read_manifest(out_dir)
     if manifest is None:
         report.fail(f"{out_dir}: no {MANIFEST_NAME}: not a finished streammerge output (interrupted, or not ours)")
@@ -213,4 +217,5 @@ def verify(
     finally:
         io.close()
     report.seconds = time.perf_counter() - started
+    report.peak_rss = peak_rss()
     return report

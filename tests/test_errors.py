@@ -13,6 +13,7 @@ import torch
 from oracle import bits, build_adapter, build_base, read_checkpoint, tree_digest
 from safetensors.torch import load_file, save_file
 
+from streammerge.adapter import _UNSUPPORTED_FIELDS
 from streammerge.cli import main
 from streammerge.errors import ExitCode
 
@@ -314,3 +315,40 @@ def test_adapter_with_weight_zero_is_refused(tmp_path: Path, inputs: tuple[Path,
     base, adapter = inputs
     fails(capsys, ExitCode.PLAN, "its weight is 0", base, "--base", base, "--adapter", f"{adapter}:0",
           "--output", tmp_path / "out")
+
+
+
+@pytest.mark.parametrize("field", sorted(_UNSUPPORTED_FIELDS))
+def test_every_unmergeable_config_feature_is_refused_by_name(tmp_path: Path, inputs: tuple[Path, Path],
+                                                             capsys: pytest.CaptureFixture[str], field: str) -> None:
+    base, adapter = inputs
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    (adapter / "adapter_config.json").write_text(json.dumps({**config, field: [1, 2]}))
+    fails(capsys, ExitCode.PLAN, f"the adapter uses {_UNSUPPORTED_FIELDS[field]}", base,
+          "--base", base, "--adapter", adapter, "--output", tmp_path / "out")
+    no_output(tmp_path / "out")
+
+
+def test_dora_on_an_embedding_is_refused(tmp_path: Path, inputs: tuple[Path, Path], capsys: pytest.CaptureFixture[str]) -> None:
+    base, adapter = inputs
+    tensors = load_file(adapter / "adapter_model.safetensors")
+    tensors["base_model.model.model.embed_tokens.lora_embedding_A"] = torch.ones(4, 160)
+    tensors["base_model.model.model.embed_tokens.lora_embedding_B"] = torch.ones(64, 4)
+    tensors["base_model.model.model.embed_tokens.lora_magnitude_vector"] = torch.ones(64)
+    save_file(tensors, adapter / "adapter_model.safetensors")
+    fails(capsys, ExitCode.PLAN, "is a DoRA Embedding, which this version does not merge", base,
+          "--base", base, "--adapter", adapter, "--output", tmp_path / "out")
+
+
+@pytest.mark.parametrize("kind", ["dora", "full"])
+def test_mlx_fine_tune_types_are_refused(tmp_path: Path, inputs: tuple[Path, Path], capsys: pytest.CaptureFixture[str],
+                                         kind: str) -> None:
+    base, _ = inputs
+    adapter = tmp_path / "mlx"
+    adapter.mkdir()
+    save_file({"model.layers.0.self_attn.q_proj.lora_a": torch.ones(64, 4),
+               "model.layers.0.self_attn.q_proj.lora_b": torch.ones(4, 64)}, adapter / "adapters.safetensors")
+    (adapter / "adapter_config.json").write_text(json.dumps({"fine_tune_type": kind, "num_layers": 2,
+                                                             "lora_parameters": {"rank": 4, "scale": 2.0}}))
+    fails(capsys, ExitCode.PLAN, f"mlx-lm fine_tune_type {kind!r} is not merged", base,
+          "--base", base, "--adapter", adapter, "--output", tmp_path / "out")

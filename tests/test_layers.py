@@ -87,15 +87,15 @@ def test_embedding_saved_with_the_adapter_is_the_base(tmp_path: Path) -> None:
     assert cli(["verify", "--base", str(base), "--adapter", str(peft.adapter), "--output", str(out)]) == 0
 
 
-@pytest.mark.parametrize("bias", ["lora_bias", "all"])
+@pytest.mark.parametrize("bias", ["lora_bias", "all", "lora_only"])
 def test_biases(tmp_path: Path, bias: str) -> None:
-    """lora_bias (bias += s * lora_B.bias) and bias="all" (trained biases saved, replacing the base's)."""
+    """lora_bias (bias += s * lora_B.bias) and bias="all"/"lora_only" (trained biases saved, replacing the base's)."""
     from peft import LoraConfig, get_peft_model
 
     base = build_base("qwen2", tmp_path / "base", dtype="fp32", sharded=True)  # Qwen2 has q/k/v biases
     model = transformers.AutoModelForCausalLM.from_pretrained(base)
     torch.manual_seed(8)
-    options = {"lora_bias": True} if bias == "lora_bias" else {"bias": "all"}
+    options = {"lora_bias": True} if bias == "lora_bias" else {"bias": bias}
     pm = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
                                           init_lora_weights=False, **options))
     with torch.no_grad():
@@ -108,7 +108,7 @@ def test_biases(tmp_path: Path, bias: str) -> None:
     got, ref = read_checkpoint(out), read_checkpoint(base)
     changed = {n for n in ref if n.endswith(".bias") and not torch.equal(got[n], ref[n])}
     assert changed == {f"model.layers.{i}.self_attn.{p}_proj.bias" for i in range(2)
-                       for p in (("q", "v") if bias == "lora_bias" else ("q", "k", "v"))}
+                       for p in (("q", "k", "v") if bias == "all" else ("q", "v"))}
     merged = transformers.AutoModelForCausalLM.from_pretrained(out)
     assert torch.allclose(logits(merged), logits(pm), atol=1e-4, rtol=1e-4)
     assert main(["verify", "--base", str(base), "--adapter", str(tmp_path / "adapter"), "--output", str(out)]) == 0

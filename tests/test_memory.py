@@ -83,3 +83,18 @@ def test_peak_rss_stays_under_budget(tmp_path: Path) -> None:
     rows = slice(0, 8192, 97)  # a spread of rows across every chunk boundary region
     exact, bound = exact_and_bound(w[rows], [(a, b[rows], 2.0)], torch.bfloat16)
     assert ((got[rows].double() - exact).abs() <= bound).all()
+
+
+def test_verify_stays_small(tmp_path: Path) -> None:
+    """verify reads blocks and rows, never whole tensors: its peak stays small on the same checkpoint."""
+    base, adapter = synthetic(tmp_path)
+    out = tmp_path / "out"
+    merge = [sys.executable, "-m", "streammerge", "--base", str(base), "--adapter", str(adapter), "--output", str(out),
+             "--device", "cpu", "--max-mem", "64MB", "-q"]
+    subprocess.run(merge, check=True, capture_output=True)
+    check = subprocess.run([sys.executable, "-m", "streammerge", "verify", "--base", str(base), "--adapter", str(adapter),
+                            "--output", str(out), "--json"], capture_output=True, text=True)
+    assert check.returncode == 0, check.stdout + check.stderr
+    report = json.loads(check.stdout)
+    assert report["ok"] and report["tensors_sampled"] == 3 and report["tensors_compared"] == 4
+    assert report["peak_rss"] - report["baseline_rss"] <= BUDGET, report
