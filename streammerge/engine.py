@@ -153,7 +153,8 @@ class Engine:
         log.info("chunk buffers on %s: %d elements (%s)", device, capacity,
                  format_size(capacity * (4 + SLOTS * self.io_itemsize)))
         assert self.kernels is not None
-        return self.kernels.Processor(device, capacity=capacity, io_itemsize=self.io_itemsize, slots=SLOTS)
+        return self.kernels.Processor(device, capacity=capacity, io_itemsize=self.io_itemsize, widest=self.widest,
+                                      slots=SLOTS)
 
     def run(self, staging: Path, report: MergeReport, *, progress: bool, kept: dict[str, dict],
             fingerprints: dict[str, str], checksum: bool) -> None:
@@ -284,7 +285,7 @@ class Engine:
             try:
                 self.io.check()
                 offset = origin.data_start + origin.info.begin + row0 * cols * src_item
-                pread_into(src, offset, slot.bytes[: n * cols * src_item], path=origin.path)
+                pread_into(src, offset, proc.raw_bytes(slot, n * cols, src_item), path=origin.path)
                 out = proc.merge_rows(slot, src_dtype=origin.info.dtype, out_dtype=t.out_dtype, row0=row0, rows=n,
                                       cols=cols, factors=factors, tensor=t.name, tokens=tokens)
                 self.io.submit(lambda at=row0 * cols * out_item, out=out: writer.write(t.name, at, out),

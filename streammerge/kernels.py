@@ -85,6 +85,9 @@ class NonFiniteError(InputError):
     """The merge produced NaN or Inf: the inputs hold non-finite or overflowing values."""
 
 
+BLOCK_ELEMENTS = 1 << 18  # 1 MiB of float32: stays in L2 between the passes (measured fastest here)
+
+
 class Slot:
     """A host I/O buffer: the merge thread fills one while the I/O thread writes out another."""
 
@@ -98,13 +101,16 @@ class Slot:
 class Processor:
     """Merges row chunks on one device with buffers sized once from the memory budget."""
 
-    def __init__(self, device: torch.device, *, capacity: int, io_itemsize: int, slots: int = 2) -> None:
+    def __init__(self, device: torch.device, *, capacity: int, io_itemsize: int, widest: int, slots: int = 2) -> None:
         self.device = device
         self.capacity = capacity  # elements per chunk
+        self.io_itemsize = io_itemsize
         cuda = device.type == "cuda"
         self.slots = [Slot(capacity * io_itemsize, pinned=cuda) for _ in range(slots)]
         self._next = 0
-        self.work = torch.empty(capacity, dtype=torch.float32, device=device)
+        # CPU: one cache-sized block (or the widest row); CUDA: the whole chunk
+        work = capacity if cuda else min(capacity, max(BLOCK_ELEMENTS, widest))
+        self.work = torch.empty(work, dtype=torch.float32, device=device)
         self.dev_io = torch.empty(capacity * io_itemsize, dtype=torch.uint8, device=device) if cuda else None
 
     def acquire(self) -> Slot:
@@ -117,6 +123,13 @@ class Processor:
 
     def to_device(self, t: torch.Tensor) -> torch.Tensor:
         return t.to(self.device, non_blocking=False).contiguous()
+
+    def raw_bytes(self, slot: Slot, elements: int, src_itemsize: int) -> memoryview:
+        """Where the caller reads a chunk's raw bytes: the END of the slot's first ``elements * k``
+        bytes. Outputs are written from the start, block after block; an output block never reaches
+        raw bytes not yet consumed, whichever of the two itemsizes is larger."""
+        end = elements * self.io_itemsize
+        return slot.bytes[end - elements * src_itemsize : end]
 
     def merge_rows(
         self,
@@ -131,48 +144,64 @@ class Processor:
         tensor: str,
         tokens: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> memoryview:
-        """Merge rows ``[row0, row0+rows)`` whose raw bytes are already in ``slot``.
+        """Merge rows ``[row0, row0+rows)`` whose raw bytes are already in ``raw_bytes(slot, ...)``.
 
-        Returns the rounded output bytes (a view of ``slot``).
+        On the CPU the chunk is worked in blocks of whole rows of about BLOCK_ELEMENTS, so that the
+        float32 accumulator stays in cache between the passes (widen, add, round, check); on CUDA
+        the chunk is one block. Returns the rounded output bytes (a view of ``slot``).
         """
         n = rows * cols
         src_t, out_t = TORCH_DTYPES[src_dtype], TORCH_DTYPES[out_dtype]
-        src_bytes, out_bytes = n * src_t.itemsize, n * out_t.itemsize
+        raw_at, out_bytes = n * self.io_itemsize - n * src_t.itemsize, n * out_t.itemsize
         io = slot.tensor if self.dev_io is None else self.dev_io
-        raw = slot.tensor[:src_bytes].view(src_t)
         if self.dev_io is not None:
-            io[:src_bytes].copy_(slot.tensor[:src_bytes], non_blocking=True)
-            raw = io[:src_bytes].view(src_t)
-        work = self.work[:n].view(rows, cols)
-        work.copy_(raw.view(rows, cols))
+            io[raw_at : raw_at + n * src_t.itemsize].copy_(slot.tensor[raw_at : raw_at + n * src_t.itemsize],
+                                                          non_blocking=True)
+        raw = io[raw_at : raw_at + n * src_t.itemsize].view(src_t).view(rows, cols)
+        out = io[:out_bytes].view(out_t).view(rows, cols)
+        step = rows if self.dev_io is not None else max(1, BLOCK_ELEMENTS // cols)
+        for b0 in range(0, rows, step):
+            k = min(step, rows - b0)
+            work = self.work[: k * cols].view(k, cols)
+            work.copy_(raw[b0 : b0 + k])
+            self._apply(work, factors, tokens, row0 + b0, k)
+            block = out[b0 : b0 + k]
+            block.copy_(work)
+            if factors or tokens is not None:
+                self._check_finite(block, tensor, row0 + b0)
+        if self.dev_io is not None:
+            slot.tensor[:out_bytes].copy_(io[:out_bytes])  # synchronous: the I/O thread reads it next
+        return slot.bytes[:out_bytes]
+
+    @staticmethod
+    def _apply(work: torch.Tensor, factors: list[Factors], tokens: tuple[torch.Tensor, torch.Tensor] | None,
+               row0: int, rows: int) -> None:
+        """Rows ``[row0, row0+rows)`` of the merged tensor, in the float32 ``work`` (rows, cols)."""
         for f in factors:
             if f.vector:
                 work.add_(f.B.view(1, -1), alpha=f.scale)
             elif f.transposed:  # rows of (B @ A).T: (rows, r) @ (r, cols) = A[:, rows].T @ B.T
                 work.addmm_(f.A[:, row0 : row0 + rows].t(), f.B.t(), alpha=f.scale)
-            else:  # (rows, r) @ (r, cols), accumulated into the float32 chunk in place
+            else:  # (rows, r) @ (r, cols), accumulated in place
                 work.addmm_(f.B[row0 : row0 + rows], f.A, alpha=f.scale)
             if f.magnitude is not None:  # DoRA: every output row rescaled to m / ||W + dW||_2
-                norms = torch.linalg.vector_norm(work, dim=1)  # (rows,): whole rows are in the chunk
+                norms = torch.linalg.vector_norm(work, dim=1)  # (rows,): blocks hold whole rows
                 work.mul_((f.magnitude[row0 : row0 + rows] / norms).unsqueeze(1))
         if tokens is not None:  # token rows replaced by the adapter's values: ids (k,), values (k, cols)
             ids, values = tokens
             inside = (ids >= row0) & (ids < row0 + rows)
             work[ids[inside] - row0] = values[inside]
-        out = io[:out_bytes].view(out_t).view(rows, cols)
-        out.copy_(work)
-        if factors or tokens is not None:
-            # min/max propagate NaN and show Inf (also overflow in the rounding to fp16), and,
-            # unlike isfinite(), allocate no chunk-sized temporaries.
-            lo, hi = torch.aminmax(out)
-            if not (bool(torch.isfinite(lo)) and bool(torch.isfinite(hi))):
-                raise NonFiniteError(
-                    f"merging {tensor!r} produced NaN or Inf (rows {row0}..{row0 + rows - 1}); "
-                    "the adapter or base holds non-finite or overflowing values"
-                )
-        if self.dev_io is not None:
-            slot.tensor[:out_bytes].copy_(io[:out_bytes])  # synchronous: the I/O thread reads it next
-        return slot.bytes[:out_bytes]
+
+    @staticmethod
+    def _check_finite(block: torch.Tensor, tensor: str, row0: int) -> None:
+        # min/max propagate NaN and show Inf (also overflow in the rounding to fp16), and, unlike
+        # isfinite(), allocate nothing of the block's size.
+        lo, hi = torch.aminmax(block)
+        if not (bool(torch.isfinite(lo)) and bool(torch.isfinite(hi))):
+            raise NonFiniteError(
+                f"merging {tensor!r} produced NaN or Inf (rows {row0}..{row0 + block.shape[0] - 1}); "
+                "the adapter or base holds non-finite or overflowing values"
+            )
 
     def close(self) -> None:
         """Free the buffers once no write from them is pending."""
