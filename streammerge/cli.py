@@ -65,7 +65,8 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="streammerge",
         description="Merge LoRA adapters into a safetensors checkpoint shard by shard, in bounded memory. "
-        f"Other commands: 'streammerge plan ...' (dry run), 'streammerge demo' (built-in example).",
+        "Other commands: 'streammerge plan ...' (dry run), 'streammerge verify ...' (check an output), "
+        "'streammerge demo' (built-in example).",
     )
     p.add_argument("--version", action="version", version=f"streammerge {__version__}")
     _common(p)
@@ -195,8 +196,8 @@ def _run(argv: list[str]) -> int:
 
             report = run_demo(args.dir, max_mem=args.max_mem)
             _print_report(report, args.json)
-            print(f"demo check passed: every merged element within one rounding of float64, "
-                  f"untouched tensors bit-identical ({args.dir})")
+            print(f"demo check passed: every merged element within one rounding of the float64 result (plus the "
+                  f"float32 accumulation bound), untouched tensors bit-identical ({args.dir})")
             return ExitCode.OK
         from .merge import load_inputs, merge
 

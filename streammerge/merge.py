@@ -11,7 +11,6 @@
 from __future__ import annotations
 
 import dataclasses
-import logging
 import os
 import shutil
 import time
@@ -24,14 +23,11 @@ from .adapter import LoraAdapter, changes_something, read_adapter
 from .checkpoint import INDEX_NAME, open_base
 from .engine import Engine, Runtime
 from .errors import Interrupted, OutputError, PlanError
-from .header import DTYPE_SIZES
 from .keymap import Rule, parse_map
 from .manifest import MANIFEST_NAME, build_manifest, reusable_shards, shard_fingerprint, write_json_atomic
 from .memory import DEFAULT_MAX_MEM, peak_rss
 from .output import STAGING, aux_files, check_free_space, check_output, copy_aux_files, copy_tokenizer, default_output, publish, write_index
 from .plan import CONFIG_DTYPE_NAMES, MergePlan, build_plan
-
-log = logging.getLogger(__name__)
 
 @dataclass
 class MergeReport:
