@@ -349,9 +349,7 @@ def read_adapter(path: Path, *, weight: float = 1.0) -> LoraAdapter:
             lora = dataclasses.replace(lora, bias_key=factors["lora_B.bias"].name)
         magnitude = magnitudes.pop(module, None)
         if magnitude is not None:
-            if lora.embedding:
-                raise UnsupportedError(f"{weights_path}: {module!r} is a DoRA Embedding, which this version "
-                                       "does not merge (DoRA on Linear layers is supported)")
+            # m has one entry per output feature: B's rows (Linear, Conv1D); the embedding dim (Embedding)
             if magnitude.shape != (factors["lora_B"].shape[0],):
                 raise InputError(f"{weights_path}: {module!r} has a DoRA magnitude of shape {list(magnitude.shape)}, "
                                  f"expected [{factors['lora_B'].shape[0]}]")
@@ -359,8 +357,8 @@ def read_adapter(path: Path, *, weight: float = 1.0) -> LoraAdapter:
         modules[module] = lora
     if magnitudes:
         raise InputError(f"{weights_path}: DoRA magnitudes without LoRA factors: {sorted(magnitudes)[:3]}")
-    plain = sorted(m for m, lora in modules.items() if not lora.magnitude_key and not lora.embedding)
-    dora = len(modules) - len(plain) - sum(lora.embedding for lora in modules.values())
+    plain = sorted(m for m, lora in modules.items() if not lora.magnitude_key)
+    dora = len(modules) - len(plain)
     if bool(config.get("use_dora")) != bool(dora) or (dora and plain):
         raise InputError(
             f"{weights_path}: the config says use_dora={bool(config.get('use_dora'))} but "

@@ -278,6 +278,8 @@ class Engine:
         if t.source is not None:  # an adapter file holds this tensor's base weight
             src = self._source_fd(origin.path)
         src_item, out_item = DTYPE_SIZES[origin.info.dtype], DTYPE_SIZES[t.out_dtype]
+        if any(f.magnitude is not None and f.transposed for f in factors):
+            factors = self._column_dora(factors, src, origin, rows, cols, step)
         written = 0
         for row0 in range(0, rows, step):
             n = min(step, rows - row0)
@@ -295,6 +297,28 @@ class Engine:
                 raise
             written += len(out)
         return written
+
+    def _column_dora(self, factors: list, src: int, origin: object, rows: int, cols: int, step: int) -> list:
+        """DoRA on Conv1D / Embedding scales columns by m / ||column of W + dW||: a first pass over
+        every row chunk accumulates the column norms (float64), then the merge pass uses them."""
+        import dataclasses
+
+        proc, k = self.processor, self.kernels
+        assert proc is not None and k is not None
+        acc = k.zeros64(cols, proc.device)
+        item = DTYPE_SIZES[origin.info.dtype]  # type: ignore[attr-defined]
+        for row0 in range(0, rows, step):
+            n = min(step, rows - row0)
+            slot = proc.acquire()
+            try:
+                offset = origin.data_start + origin.info.begin + row0 * cols * item  # type: ignore[attr-defined]
+                pread_into(src, offset, proc.raw_bytes(slot, n * cols, item), path=origin.path)  # type: ignore[attr-defined]
+                proc.column_sumsq(slot, src_dtype=origin.info.dtype, row0=row0, rows=n, cols=cols,  # type: ignore[attr-defined]
+                                  factors=factors, acc=acc)
+            finally:
+                slot.free.set()
+        return [dataclasses.replace(f, column_scale=(f.magnitude.double() / acc.sqrt()).float())
+                if f.magnitude is not None and f.transposed else f for f in factors]
 
     def _factors(self, d: Delta) -> object:
         proc, load = self.processor, d.adapter.load

@@ -28,7 +28,8 @@ class Factors:
     B: torch.Tensor
     scale: float
     transposed: bool = False
-    magnitude: torch.Tensor | None = None  # DoRA m (out,)
+    magnitude: torch.Tensor | None = None  # DoRA m: (out,) rows of a Linear; (cols,) for Conv1D / Embedding
+    column_scale: torch.Tensor | None = None  # column DoRA: m / ||column of W + dW||, from a first pass
     vector: bool = False  # lora_bias: B is lora_B.bias (cols,), added to a bias viewed as one row
 
 
@@ -60,6 +61,10 @@ def resolve_device(spec: str) -> torch.device:
 
 def is_cuda_oom(exc: BaseException) -> bool:
     return isinstance(exc, torch.OutOfMemoryError)
+
+
+def zeros64(n: int, device: torch.device) -> torch.Tensor:
+    return torch.zeros(n, dtype=torch.float64, device=device)
 
 
 def as_ids(ids: tuple[int, ...]) -> torch.Tensor:
@@ -173,6 +178,25 @@ class Processor:
             slot.tensor[:out_bytes].copy_(io[:out_bytes])  # synchronous: the I/O thread reads it next
         return slot.bytes[:out_bytes]
 
+    def column_sumsq(self, slot: Slot, *, src_dtype: str, row0: int, rows: int, cols: int,
+                     factors: list[Factors], acc: torch.Tensor) -> None:
+        """First pass of column DoRA: add the squares of ``W + dW`` (float32, as merged) per column to
+        the float64 ``acc`` (cols,), for rows ``[row0, row0+rows)`` whose raw bytes are in ``slot``."""
+        n = rows * cols
+        src_t = TORCH_DTYPES[src_dtype]
+        raw_at = n * self.io_itemsize - n * src_t.itemsize
+        io = slot.tensor if self.dev_io is None else self.dev_io
+        if self.dev_io is not None:
+            io[raw_at : raw_at + n * src_t.itemsize].copy_(slot.tensor[raw_at : raw_at + n * src_t.itemsize])
+        raw = io[raw_at : raw_at + n * src_t.itemsize].view(src_t).view(rows, cols)
+        step = rows if self.dev_io is not None else max(1, BLOCK_ELEMENTS // cols)
+        for b0 in range(0, rows, step):
+            k = min(step, rows - b0)
+            work = self.work[: k * cols].view(k, cols)
+            work.copy_(raw[b0 : b0 + k])
+            self._apply(work, factors, None, row0 + b0, k)
+            acc += work.double().square().sum(dim=0)
+
     @staticmethod
     def _apply(work: torch.Tensor, factors: list[Factors], tokens: tuple[torch.Tensor, torch.Tensor] | None,
                row0: int, rows: int) -> None:
@@ -184,9 +208,11 @@ class Processor:
                 work.addmm_(f.A[:, row0 : row0 + rows].t(), f.B.t(), alpha=f.scale)
             else:  # (rows, r) @ (r, cols), accumulated in place
                 work.addmm_(f.B[row0 : row0 + rows], f.A, alpha=f.scale)
-            if f.magnitude is not None:  # DoRA: every output row rescaled to m / ||W + dW||_2
+            if f.magnitude is not None and not f.transposed:  # DoRA: rows rescaled to m / ||W + dW||_2
                 norms = torch.linalg.vector_norm(work, dim=1)  # (rows,): blocks hold whole rows
                 work.mul_((f.magnitude[row0 : row0 + rows] / norms).unsqueeze(1))
+            if f.column_scale is not None:  # DoRA on Conv1D / Embedding: columns, scale from the first pass
+                work.mul_(f.column_scale.view(1, -1))
         if tokens is not None:  # token rows replaced by the adapter's values: ids (k,), values (k, cols)
             ids, values = tokens
             inside = (ids >= row0) & (ids < row0 + rows)

@@ -360,8 +360,6 @@ def build_plan(
             if problem:
                 bad.append(problem)
             deltas.setdefault(match.tensor, []).append(delta)
-            if lora.magnitude_key and delta.transposed:
-                bad.append(f"{module}: DoRA on a Conv1D layer is not supported yet (DoRA on Linear is)")
             if lora.bias_key:  # lora_bias: the layer's bias takes scale * lora_B.bias
                 bias = resolve(module, names, user_rules=user_rules, param="bias")
                 if bias is None:

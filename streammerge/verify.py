@@ -129,7 +129,8 @@ def _sample_rows(t: TensorPlan, base: BaseCheckpoint, out: BaseCheckpoint, io: _
                (*(f.double() for f in d.select(d.adapter.load(d.lora.a_key), d.adapter.load(d.lora.b_key))),
                 d.scale, d.transposed)
                for d in t.deltas]
-    dora_m = next((d.adapter.load(d.lora.magnitude_key).double() for d in t.deltas if d.lora.magnitude_key), None)
+    dora_m = next((d.adapter.load(d.lora.magnitude_key).double() for d in t.deltas
+                   if d.lora.magnitude_key and not d.transposed), None)
     out_t = TORCH_DTYPES[t.out_dtype]
     finfo = torch.finfo(out_t)
     r_max = max((f[0].shape[0] for f in factors if f[0] is not None), default=0)
@@ -137,6 +138,9 @@ def _sample_rows(t: TensorPlan, base: BaseCheckpoint, out: BaseCheckpoint, io: _
     picks = sorted(set(picks) | set(list(token_values)[:4]))
     src, dst = t.origin(base), _output(out, t.name)
     src_item, out_item = DTYPE_SIZES[src.info.dtype], DTYPE_SIZES[t.out_dtype]
+    column_m = next((d.adapter.load(d.lora.magnitude_key).double() for d in t.deltas
+                     if d.lora.magnitude_key and d.transposed), None)
+    column_scale = None if column_m is None else column_m / _column_norms(t, src, factors, io, rows, cols)
     for row in picks:
         w = _as_tensor(io.read(src, row * cols * src_item, cols * src_item), src.info.dtype).double()
         got = _as_tensor(io.read(dst, row * cols * out_item, cols * out_item), t.out_dtype).double()
@@ -152,6 +156,9 @@ def _sample_rows(t: TensorPlan, base: BaseCheckpoint, out: BaseCheckpoint, io: _
                 exact += scale * (b[row] @ a)
                 size += abs(scale) * (b[row].abs() @ a.abs())
         arithmetic = (r_max + 2) * 2.0**-24 * size
+        if column_scale is not None:  # column DoRA: the norms come from every row; float64 sums of squares
+            exact = exact * column_scale
+            arithmetic = arithmetic * column_scale.abs() + (rows + 4) * 2.0**-24 * exact.abs()
         if row in token_values:  # a replaced token row: the saved values, rounded once
             exact, arithmetic = token_values[row].clone(), torch.zeros_like(exact)
         if dora_m is not None:  # DoRA: the row rescaled to m / ||row||; its float32 norm adds (cols + 4) * 2^-24 relative
@@ -170,6 +177,20 @@ def _sample_rows(t: TensorPlan, base: BaseCheckpoint, out: BaseCheckpoint, io: _
                         f"(max error {float(err.max()):.3e})")
             return
     report.tensors_sampled += 1
+
+
+def _column_norms(t: TensorPlan, src: Source, factors: list, io: _Reader, rows: int, cols: int) -> torch.Tensor:
+    """||column of W + dW|| over all rows, in float64, reading BLOCK bytes of rows at a time."""
+    item = DTYPE_SIZES[src.info.dtype]
+    step = max(1, BLOCK // (cols * 8))
+    acc = torch.zeros(cols, dtype=torch.float64)
+    for r0 in range(0, rows, step):
+        k = min(step, rows - r0)
+        v = _as_tensor(io.read(src, r0 * cols * item, k * cols * item), src.info.dtype).double().view(k, cols)
+        for a, b, scale, transposed in factors:
+            v += scale * (a[:, r0 : r0 + k].t() @ b.t() if transposed else b[r0 : r0 + k] @ a)
+        acc += v.square().sum(dim=0)
+    return acc.sqrt()
 
 
 def verify(

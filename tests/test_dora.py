@@ -66,3 +66,52 @@ def test_dora_with_another_adapter_on_the_same_weight_is_refused(tmp_path: Path,
     rc = main(["--base", str(base), "--adapter", str(tmp_path / "dora"), "--adapter", str(tmp_path / "dora2"),
                "--output", str(tmp_path / "out"), "-q"])
     assert rc != 0 and "DoRA adapter cannot be merged together" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("family", ["embedding", "conv1d"])
+def test_dora_scales_columns(tmp_path: Path, family: str) -> None:
+    """DoRA on an Embedding or a GPT-2 Conv1D rescales columns of the stored weight by
+    m / ||column of W + dW||: a first pass over every row chunk, then the merge."""
+    from peft import LoraConfig, get_peft_model
+    from transformers.pytorch_utils import Conv1D
+
+    arch, targets = ("llama", ["embed_tokens"]) if family == "embedding" else ("gpt2", ["c_attn", "c_proj"])
+    base = build_base(arch, tmp_path / "base", dtype="fp32", sharded=False)
+    model = transformers.AutoModelForCausalLM.from_pretrained(base)
+    torch.manual_seed(3)
+    pm = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, use_dora=True, init_lora_weights=False,
+                                          target_modules=targets, fan_in_fan_out=family == "conv1d"))
+    expected = {}
+    with torch.no_grad():
+        for name, module in pm.base_model.model.named_modules():
+            if "default" not in getattr(module, "lora_magnitude_vector", {}):
+                continue
+            m = module.lora_magnitude_vector["default"].weight
+            m.mul_(torch.rand_like(m) + 0.5)
+            s = float(module.scaling["default"])
+            if family == "embedding":  # W (vocab, dim) + s (B A).T
+                a, b = module.lora_embedding_A["default"].double(), module.lora_embedding_B["default"].double()
+            else:  # Conv1D W (in, out) + s (B A).T
+                assert isinstance(module.get_base_layer(), Conv1D)
+                a, b = module.lora_A["default"].weight.double(), module.lora_B["default"].weight.double()
+            expected[name] = (m.double().clone(), s * (b @ a).t(), s * (b.abs() @ a.abs()).t(), a.shape[0])
+    pm.save_pretrained(tmp_path / "adapter")
+    out = tmp_path / "out"
+    assert main(["--base", str(base), "--adapter", str(tmp_path / "adapter"), "--output", str(out), "-q",
+                 "--max-mem", "33MiB"]) == 0
+    got, ref = read_checkpoint(out), read_checkpoint(base)
+    assert expected
+    for module, (m, delta, size, r) in expected.items():
+        name = f"{module}.weight"
+        v = ref[name].double() + delta
+        factor = (m / v.norm(dim=0)).unsqueeze(0)
+        exact = v * factor
+        # one float32 rounding, the float32 arithmetic of W + dW, and float32 rounding of the column factor
+        bound = (exact.abs() * 2.0**-24 + (r + 2) * 2.0**-24 * factor.abs() * (ref[name].double().abs() + size)
+                 + (v.shape[0] + 4) * 2.0**-24 * exact.abs())
+        err = (got[name].double() - exact).abs()
+        assert (err <= bound).all(), f"{module}: {float((err / bound).max()):.2f} of the bound"
+    merged = pm.merge_and_unload()
+    model = transformers.AutoModelForCausalLM.from_pretrained(out)
+    assert torch.allclose(logits(model), logits(merged), atol=1e-4, rtol=1e-4)
+    assert main(["verify", "--base", str(base), "--adapter", str(tmp_path / "adapter"), "--output", str(out)]) == 0

@@ -329,17 +329,6 @@ def test_every_unmergeable_config_feature_is_refused_by_name(tmp_path: Path, inp
     no_output(tmp_path / "out")
 
 
-def test_dora_on_an_embedding_is_refused(tmp_path: Path, inputs: tuple[Path, Path], capsys: pytest.CaptureFixture[str]) -> None:
-    base, adapter = inputs
-    tensors = load_file(adapter / "adapter_model.safetensors")
-    tensors["base_model.model.model.embed_tokens.lora_embedding_A"] = torch.ones(4, 160)
-    tensors["base_model.model.model.embed_tokens.lora_embedding_B"] = torch.ones(64, 4)
-    tensors["base_model.model.model.embed_tokens.lora_magnitude_vector"] = torch.ones(64)
-    save_file(tensors, adapter / "adapter_model.safetensors")
-    fails(capsys, ExitCode.PLAN, "is a DoRA Embedding, which this version does not merge", base,
-          "--base", base, "--adapter", adapter, "--output", tmp_path / "out")
-
-
 @pytest.mark.parametrize("kind", ["dora", "full"])
 def test_mlx_fine_tune_types_are_refused(tmp_path: Path, inputs: tuple[Path, Path], capsys: pytest.CaptureFixture[str],
                                          kind: str) -> None:
