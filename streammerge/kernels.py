@@ -11,6 +11,7 @@ No per-chunk allocation happens on the hot path.
 from __future__ import annotations
 
 import threading
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -155,22 +156,13 @@ class Processor:
         float32 accumulator stays in cache between the passes (widen, add, round, check); on CUDA
         the chunk is one block. Returns the rounded output bytes (a view of ``slot``).
         """
-        n = rows * cols
-        src_t, out_t = TORCH_DTYPES[src_dtype], TORCH_DTYPES[out_dtype]
-        raw_at, out_bytes = n * self.io_itemsize - n * src_t.itemsize, n * out_t.itemsize
+        out_t = TORCH_DTYPES[out_dtype]
+        out_bytes = rows * cols * out_t.itemsize
         io = slot.tensor if self.dev_io is None else self.dev_io
-        if self.dev_io is not None:
-            io[raw_at : raw_at + n * src_t.itemsize].copy_(slot.tensor[raw_at : raw_at + n * src_t.itemsize],
-                                                          non_blocking=True)
-        raw = io[raw_at : raw_at + n * src_t.itemsize].view(src_t).view(rows, cols)
         out = io[:out_bytes].view(out_t).view(rows, cols)
-        step = rows if self.dev_io is not None else max(1, BLOCK_ELEMENTS // cols)
-        for b0 in range(0, rows, step):
-            k = min(step, rows - b0)
-            work = self.work[: k * cols].view(k, cols)
-            work.copy_(raw[b0 : b0 + k])
-            self._apply(work, factors, tokens, row0 + b0, k)
-            block = out[b0 : b0 + k]
+        for b0, work in self._blocks(slot, src_dtype, rows, cols):
+            self._apply(work, factors, tokens, row0 + b0, work.shape[0])
+            block = out[b0 : b0 + work.shape[0]]
             block.copy_(work)
             if factors or tokens is not None:
                 self._check_finite(block, tensor, row0 + b0)
@@ -182,20 +174,28 @@ class Processor:
                      factors: list[Factors], acc: torch.Tensor) -> None:
         """First pass of column DoRA: add the squares of ``W + dW`` (float32, as merged) per column to
         the float64 ``acc`` (cols,), for rows ``[row0, row0+rows)`` whose raw bytes are in ``slot``."""
-        n = rows * cols
-        src_t = TORCH_DTYPES[src_dtype]
-        raw_at = n * self.io_itemsize - n * src_t.itemsize
+        for b0, work in self._blocks(slot, src_dtype, rows, cols):
+            self._apply(work, factors, None, row0 + b0, work.shape[0])
+            acc += work.double().square().sum(dim=0)
+
+    def _blocks(self, slot: Slot, src_dtype: str, rows: int, cols: int) -> Iterator[tuple[int, torch.Tensor]]:
+        """The chunk's raw rows widened to float32, block by block: (first row, work (k, cols)).
+
+        Raw bytes sit at the end of the slot (see ``raw_bytes``); on CUDA they go to the device first
+        and the chunk is one block; on the CPU blocks hold about BLOCK_ELEMENTS, whole rows.
+        """
+        n, src_t = rows * cols, TORCH_DTYPES[src_dtype]
+        raw_at, raw_end = n * self.io_itemsize - n * src_t.itemsize, n * self.io_itemsize
         io = slot.tensor if self.dev_io is None else self.dev_io
         if self.dev_io is not None:
-            io[raw_at : raw_at + n * src_t.itemsize].copy_(slot.tensor[raw_at : raw_at + n * src_t.itemsize])
-        raw = io[raw_at : raw_at + n * src_t.itemsize].view(src_t).view(rows, cols)
+            io[raw_at:raw_end].copy_(slot.tensor[raw_at:raw_end], non_blocking=True)
+        raw = io[raw_at:raw_end].view(src_t).view(rows, cols)
         step = rows if self.dev_io is not None else max(1, BLOCK_ELEMENTS // cols)
         for b0 in range(0, rows, step):
             k = min(step, rows - b0)
             work = self.work[: k * cols].view(k, cols)
             work.copy_(raw[b0 : b0 + k])
-            self._apply(work, factors, None, row0 + b0, k)
-            acc += work.double().square().sum(dim=0)
+            yield b0, work
 
     @staticmethod
     def _apply(work: torch.Tensor, factors: list[Factors], tokens: tuple[torch.Tensor, torch.Tensor] | None,
