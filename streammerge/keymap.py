@@ -37,7 +37,11 @@ RULES: tuple[Rule, ...] = (
     Rule("Qwen2-VL / Qwen2.5-VL text", r"^model\.language_model\.", "model."),
     Rule("Qwen2-VL / Qwen2.5-VL vision", r"^model\.visual\.", "visual."),
     Rule("old in-memory names, new checkpoint (Qwen2-VL)", r"^model\.(?!language_model\.|visual\.)", "model.language_model."),
+    Rule("old in-memory names, new checkpoint (Qwen2-VL vision)", r"^visual\.", "model.visual."),
     Rule("old in-memory names, new checkpoint (LLaVA)", r"^language_model\.model\.", "model.language_model."),
+    Rule("old in-memory names, new checkpoint (LLaVA towers)", r"^(vision_tower|multi_modal_projector|vision_model)\.",
+         r"model.\1."),
+    Rule("old in-memory names, new checkpoint (LLaVA lm_head)", r"^language_model\.lm_head$", "lm_head"),
     Rule("base_model_prefix stripped on disk (GPT-2 'transformer.')", r"^transformer\.", ""),
 )
 

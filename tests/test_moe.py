@@ -75,3 +75,41 @@ def test_fused_experts_merge_per_expert(tmp_path: Path, family: str) -> None:
     merged = transformers.AutoModelForCausalLM.from_pretrained(out)
     assert torch.allclose(logits(merged), logits(pm), atol=1e-4, rtol=1e-4)
     assert main(["verify", "--base", str(base), "--adapter", str(tmp_path / "adapter"), "--output", str(out)]) == 0
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_per_expert_lora_modules(tmp_path: Path, family: str) -> None:
+    """Adapters trained before transformers 5 fused the experts hold one LoRA per expert Linear
+    ('...experts.3.gate_proj' / Mixtral '...block_sparse_moe.experts.3.w1'). transformers 5 can no
+    longer build such a model, so the adapter is written here in PEFT's key format; the oracle is
+    float64 only. Every expert of every layer must be merged: none may be dropped."""
+    import json
+
+    from safetensors.torch import save_file
+
+    make_config, disk, parts = FAMILIES[family]
+    torch.manual_seed(0)
+    base = tmp_path / "base"
+    transformers.AutoModelForCausalLM.from_config(make_config()).save_pretrained(base)
+    ref = read_checkpoint(base)
+    gen = torch.Generator().manual_seed(1)
+    adapter, tensors, deltas = tmp_path / "adapter", {}, {}
+    for layer in range(2):
+        for e in range(4):
+            for part in parts.values():
+                name = disk.format(l=layer, e=e, p=part)
+                out_f, in_f = ref[name].shape
+                a, b = torch.randn(2, in_f, generator=gen), torch.randn(out_f, 2, generator=gen)
+                tensors[f"base_model.model.{name.removesuffix('.weight')}.lora_A.weight"] = a
+                tensors[f"base_model.model.{name.removesuffix('.weight')}.lora_B.weight"] = b
+                deltas[name] = [(a.double(), b.double(), 2.0)]
+    adapter.mkdir()
+    save_file(tensors, adapter / "adapter_model.safetensors")
+    (adapter / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 2, "lora_alpha": 4}))
+    out = tmp_path / "out"
+    assert main(["--base", str(base), "--adapter", str(adapter), "--output", str(out), "-q"]) == 0
+    got = read_checkpoint(out)
+    for name, d in deltas.items():
+        exact, bound = exact_and_bound(ref[name], d, torch.float32)
+        assert ((got[name].double() - exact).abs() <= bound).all(), name
+    assert {n for n in ref if not torch.equal(bits(got[n]), bits(ref[n]))} == set(deltas)

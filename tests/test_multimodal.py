@@ -89,3 +89,42 @@ def test_vlm_language_and_vision_towers_merge(tmp_path: Path, build) -> None:
     assert torch.allclose(logits(reloaded), logits(peft.merged), atol=2e-2, rtol=2e-2)
     unchanged = [n for n in ours if n.removesuffix(".weight") not in deltas]
     assert all(torch.equal(bits(ours[n]), bits(read_checkpoint(base)[n])) for n in unchanged)
+
+
+OLD_MEMORY_NAMES = {  # in-memory names before transformers 4.52, as older PEFT adapters carry them
+    "llava": [("base_model.model.model.language_model.", "base_model.model.language_model.model."),
+              ("base_model.model.model.vision_tower.", "base_model.model.vision_tower."),
+              ("base_model.model.model.multi_modal_projector.", "base_model.model.multi_modal_projector."),
+              ("base_model.model.lm_head.", "base_model.model.language_model.lm_head.")],
+    "qwen2-vl": [("base_model.model.model.language_model.", "base_model.model.model."),
+                 ("base_model.model.model.visual.", "base_model.model.visual.")],
+}
+
+
+@pytest.mark.parametrize("build", [qwen2_vl, llava], ids=["qwen2-vl", "llava"])
+def test_old_adapter_names_on_a_checkpoint_with_new_names(tmp_path: Path, build) -> None:
+    """A checkpoint written with the new (in-memory) names and an adapter from before the rename."""
+    from safetensors.torch import load_file, save_file
+
+    torch.manual_seed(0)
+    model = build().to(torch.bfloat16)
+    cls, family = type(model), build.__name__.replace("_", "-")
+    model.save_pretrained(tmp_path / "saved")
+    base = tmp_path / "base"
+    base.mkdir()
+    save_file({n: p.detach().contiguous() for n, p in model.state_dict().items()}, base / "model.safetensors",
+              metadata={"format": "pt"})
+    (base / "config.json").write_bytes((tmp_path / "saved" / "config.json").read_bytes())
+    peft = build_adapter(base, tmp_path / "adapter", dtype="bf16", r=4, lora_alpha=8, auto_class=cls,
+                         target_modules="all-linear")
+    path = peft.adapter / "adapter_model.safetensors"
+    renamed = {}
+    for key, value in load_file(path).items():
+        for new, old in OLD_MEMORY_NAMES[family]:
+            key = key.replace(new, old) if key.startswith(new) else key
+        renamed[key] = value
+    assert set(renamed) != set(load_file(path))
+    save_file(renamed, path)
+    out = tmp_path / "out"
+    assert main(["--base", str(base), "--adapter", str(peft.adapter), "--output", str(out), "-q"]) == 0
+    assert assert_merged(out, base, peft.deltas) == len(peft.deltas)
