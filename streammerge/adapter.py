@@ -77,6 +77,7 @@ class LoraModule:
     # A[e*r:(e+1)*r] and B[:, e::E]. ``experts`` = E, ``container`` = the experts module path.
     experts: int = 0
     container: str = ""
+    conv_dims: int = 0  # N-D factors: LoRA on a convolution (refused) or a damaged adapter
 
 
 @dataclass
@@ -239,6 +240,8 @@ def _module_of(config: dict[str, Any], module: str, a: TensorInfo, b: TensorInfo
     r = int(_pattern_value(config.get("rank_pattern") or {}, module, config["r"]))
     alpha = float(_pattern_value(config.get("alpha_pattern") or {}, module, config["lora_alpha"]))
     container = _experts_container(config, module)
+    if not container and len(a.shape) == len(b.shape) in (3, 4, 5):  # convolution factors; the plan decides
+        return LoraModule(module, a.name, b.name, r, alpha, alpha / r, conv_dims=len(a.shape))
     if container and len(a.shape) == 2 and len(b.shape) == 2 and a.shape[0] % r == 0 and b.shape[1] == a.shape[0]:
         scaling = alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r
         return LoraModule(module, a.name, b.name, r, alpha, scaling, experts=a.shape[0] // r, container=container)

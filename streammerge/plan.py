@@ -15,7 +15,7 @@ from typing import Any, Iterator
 
 from .adapter import LoraAdapter, LoraModule
 from .checkpoint import BaseCheckpoint
-from .errors import PlanError, UnsupportedError
+from .errors import InputError, PlanError, UnsupportedError
 from .header import FLOAT_DTYPES, TensorInfo
 from .keymap import EXPERTS, VOCAB_TENSORS, Rule, resolve, stored_transposed, tied_head
 
@@ -273,6 +273,15 @@ def _token_rows(base: BaseCheckpoint, adapters: list[LoraAdapter], user_rules: t
     return rows
 
 
+def _refuse_conv(adapter: LoraAdapter, lora: LoraModule, tensor: str, info: TensorInfo) -> None:
+    if len(info.shape) == lora.conv_dims:
+        raise UnsupportedError(f"adapter {adapter.path}: {lora.module} is LoRA on a convolution ({tensor} is "
+                               f"{list(info.shape)}): LoRA on convolution layers (Conv1d/2d/3d, grouped or not) is "
+                               "not merged by this version")
+    raise InputError(f"{adapter.weights_path}: module {lora.module!r} has {lora.conv_dims}-D LoRA factors but "
+                     f"{tensor} is {list(info.shape)}; the adapter files are inconsistent")
+
+
 def _expert_deltas(adapter: LoraAdapter, lora: LoraModule, names: dict[str, str], user_rules: tuple[Rule, ...],
                    base: BaseCheckpoint) -> list[tuple[str, Delta]]:
     """A fused-experts factor pair -> one delta per expert tensor on disk (gate_up split in two).
@@ -351,6 +360,8 @@ def build_plan(
                 )
             claimed[match.tensor] = module
             info = infos.get(match.tensor) or base.info(match.tensor)
+            if lora.conv_dims:
+                _refuse_conv(adapter, lora, match.tensor, info)
             layout = stored_transposed(base.model_type, match.tensor.removesuffix(".weight"))
             rule = match.rule.family + (f"; {layout.family}" if layout else "")
             delta = Delta(adapter, lora, rule, transposed=lora.embedding or layout is not None)

@@ -341,3 +341,21 @@ def test_mlx_fine_tune_types_are_refused(tmp_path: Path, inputs: tuple[Path, Pat
                                                              "lora_parameters": {"rank": 4, "scale": 2.0}}))
     fails(capsys, ExitCode.PLAN, f"mlx-lm fine_tune_type {kind!r} is not merged", base,
           "--base", base, "--adapter", adapter, "--output", tmp_path / "out")
+
+
+def test_lora_on_a_convolution_is_refused_by_name(tmp_path: Path, inputs: tuple[Path, Path],
+                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    base, adapter = inputs
+    shard = sorted(base.glob("model-*.safetensors"))[0]
+    weights = load_file(shard)
+    weights["model.conv.weight"] = torch.ones(8, 2, 3, 3, dtype=torch.bfloat16)  # a grouped Conv2d (groups=4)
+    save_file(weights, shard, metadata={"format": "pt"})
+    index = json.loads((base / "model.safetensors.index.json").read_text())
+    index["weight_map"]["model.conv.weight"] = shard.name
+    (base / "model.safetensors.index.json").write_text(json.dumps(index))
+    tensors = load_file(adapter / "adapter_model.safetensors")
+    tensors["base_model.model.model.conv.lora_A.weight"] = torch.ones(4, 2, 3, 3)
+    tensors["base_model.model.model.conv.lora_B.weight"] = torch.ones(8, 4, 1, 1)
+    save_file(tensors, adapter / "adapter_model.safetensors")
+    fails(capsys, ExitCode.PLAN, "LoRA on convolution layers (Conv1d/2d/3d, grouped or not) is not merged", base,
+          "--base", base, "--adapter", adapter, "--output", tmp_path / "out")

@@ -61,7 +61,15 @@ def internvl() -> transformers.PreTrainedModel:
     return transformers.InternVLForConditionalGeneration(cfg)
 
 
-FAMILIES = [qwen2_vl, llava, gemma3, paligemma, mistral3, internvl]
+def qwen2_5_vl() -> transformers.PreTrainedModel:
+    cfg = transformers.Qwen2_5_VLConfig(
+        text_config=dict(TEXT, rope_scaling={"type": "mrope", "mrope_section": [2, 2, 4]}, bos_token_id=1, eos_token_id=2),
+        vision_config=dict(depth=1, hidden_size=32, intermediate_size=64, num_heads=2, in_chans=3, patch_size=14,
+                           spatial_merge_size=2, temporal_patch_size=2, out_hidden_size=64, fullatt_block_indexes=[0]))
+    return transformers.Qwen2_5_VLForConditionalGeneration(cfg)
+
+
+FAMILIES = [qwen2_vl, qwen2_5_vl, llava, gemma3, paligemma, mistral3, internvl]
 
 
 @pytest.mark.parametrize("build", FAMILIES, ids=[f.__name__.replace("_", "-") for f in FAMILIES])
