@@ -39,6 +39,14 @@ def test_mlx_lm_adapter(tmp_path: Path) -> None:
     out = tmp_path / "out"
     assert main(["--base", str(base), "--adapter", str(adapter), "--output", str(out), "-q"]) == 0
 
+    import transformers
+
+    ids = np.random.default_rng(0).integers(0, 160, size=(2, 12))
+    theirs_logits = torch.from_numpy(np.array(model(mx.array(ids)).astype(mx.float32)))  # mlx-lm, adapter applied
+    with torch.no_grad():
+        ours_logits = transformers.AutoModelForCausalLM.from_pretrained(out)(input_ids=torch.from_numpy(ids)).logits
+    assert torch.allclose(ours_logits, theirs_logits, atol=1e-4, rtol=1e-4)
+
     got, ref = read_checkpoint(out), read_checkpoint(base)
     fused = {name: np.array(m.fuse().weight) for name, m in model.named_modules() if hasattr(m, "lora_a")}
     assert len(fused) == 4
