@@ -117,7 +117,7 @@ def reusable_shards(staging: Path, fingerprints: dict[str, str]) -> dict[str, di
         if (isinstance(record, dict) and record.get("fingerprint") == fingerprint and path.is_file()
                 and path.stat().st_size == record.get("size")):
             kept[shard] = record
-    keep = set(kept) | {s + RECORD_SUFFIX for s in kept}
+    keep = set(kept) | {s + RECORD_SUFFIX for s in kept} | {".lock"}  # the run's own lock stays
     for entry in staging.iterdir():
         if entry.name not in keep:
             if entry.is_dir():

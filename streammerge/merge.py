@@ -26,7 +26,7 @@ from .errors import Interrupted, OutputError, PlanError
 from .keymap import Rule, parse_map
 from .manifest import MANIFEST_NAME, build_manifest, reusable_shards, shard_fingerprint, write_json_atomic
 from .memory import DEFAULT_MAX_MEM, peak_rss
-from .output import STAGING, aux_files, check_free_space, check_output, copy_aux_files, copy_tokenizer, default_output, publish, write_index
+from .output import STAGING, aux_files, check_free_space, check_output, copy_aux_files, copy_tokenizer, lock_output, default_output, publish, write_index
 from .plan import CONFIG_DTYPE_NAMES, MergePlan, build_plan
 
 @dataclass
@@ -123,12 +123,16 @@ def merge(
     report = MergeReport(str(out), device, max_mem, dtype)
     staging = out / STAGING
     fingerprints = {s: shard_fingerprint(plan, s, device=device, chunk=engine.chunk) for s in plan.shards}
-    kept = reusable_shards(staging, fingerprints)
-    need = plan.output_size - sum(r["size"] for r in kept.values())
-    check_free_space(out, need + sum((plan.base.root / f).stat().st_size for f in aux_files(plan.base.root)))
     created = not out.exists()
     try:
-        staging.mkdir(parents=True, exist_ok=True)
+        lock = lock_output(staging)
+    except BaseException:
+        engine.close()
+        raise
+    try:
+        kept = reusable_shards(staging, fingerprints)
+        need = plan.output_size - sum(r["size"] for r in kept.values())
+        check_free_space(out, need + sum((plan.base.root / f).stat().st_size for f in aux_files(plan.base.root)))
         engine.run(staging, report, progress=progress, kept=kept, fingerprints=fingerprints, checksum=checksum)
         config_dtype = CONFIG_DTYPE_NAMES.get(plan.out_dtype or "")
         report.files_copied = copy_aux_files(plan.base.root, staging, config_dtype=config_dtype,
@@ -157,6 +161,8 @@ def merge(
             if created and out.is_dir() and not any(out.iterdir()):
                 out.rmdir()
         raise
+    finally:
+        os.close(lock)
     engine.close()
     report.adapter_modules = sum(len(a.modules) for a in plan.adapters)
     report.seconds = time.perf_counter() - started

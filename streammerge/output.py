@@ -50,6 +50,32 @@ def check_output(output: Path, *, base: Path, adapters: list[Path], overwrite: b
         )
 
 
+LOCK_NAME = ".lock"
+
+
+def lock_output(staging: Path) -> int:
+    """Create the staging area and hold an exclusive lock on it for the whole run, so that two
+    merges into one output never mix their files. Returns the descriptor to close at the end."""
+    try:
+        staging.mkdir(parents=True, exist_ok=True)
+        fd = os.open(staging / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as exc:
+        raise OutputError(f"{staging.parent}: cannot create the output ({exc.strerror})") from None
+    try:
+        import fcntl
+
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except ImportError:  # no flock on this platform: no protection, as before
+        pass
+    except OSError:
+        os.close(fd)
+        raise OutputError(
+            f"{staging.parent}: another streammerge run is writing this output right now; wait for it to "
+            "finish or choose another --output"
+        ) from None
+    return fd
+
+
 def check_free_space(output: Path, need: int) -> None:
     probe = output if output.exists() else output.parent
     free = shutil.disk_usage(probe).free

@@ -98,7 +98,7 @@ def test_sigterm_exits_143_with_one_line_and_resumes(tmp_path: Path, inputs) -> 
     assert stopped.returncode == ExitCode.TERMINATED
     lines = stopped.stderr.strip().splitlines()
     assert len(lines) == 1 and "SIGTERM" in lines[0] and "rerun the same command to resume" in lines[0]
-    staged = [p.name for p in (out / STAGING).iterdir()]
+    staged = [p.name for p in (out / STAGING).iterdir() if p.name != ".lock"]
     assert all(n.endswith(".done.json") or (n + ".done.json") in staged for n in staged)  # no partial file
     resumed = subprocess.run(command(base, adapter, out), capture_output=True, text=True)
     assert resumed.returncode == 0 and json.loads(resumed.stdout)["shards_resumed"] >= 1
@@ -163,3 +163,23 @@ def test_not_enough_free_space_is_refused_before_writing(tmp_path: Path, inputs,
     err = capsys.readouterr().err
     assert "1000 bytes free but the merged checkpoint needs" in err
     assert not out.exists()
+
+
+def test_two_runs_into_one_output_are_refused(tmp_path: Path, inputs, capsys: pytest.CaptureFixture[str]) -> None:
+    """While one run holds the output's lock, a second one is refused before touching anything."""
+    import fcntl
+
+    base, adapter, _ = inputs
+    out = tmp_path / "out"
+    (out / STAGING).mkdir(parents=True)
+    (out / STAGING / "model-00001-of-00006.safetensors").write_bytes(b"a shard being written")
+    fd = os.open(out / STAGING / ".lock", os.O_RDWR | os.O_CREAT)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    try:
+        assert main(["--base", str(base), "--adapter", str(adapter), "--output", str(out), "-q"]) == ExitCode.OUTPUT
+        assert "another streammerge run is writing this output" in capsys.readouterr().err
+        assert (out / STAGING / "model-00001-of-00006.safetensors").read_bytes() == b"a shard being written"
+    finally:
+        os.close(fd)
+    assert main(["--base", str(base), "--adapter", str(adapter), "--output", str(out), "-q"]) == 0
+    assert not (out / STAGING).exists() and (out / "streammerge.json").exists()
