@@ -33,7 +33,7 @@ from .header import DTYPE_SIZES, SafetensorsHeader
 from .iothread import IOThread
 from .manifest import add_checksum, record_shard
 from .memory import chunk_capacity, current_rss, format_size, reset_peak_rss
-from .plan import Delta, MergePlan, TensorPlan
+from .plantypes import Delta, MergePlan, TensorPlan
 
 if TYPE_CHECKING:
     from .kernels import Processor

@@ -25,7 +25,7 @@ from typing import Any
 
 from . import __version__
 from .errors import OutputError
-from .plan import MergePlan
+from .plantypes import MergePlan
 
 MANIFEST_NAME = "streammerge.json"
 MANIFEST_FORMAT = "streammerge-manifest/1"

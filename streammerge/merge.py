@@ -27,7 +27,8 @@ from .keymap import Rule, parse_map
 from .manifest import MANIFEST_NAME, build_manifest, reusable_shards, shard_fingerprint, write_json_atomic
 from .memory import DEFAULT_MAX_MEM, peak_rss
 from .output import STAGING, aux_files, check_free_space, check_output, copy_aux_files, copy_tokenizer, lock_output, default_output, publish, write_index
-from .plan import CONFIG_DTYPE_NAMES, MergePlan, build_plan
+from .plan import build_plan
+from .plantypes import CONFIG_DTYPE_NAMES, MergePlan
 
 @dataclass
 class MergeReport:

@@ -29,7 +29,7 @@ from .header import DTYPE_SIZES
 from .manifest import MANIFEST_NAME, read_manifest, sha256_file
 from .memory import current_rss, peak_rss, reset_peak_rss
 from .merge import AdapterSpec, load_inputs
-from .plan import Source, TensorPlan
+from .plantypes import Source, TensorPlan
 from .tensors import TORCH_DTYPES
 
 BLOCK = 8 * 1024**2

@@ -1,0 +1,173 @@
+"""What a plan is made of: deltas, sources, token rows, one entry per output tensor, the plan.
+
+Pure data (no torch): built by ``plan.build_plan`` from headers, read by the engine, the manifest
+and ``verify``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .adapter import LoraAdapter, LoraModule
+from .checkpoint import BaseCheckpoint
+from .header import TensorInfo
+
+DTYPE_CHOICES = {"bf16": "BF16", "fp16": "F16", "fp32": "F32"}
+CONFIG_DTYPE_NAMES = {"BF16": "bfloat16", "F16": "float16", "F32": "float32"}
+
+
+@dataclass(frozen=True, eq=False)
+class Delta:
+    """``adapter.weight * lora.scaling * (B @ A)`` added to one base tensor, transposed first when
+    the weight is stored (in, out) (Conv1D) or is an Embedding (num_embeddings, dim)."""
+
+    adapter: LoraAdapter
+    lora: LoraModule
+    rule: str
+    transposed: bool = False
+    vector: bool = False  # lora_bias: ``scale * lora_B.bias`` added to the layer's bias (a 1-D tensor)
+    expert: int = -1  # fused experts: this expert's factors, and ``rows`` of its output (gate / up split)
+    rows: tuple[int, int] | None = None
+
+    def select(self, a: Any, b: Any) -> tuple[Any, Any]:
+        """This delta's A (r, in) and B (out, r) out of the adapter's full factors."""
+        if self.expert < 0:
+            return a, b
+        r, count = self.lora.r, self.lora.experts
+        b = b[:, self.expert :: count]
+        return a[self.expert * r : (self.expert + 1) * r], (b[self.rows[0] : self.rows[1]] if self.rows else b)
+
+    @property
+    def scale(self) -> float:
+        return self.adapter.weight * self.lora.scaling
+
+    @property
+    def factor_bytes(self) -> int:
+        """float32 bytes of A and B (and a DoRA magnitude) together; of the bias vector for lora_bias."""
+        keys = [self.lora.a_key, self.lora.b_key] + ([self.lora.magnitude_key] if self.lora.magnitude_key else [])
+        if self.vector:
+            keys = [self.lora.bias_key]
+        return 4 * sum(self.adapter.tensors[k].numel for k in keys)
+
+
+@dataclass(frozen=True)
+class Source:
+    """Where a tensor's input bytes are: a base shard, or a file of an adapter that replaces it."""
+
+    path: Path
+    data_start: int
+    info: TensorInfo
+
+
+@dataclass(frozen=True, eq=False)
+class TokenRows:
+    """Rows ``ids`` of a weight replaced by the adapter's saved values (PEFT trainable tokens)."""
+
+    adapter: LoraAdapter
+    ids: tuple[int, ...]
+    key: str  # "<module>.token_adapter.trainable_tokens_delta", (len(ids), dim)
+
+
+@dataclass
+class TensorPlan:
+    name: str
+    shard: str
+    info: TensorInfo  # the base tensor (its place in the base shard)
+    out_dtype: str
+    deltas: list[Delta] = field(default_factory=list)
+    source: Source | None = None  # set when an adapter supplies the tensor's base weight
+    tokens: TokenRows | None = None  # rows replaced last (trainable_token_indices)
+
+    @property
+    def rewritten(self) -> bool:
+        """True when the bytes change (merged, converted or replaced); False: copied byte for byte."""
+        return bool(self.deltas) or self.out_dtype != self.info.dtype or self.source is not None or self.tokens is not None
+
+    @property
+    def merged(self) -> bool:
+        """Row-wise work beyond a copy or conversion: LoRA deltas or token rows."""
+        return bool(self.deltas) or self.tokens is not None
+
+    def origin(self, base: BaseCheckpoint) -> Source:
+        if self.source is not None:
+            return self.source
+        header = base.shards[self.shard]
+        return Source(header.path, header.data_start, self.info)
+
+    @property
+    def rows_cols(self) -> tuple[int, int]:
+        """The 2-D view the merge walks in row chunks: (out, in) for weights, (numel, 1) otherwise;
+        a merged bias is one row."""
+        if self.merged and len(self.info.shape) == 1:
+            return 1, self.info.shape[0]
+        if self.merged:
+            return self.info.shape[0], self.info.shape[1]
+        return self.info.numel, 1
+
+
+@dataclass
+class MergePlan:
+    base: BaseCheckpoint
+    adapters: list[LoraAdapter]
+    shards: dict[str, list[TensorPlan]]  # output shard name -> tensors in the base's data order
+    out_dtype: str | None  # None: each tensor keeps its dtype
+    config_changes: dict[str, Any] = field(default_factory=dict)  # keys to set in config.json
+    tokenizer_from: Path | None = None  # an adapter directory whose tokenizer goes with a resized vocabulary
+
+    @property
+    def weight_map(self) -> dict[str, str]:
+        """The output's tensor -> shard map: the base's, plus any tensor the merge adds."""
+        return {**self.base.weight_map, **{t.name: t.shard for t in self.tensors()}}
+
+    def tensors(self) -> Iterator[TensorPlan]:
+        for tensors in self.shards.values():
+            yield from tensors
+
+    @property
+    def touched(self) -> list[TensorPlan]:
+        return [t for t in self.tensors() if t.merged]
+
+    @property
+    def output_size(self) -> int:
+        from .header import DTYPE_SIZES
+
+        return sum(t.info.numel * DTYPE_SIZES[t.out_dtype] for t in self.tensors())
+
+    @property
+    def max_factor_bytes(self) -> int:
+        """Largest float32 factor set one tensor needs; doubled for fused experts, whose two
+        parameters' factors stay cached while their per-expert tensors alternate."""
+        single = self._max_factor_bytes
+        return 2 * single if any(d.expert >= 0 for t in self.touched for d in t.deltas) else single
+
+    @property
+    def _max_factor_bytes(self) -> int:
+        return max((sum(d.factor_bytes for d in t.deltas) + (t.tokens.adapter.tensors[t.tokens.key].numel * 12
+                    if t.tokens else 0) for t in self.touched), default=0)
+
+    def summary(self) -> dict[str, Any]:
+        """A JSON-able description: which module goes where, by which rule."""
+        return {
+            "base": str(self.base.root),
+            "adapters": [str(a.path) for a in self.adapters],
+            "out_dtype": self.out_dtype or "auto",
+            "tensors_merged": len(self.touched),
+            "tensors_total": sum(1 for _ in self.tensors()),
+            "output_bytes": self.output_size,
+            "modules": [
+                {"adapter": d.adapter.label, "module": d.lora.module, "tensor": t.name,
+                 "rule": d.rule, "r": d.lora.r, "scale": d.scale,
+                 "kind": ("lora_bias" if d.vector else "dora" if d.lora.magnitude_key else
+                          f"expert {d.expert}" if d.expert >= 0 else "transposed" if d.transposed else "linear")}
+                for t in self.touched for d in t.deltas
+            ],
+            "replaced": {t.name: f"{t.source.path}:{t.source.info.name} {list(t.source.info.shape)}"
+                         for t in self.tensors() if t.source is not None},
+            "token_rows": {t.name: list(t.tokens.ids) for t in self.tensors() if t.tokens is not None},
+            "added": sorted(set(self.weight_map) - set(self.base.weight_map)),
+            "config_changes": self.config_changes,
+            "tokenizer_from": str(self.tokenizer_from) if self.tokenizer_from else None,
+        }
