@@ -121,7 +121,10 @@ def open_base(root: Path) -> BaseCheckpoint:
         weight_map, metadata, shard_names = {}, None, [SINGLE_NAME]
     else:
         found = sorted(p.name for p in root.glob("*.safetensors"))
-        hint = f" (found {', '.join(found[:3])} but no index)" if found else ""
+        pickles = sorted(p.name for p in root.glob("pytorch_model*.bin"))
+        hint = (f" (found {', '.join(found[:3])} but no index)" if found else
+                f" (found {pickles[0]}: convert the checkpoint to safetensors first, e.g. load it with transformers "
+                "and save_pretrained)" if pickles else "")
         raise InputError(
             f"base {root}: no {INDEX_NAME} or {SINGLE_NAME}{hint}; "
             "streammerge reads Hugging Face safetensors checkpoints"

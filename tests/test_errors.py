@@ -85,6 +85,9 @@ def test_no_checkpoint(tmp_path: Path, inputs: tuple[Path, Path], capsys: pytest
     (tmp_path / "empty").mkdir()
     fails(capsys, ExitCode.INPUT, "no model.safetensors.index.json", tmp_path / "empty",
           "--base", tmp_path / "empty", "--adapter", adapter, "--output", tmp_path / "out")
+    (tmp_path / "empty" / "pytorch_model.bin").write_bytes(b"pickle")
+    fails(capsys, ExitCode.INPUT, "convert the checkpoint to safetensors first", tmp_path / "empty",
+          "--base", tmp_path / "empty", "--adapter", adapter, "--output", tmp_path / "out")
 
 
 def test_adapter_for_a_model_of_another_size(tmp_path: Path, inputs: tuple[Path, Path],
