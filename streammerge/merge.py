@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from . import hub
 from .adapter import LoraAdapter, changes_something, read_adapter
 from .checkpoint import INDEX_NAME, open_base
 from .engine import Engine, Runtime
@@ -78,7 +79,8 @@ def load_inputs(
     if not specs:
         raise PlanError("no adapter given; pass --adapter DIR")
     user_rules: tuple[Rule, ...] = tuple(parse_map(m) for m in maps)
-    checkpoint = open_base(Path(base))
+    checkpoint = open_base(hub.resolve(str(base), role="base"))
+    specs = [AdapterSpec(hub.resolve(str(s.path), role="adapter"), s.weight) for s in specs]
     loaded: list[LoraAdapter] = [read_adapter(s.path, weight=s.weight) for s in specs]
     plan = build_plan(checkpoint, loaded, dtype=dtype, user_rules=user_rules)
     if not allow_noop:
@@ -116,8 +118,13 @@ def merge(
     started = time.perf_counter()
     runtime = Runtime()  # torch loads in the background while the plan is built
     plan = load_inputs(base, adapters, dtype=dtype, maps=maps, allow_noop=allow_noop)
-    out = Path(output) if output is not None else default_output(Path(base))
-    check_output(out, base=Path(base), adapters=[a.path for a in plan.adapters], overwrite=overwrite)
+    if output is not None:
+        out = Path(output)
+    elif hub.is_repo_id(str(base)):  # never beside a snapshot inside the Hub cache
+        out = Path.cwd() / f"{str(base).split('@')[0].split('/')[-1]}-merged"
+    else:
+        out = default_output(Path(base))
+    check_output(out, base=plan.base.root, adapters=[a.path for a in plan.adapters], overwrite=overwrite)
     engine = Engine(plan, device=device, max_mem=max_mem, runtime=runtime)
     if device != "cpu":
         engine.start_compute()  # a missing CUDA device is refused before anything is written
