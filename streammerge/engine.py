@@ -144,10 +144,7 @@ class Engine:
         reset_peak_rss()
         self.baseline_rss = current_rss()
         k.prepare_device(self.device)
-        self.processor = self._processor(self.device, self._capacity())
-
-    def _capacity(self) -> int:
-        return WorkingSet.of(self.plan, self.max_mem).chunk_elements
+        self.processor = self._processor(self.device, self.chunk)
 
     def _processor(self, device: object, capacity: int) -> Processor:
         log.info("chunk buffers on %s: %d elements (%s)", device, capacity,
@@ -262,7 +259,7 @@ class Engine:
             self.processor = self._processor(old.device, capacity)
         else:
             note = f"CUDA out of memory on {t.name} even at one row: finishing the merge on the CPU"
-            self.processor = self._processor(self.kernels.cpu_device(), self._capacity())
+            self.processor = self._processor(self.kernels.cpu_device(), self.chunk)
         log.warning(note)
         report.notes.append(note)
 
