@@ -93,6 +93,26 @@ def load_inputs(
     return plan
 
 
+def _finish_output(plan: MergePlan, staging: Path, out: Path, report: MergeReport, manifest: dict[str, Any]) -> None:
+    """Non-weight files (config changes applied), the tokenizer of a resized vocabulary, the index and
+    the manifest into the staging area; then everything into ``out``, the manifest last."""
+    report.files_copied = copy_aux_files(plan.base.root, staging, config_dtype=CONFIG_DTYPE_NAMES.get(plan.out_dtype or ""),
+                                         config_changes=plan.config_changes)
+    if plan.tokenizer_from is not None:
+        from_adapter = copy_tokenizer(plan.tokenizer_from, staging)
+        report.files_copied = sorted(set(report.files_copied) | set(from_adapter))
+        report.notes.append(
+            f"vocabulary resized to {plan.config_changes['vocab_size']}: tokenizer files "
+            f"{', '.join(from_adapter)} taken from {plan.tokenizer_from}" if from_adapter else
+            f"vocabulary resized to {plan.config_changes['vocab_size']} but {plan.tokenizer_from} has no "
+            "tokenizer files: the base's tokenizer was copied; make sure it knows the new tokens")
+    last = [INDEX_NAME] if plan.base.sharded else []
+    if plan.base.sharded:
+        write_index(staging, plan.base, plan.weight_map, plan.output_size)
+    write_json_atomic(staging / MANIFEST_NAME, manifest)
+    publish(staging, out, first=list(plan.shards), middle=report.files_copied, last=last + [MANIFEST_NAME])
+
+
 def merge(
     base: str | os.PathLike[str],
     adapters: Sequence[AdapterSpec | str | os.PathLike[str]],
@@ -126,13 +146,13 @@ def merge(
         out = default_output(Path(base))
     check_output(out, base=plan.base.root, adapters=[a.path for a in plan.adapters], overwrite=overwrite)
     engine = Engine(plan, device=device, max_mem=max_mem, runtime=runtime)
-    if device != "cpu":
-        engine.start_compute()  # a missing CUDA device is refused before anything is written
     report = MergeReport(str(out), device, max_mem, dtype)
     staging = out / STAGING
     fingerprints = {s: shard_fingerprint(plan, s, device=device, chunk=engine.chunk) for s in plan.shards}
     created = not out.exists()
     try:
+        if device != "cpu":
+            engine.start_compute()  # a missing CUDA device is refused before anything is written
         lock = lock_output(staging)
     except BaseException:
         engine.close()
@@ -142,23 +162,8 @@ def merge(
         need = plan.output_size - sum(r["size"] for r in kept.values())
         check_free_space(out, need + sum((plan.base.root / f).stat().st_size for f in aux_files(plan.base.root)))
         engine.run(staging, report, progress=progress, kept=kept, fingerprints=fingerprints, checksum=checksum)
-        config_dtype = CONFIG_DTYPE_NAMES.get(plan.out_dtype or "")
-        report.files_copied = copy_aux_files(plan.base.root, staging, config_dtype=config_dtype,
-                                             config_changes=plan.config_changes)
-        if plan.tokenizer_from is not None:
-            from_adapter = copy_tokenizer(plan.tokenizer_from, staging)
-            report.files_copied = sorted(set(report.files_copied) | set(from_adapter))
-            report.notes.append(
-                f"vocabulary resized to {plan.config_changes['vocab_size']}: tokenizer files "
-                f"{', '.join(from_adapter)} taken from {plan.tokenizer_from}" if from_adapter else
-                f"vocabulary resized to {plan.config_changes['vocab_size']} but {plan.tokenizer_from} has no "
-                "tokenizer files: the base's tokenizer was copied; make sure it knows the new tokens")
-        last = [INDEX_NAME] if plan.base.sharded else []
-        if plan.base.sharded:
-            write_index(staging, plan.base, plan.weight_map, plan.output_size)
         options = {"dtype": dtype, "device": device, "max_mem": max_mem, "maps": list(maps), "checksum": checksum}
-        write_json_atomic(staging / MANIFEST_NAME, build_manifest(plan, engine.records, options))
-        publish(staging, out, first=list(plan.shards), middle=report.files_copied, last=last + [MANIFEST_NAME])
+        _finish_output(plan, staging, out, report, build_manifest(plan, engine.records, options))
     except BaseException as exc:
         engine.close()  # first: no write may still be pending when files are removed
         resumable = isinstance(exc, (KeyboardInterrupt, Interrupted, OutputError)) and engine.records
