@@ -10,13 +10,12 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .checkpoint import check_inside, pread_into
+from .checkpoint import check_inside, read_tensor_bytes
 from .errors import InputError, PlanError, UnsupportedError
 from .header import SafetensorsHeader, TensorInfo, read_header
 from .mlx import WEIGHTS_NAME as MLX_WEIGHTS
@@ -131,14 +130,7 @@ def changes_something(adapter: LoraAdapter) -> bool:
                 return True
             continue
         assert adapter._header is not None
-        info = adapter.tensors[module.b_key]
-        buf = bytearray(info.nbytes)
-        fd = os.open(adapter.weights_path, os.O_RDONLY)
-        try:
-            pread_into(fd, adapter._header.data_start + info.begin, memoryview(buf), path=adapter.weights_path)
-        finally:
-            os.close(fd)
-        if buf.strip(b"\0"):  # any bit set (a -0.0 counts as a change: conservative)
+        if read_tensor_bytes(adapter._header, module.b_key).strip(b"\0"):  # any bit set (-0.0 too: conservative)
             return True
     return False
 

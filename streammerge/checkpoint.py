@@ -165,6 +165,18 @@ def pread_into(fd: int, offset: int, view: memoryview, *, path: Path) -> None:
         done += n
 
 
+def read_tensor_bytes(header: SafetensorsHeader, name: str) -> bytearray:
+    """One tensor's bytes, read whole (for small tensors: adapter factors)."""
+    info = header.tensors[name]
+    buf = bytearray(info.nbytes)
+    fd = os.open(header.path, os.O_RDONLY)
+    try:
+        pread_into(fd, header.data_start + info.begin, memoryview(buf), path=header.path)
+    finally:
+        os.close(fd)
+    return buf
+
+
 def pwrite_all(fd: int, offset: int, data: memoryview, *, path: Path) -> None:
     done = 0
     while done < len(data):

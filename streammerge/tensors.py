@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import torch
 
-from .checkpoint import pread_into
+from .checkpoint import read_tensor_bytes
 from .header import SafetensorsHeader
 
 TORCH_DTYPES: dict[str, torch.dtype] = {
@@ -23,12 +22,7 @@ def read_tensor(path: Path, header: SafetensorsHeader, name: str) -> torch.Tenso
     info = header.tensors[name]
     if info.dtype not in TORCH_DTYPES:
         raise_unsupported_dtype(path, name, info.dtype)
-    buf = bytearray(info.nbytes)
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        pread_into(fd, header.data_start + info.begin, memoryview(buf), path=path)
-    finally:
-        os.close(fd)
+    buf = read_tensor_bytes(header, name)
     if not buf:
         return torch.empty(info.shape, dtype=TORCH_DTYPES[info.dtype])
     return torch.frombuffer(buf, dtype=TORCH_DTYPES[info.dtype]).reshape(info.shape)
