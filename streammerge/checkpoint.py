@@ -11,6 +11,7 @@ import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 from .errors import InputError, OutputError
@@ -31,6 +32,7 @@ class BaseCheckpoint:
     weight_map: dict[str, str]  # tensor name -> shard file name
     index_metadata: dict[str, Any] | None  # None for a single-file checkpoint
     config: dict[str, Any] = field(default_factory=dict)  # config.json ({} when absent or unreadable)
+    origin: str | None = None  # "org/name@commit" for a Hub base whose shards are fetched when needed
 
     @property
     def model_type(self) -> str | None:
@@ -109,15 +111,29 @@ def _read_index(path: Path) -> tuple[dict[str, str], dict[str, Any]]:
     return weight_map, metadata
 
 
-def open_base(root: Path) -> BaseCheckpoint:
-    """Open a base directory (index + shards, or a single model.safetensors) and validate it."""
+def _local_shard(root: Path, name: str) -> SafetensorsHeader:
+    path = root / name
+    if not path.is_file():
+        raise InputError(f"base {root}: shard {name} listed in the index is missing")
+    check_inside(path, root)
+    return read_header(path)
+
+
+def open_base(root: Path, *, read_shard: Callable[[str], SafetensorsHeader] | None = None,
+              origin: str | None = None, remote_files: frozenset[str] = frozenset()) -> BaseCheckpoint:
+    """Open a base directory (index + shards, or a single model.safetensors) and validate it.
+
+    ``read_shard`` gives a shard's header by name (default: read ``root/name``); a Hub base passes
+    one that reads cached shards locally and the others' headers remotely, with ``origin`` set and
+    the repository's file names in ``remote_files``.
+    """
     if not root.is_dir():
         raise InputError(f"base {root}: not a directory (pass the folder holding config.json)")
     index = root / INDEX_NAME
     if index.is_file():
         weight_map, metadata = _read_index(index)
         shard_names = list(dict.fromkeys(weight_map.values()))
-    elif (root / SINGLE_NAME).is_file():
+    elif (root / SINGLE_NAME).is_file() or SINGLE_NAME in remote_files:
         weight_map, metadata, shard_names = {}, None, [SINGLE_NAME]
     else:
         found = sorted(p.name for p in root.glob("*.safetensors"))
@@ -129,13 +145,7 @@ def open_base(root: Path) -> BaseCheckpoint:
             f"base {root}: no {INDEX_NAME} or {SINGLE_NAME}{hint}; "
             "streammerge reads Hugging Face safetensors checkpoints"
         )
-    shards: dict[str, SafetensorsHeader] = {}
-    for name in shard_names:
-        path = root / name
-        if not path.is_file():
-            raise InputError(f"base {root}: shard {name} listed in the index is missing")
-        check_inside(path, root)
-        shards[name] = read_header(path)
+    shards = {name: (read_shard or (lambda n: _local_shard(root, n)))(name) for name in shard_names}
     if metadata is None:
         weight_map = {t: SINGLE_NAME for t in shards[SINGLE_NAME].tensors}
     for tensor, shard in weight_map.items():
@@ -143,7 +153,7 @@ def open_base(root: Path) -> BaseCheckpoint:
             raise InputError(
                 f"{root / shard}: tensor {tensor!r} is listed in the index but not in the shard"
             )
-    return BaseCheckpoint(root, shards, weight_map, metadata, _config(root))
+    return BaseCheckpoint(root, shards, weight_map, metadata, _config(root), origin)
 
 
 def _config(root: Path) -> dict[str, Any]:

@@ -80,6 +80,14 @@ def _parser() -> argparse.ArgumentParser:
                    help="write the output even when the adapter changes nothing (all lora_B zero, or weight 0)")
     p.add_argument("--no-checksum", dest="checksum", action="store_false",
                    help="skip the sha256 of each output shard in the manifest (saves one read of the output)")
+    hub = p.add_argument_group("Hugging Face Hub (--base/--adapter may also be ORG/NAME[@REVISION])")
+    hub.add_argument("--low-disk", action="store_true",
+                     help="fetch each base shard into a private folder and delete it once merged (disk: the output "
+                     "plus about two shards; the Hub cache is not touched)")
+    hub.add_argument("--push-to-hub", metavar="ORG/NAME", help="upload the merged checkpoint as one commit, with a "
+                     "model card (with --low-disk, local shards are deleted once uploaded)")
+    hub.add_argument("--private", action="store_true", help="create the --push-to-hub repo as private")
+    hub.add_argument("--revision", metavar="BRANCH", help="branch to commit to with --push-to-hub (default main)")
     return p
 
 
@@ -142,6 +150,11 @@ def _print_report(report: dict[str, Any], as_json: bool) -> None:
         f"{report['device']}; peak RSS {format_size(report['peak_rss'])} (baseline "
         f"{format_size(report['baseline_rss'])}, budget {format_size(report['max_mem'])}){gpu}"
     )
+    if report.get("base_commit"):
+        print(f"base read from the Hub at commit {report['base_commit']}: {report['shards_downloaded']} shard(s) "
+              "downloaded by this run")
+    if report.get("pushed_to"):
+        print(f"pushed: {report['pushed_to']}")
     for note in report["notes"]:
         print(f"note: {note}")
 
@@ -199,7 +212,7 @@ def _run(argv: list[str]) -> int:
             print(f"demo check passed: every merged element within one rounding of the float64 result (plus the "
                   f"float32 accumulation bound), untouched tensors bit-identical ({args.dir})")
             return ExitCode.OK
-        from .merge import load_inputs, merge
+        from .merge import merge, open_inputs
 
         if command == "verify":
             from .verify import verify
@@ -210,12 +223,13 @@ def _run(argv: list[str]) -> int:
         if command == "plan":
             from .engine import WorkingSet
 
-            plan = load_inputs(args.base, args.adapter, dtype=args.dtype, maps=args.map)
+            plan = open_inputs(args.base, args.adapter, dtype=args.dtype, maps=args.map)[0]
             _print_plan({**plan.summary(), "memory": WorkingSet.of(plan, args.max_mem).to_dict()}, args.json)
             return ExitCode.OK
         report = merge(args.base, args.adapter, output=args.output, device=args.device, max_mem=args.max_mem,
                        dtype=args.dtype, overwrite=args.overwrite, maps=args.map, progress=not args.quiet,
-                       checksum=args.checksum, allow_noop=args.allow_noop)
+                       checksum=args.checksum, allow_noop=args.allow_noop, low_disk=args.low_disk,
+                       push_to_hub=args.push_to_hub, private=args.private, hub_revision=args.revision)
         _print_report(report.to_dict(), args.json)
         return ExitCode.OK
     except StreamMergeError as exc:

@@ -21,6 +21,7 @@ import logging
 import os
 import sys
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
@@ -29,6 +30,7 @@ from typing import TYPE_CHECKING
 from tqdm import tqdm
 
 from .checkpoint import ShardWriter, pread_into
+from .fetch import HubShards, LocalShards
 from .header import DTYPE_SIZES, SafetensorsHeader
 from .iothread import IOThread
 from .manifest import add_checksum, record_shard
@@ -114,8 +116,12 @@ class Runtime:
 
 
 class Engine:
-    def __init__(self, plan: MergePlan, *, device: str, max_mem: int, runtime: Runtime) -> None:
+    def __init__(self, plan: MergePlan, *, device: str, max_mem: int, runtime: Runtime,
+                 shards: LocalShards | HubShards | None = None,
+                 on_shard_done: Callable[[str, dict], None] | None = None) -> None:
         self.plan = plan
+        self.base_shards = shards or LocalShards()  # brings Hub shards to disk, one ahead
+        self.on_shard_done = on_shard_done  # after a shard's fsync, record and checksum (uploads)
         self.max_mem = max_mem
         self.device_spec = device
         self.runtime = runtime
@@ -169,24 +175,32 @@ class Engine:
             for t in tensors:
                 count(report, t)
         names = [s for s in self.plan.shards if s not in kept]
-        def checksum_later(record: dict) -> None:
+        if names:
+            self.base_shards.prefetch(names[0])  # downloads while torch loads
+
+        def checksum_later(shard: str, record: dict) -> None:
             if checksum and record["sha256"] is None:
                 self.hasher.submit(lambda: add_checksum(staging, record, cancelled=lambda: self.hasher.cancelled))
+            if self.on_shard_done is not None:
+                self.hasher.submit(lambda: self.on_shard_done(shard, record))  # type: ignore[misc]
 
         def record(shard: str) -> None:  # on the I/O thread, right after the shard's fsync
             self.records[shard] = record_shard(staging, shard, fingerprint=fingerprints[shard])
-            checksum_later(self.records[shard])
+            checksum_later(shard, self.records[shard])
 
         self._record = record
-        for kept_record in kept.values():
-            checksum_later(kept_record)
+        for kept_shard, kept_record in kept.items():
+            checksum_later(kept_shard, kept_record)
         opened: dict[str, tuple[int, ShardWriter]] = {}
         with bar:
             for i, shard in enumerate(names):
                 # While torch is still loading, also queue the next shard's untouched copies, so
                 # that the disk works through the import. At most LOOKAHEAD shards ahead.
-                for ahead in names[i : i + 1 + (0 if self.runtime.ready() else LOOKAHEAD)]:
+                for j, ahead in enumerate(names[i : i + 1 + (0 if self.runtime.ready() else LOOKAHEAD)], i):
                     if ahead not in opened:
+                        self.base_shards.local(ahead)  # a Hub shard: downloaded (or waited for) now
+                        if j + 1 < len(names):
+                            self.base_shards.prefetch(names[j + 1])
                         opened[ahead] = self._open_shard(staging / ahead, ahead, report, bar)
                 self._finish_shard(shard, *opened.pop(shard), report, bar)
                 report.shards += 1
@@ -223,7 +237,8 @@ class Engine:
                 self.start_compute()
                 self._rewrite_with_fallback(t, src, header, writer, bar, report)
         report.bytes_written += sum(t.info.numel * DTYPE_SIZES[t.out_dtype] for t in tensors)
-        self.io.submit(lambda: (writer.commit(), self._record(shard)), done=lambda: self._closed(src, writer))
+        self.io.submit(lambda: (writer.commit(), self._record(shard)),
+                       done=lambda: (self._closed(src, writer), self.base_shards.release(shard)))
 
     def _closed(self, src: int, writer: ShardWriter) -> None:
         """After a shard's commit ran (or was skipped): close its source; forget it once committed."""
@@ -359,3 +374,4 @@ class Engine:
         for fd in self._source_fds.values():
             os.close(fd)
         self._source_fds.clear()
+        self.base_shards.close()

@@ -121,6 +121,32 @@ def _parse_entry(name: str, entry: Any, where: str) -> TensorInfo:
     return info
 
 
+def _entries(doc: dict[str, Any], where: str) -> tuple[list[TensorInfo], dict[str, str], int]:
+    """Validate a decoded header: tensors in data order, the metadata, and the data size."""
+    doc = dict(doc)
+    metadata = doc.pop("__metadata__", None)
+    metadata = {} if metadata is None else metadata  # optional; mlx writes null
+    if not isinstance(metadata, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()
+    ):
+        raise HeaderError(f"{where}: __metadata__ must map strings to strings")
+    infos = sorted((_parse_entry(k, v, where) for k, v in doc.items()), key=lambda t: (t.begin, t.end))
+    cursor = 0
+    for info in infos:
+        if info.begin != cursor:
+            kind = "overlaps the previous tensor" if info.begin < cursor else "leaves a hole"
+            raise HeaderError(f"{where}: tensor {info.name!r} at byte {info.begin} {kind}")
+        cursor = info.end
+    return infos, dict(metadata), cursor
+
+
+def planned_header(doc: dict[str, Any], *, path: Path, where: str) -> SafetensorsHeader:
+    """A header known before its file is here (read remotely): validated like a local one, with
+    ``data_start`` unknown (-1) until the file is fetched and its own header read."""
+    infos, metadata, _ = _entries(doc, where)
+    return SafetensorsHeader(path, -1, {t.name: t for t in infos}, metadata)
+
+
 def parse_header(prefix: bytes, raw: bytes, *, file_size: int, path: Path) -> SafetensorsHeader:
     """Validate a header given its 8-byte length prefix and JSON bytes.
 
@@ -144,22 +170,10 @@ def parse_header(prefix: bytes, raw: bytes, *, file_size: int, path: Path) -> Sa
         raise HeaderError(f"{where}: header is not valid JSON ({exc})") from None
     if not isinstance(doc, dict):
         raise HeaderError(f"{where}: header is a JSON {type(doc).__name__}, not an object")
-    metadata = doc.pop("__metadata__", None)
-    metadata = {} if metadata is None else metadata  # optional; mlx writes null
-    if not isinstance(metadata, dict) or not all(
-        isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()
-    ):
-        raise HeaderError(f"{where}: __metadata__ must map strings to strings")
-    infos = sorted((_parse_entry(k, v, where) for k, v in doc.items()), key=lambda t: (t.begin, t.end))
-    cursor = 0
-    for info in infos:
-        if info.begin != cursor:
-            kind = "overlaps the previous tensor" if info.begin < cursor else "leaves a hole"
-            raise HeaderError(f"{where}: tensor {info.name!r} at byte {info.begin} {kind}")
-        cursor = info.end
-    if 8 + n + cursor != file_size:
+    infos, metadata, data_size = _entries(doc, where)
+    if 8 + n + data_size != file_size:
         raise HeaderError(
-            f"{where}: header describes {cursor} data bytes but the file holds "
+            f"{where}: header describes {data_size} data bytes but the file holds "
             f"{file_size - 8 - n} (truncated or padded file)"
         )
     return SafetensorsHeader(path, 8 + n, {t.name: t for t in infos}, dict(metadata))

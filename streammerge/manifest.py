@@ -38,13 +38,20 @@ def _file_identity(path: Path) -> dict[str, Any]:
     return {"path": str(path.resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
 
 
+def _shard_identity(plan: MergePlan, shard: str) -> dict[str, Any]:
+    """A local shard by its file; a Hub shard by repo, commit and name (the file may not be here yet)."""
+    if plan.base.origin is not None:
+        return {"hub": plan.base.origin, "file": shard, "data_size": plan.base.shards[shard].data_size}
+    return _file_identity(plan.base.shards[shard].path)
+
+
 def shard_fingerprint(plan: MergePlan, shard: str, *, device: str, chunk: int) -> str:
     header = plan.base.shards[shard]
     doc = {
         "streammerge": __version__,
         "device": device,
         "chunk": chunk,
-        "base": _file_identity(header.path),
+        "base": _shard_identity(plan, shard),
         "metadata": header.metadata,
         "tensors": [
             [t.name, t.info.dtype, t.out_dtype, list(t.info.shape), t.info.begin,
@@ -134,8 +141,8 @@ def build_manifest(plan: MergePlan, records: dict[str, dict[str, Any]], options:
         "format": MANIFEST_FORMAT,
         "streammerge": __version__,
         "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "base": {"path": str(plan.base.root.resolve()),
-                 "shards": {s: _file_identity(h.path) for s, h in plan.base.shards.items()}},
+        "base": {"path": plan.base.origin or str(plan.base.root.resolve()),
+                 "shards": {s: _shard_identity(plan, s) for s in plan.base.shards}},
         "adapters": [{"path": str(a.path.resolve()), "weight": a.weight, "weights_file": _file_identity(a.weights_path),
                       "modules": len(a.modules)} for a in plan.adapters],
         "options": options,

@@ -76,12 +76,12 @@ def lock_output(staging: Path) -> int:
     return fd
 
 
-def check_free_space(output: Path, need: int) -> None:
+def check_free_space(output: Path, need: int, *, what: str = "the merged checkpoint") -> None:
     probe = output if output.exists() else output.parent
     free = shutil.disk_usage(probe).free
     if free < need:
         raise OutputError(
-            f"{probe}: {free} bytes free but the merged checkpoint needs {need}; "
+            f"{probe}: {free} bytes free but {what} needs {need}; "
             "free some space or choose another --output"
         )
 
