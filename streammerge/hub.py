@@ -82,8 +82,11 @@ def resolve(text: str, *, role: str, local_dir: Path | None = None) -> Path:
 
     repo, revision = parsed
     with hub_errors(f"{role} {text}", revision):
-        if local_dir is not None and not offline():
-            return Path(snapshot_download(repo, revision=revision, local_dir=local_dir / repo.replace("/", "--")))
+        if local_dir is not None and not offline():  # pinned to a commit first: no ref is written in the cache
+            from huggingface_hub import HfApi
+
+            commit = HfApi().repo_info(repo, revision=revision).sha
+            return Path(snapshot_download(repo, revision=commit, local_dir=local_dir / repo.replace("/", "--")))
         return Path(snapshot_download(repo, revision=revision))
 
 

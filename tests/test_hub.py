@@ -59,3 +59,19 @@ def test_repo_id_errors_are_one_line(tmp_path: Path) -> None:
     lines = missing.stderr.strip().splitlines()
     assert missing.returncode == 3 and len(lines) == 1
     assert "base org/not-cached: not in the local cache" in lines[0]
+
+
+def test_offline_with_a_shard_missing_from_the_cache_is_one_line(tmp_path: Path) -> None:
+    base = build_base("llama", tmp_path / "files-base", dtype="bf16", sharded=True)
+    peft = build_adapter(base, tmp_path / "files-adapter", dtype="bf16", r=4, lora_alpha=8)
+    home = tmp_path / "hf"
+    cache_repo(home / "hub", "org/tiny-llama", base)
+    cache_repo(home / "hub", "org/tiny-lora", peft.adapter)
+    snap = home / "hub" / "models--org--tiny-llama" / "snapshots" / REV
+    (snap / "model-00003-of-00005.safetensors").unlink()
+    done = run(["--base", "org/tiny-llama", "--adapter", "org/tiny-lora", "--output", str(tmp_path / "o")], home,
+               tmp_path)
+    lines = done.stderr.strip().splitlines()
+    assert done.returncode == 3 and len(lines) == 1, done.stderr
+    assert "shard model-00003-of-00005.safetensors is not in the local cache and HF_HUB_OFFLINE is set" in lines[0]
+    assert not (tmp_path / "o").exists()

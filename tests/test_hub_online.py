@@ -1,0 +1,146 @@
+"""Hub repos fetched through huggingface_hub's real download code, from a Hub endpoint on 127.0.0.1
+(tests/fakehub.py) named by HF_ENDPOINT: headers first, shards one at a time, --low-disk measured."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from fakehub import COMMIT, FakeHub
+from oracle import assert_merged, build_adapter, build_base
+
+from streammerge.fetch import FETCH_DIR, HOLD
+from streammerge.output import STAGING
+
+
+@pytest.fixture(scope="module")
+def repos(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    root = tmp_path_factory.mktemp("repos")
+    base = build_base("llama", root / "base", dtype="bf16", sharded=True)
+    peft = build_adapter(base, root / "lora", dtype="bf16", r=4, lora_alpha=8)
+    other = build_adapter(build_base("gpt2", root / "gpt2", dtype="bf16", sharded=False), root / "gpt2-lora",
+                          dtype="bf16", r=4, lora_alpha=8)
+    return {"base": base, "peft": peft, "gpt2_lora": other.adapter}
+
+
+def streammerge(args: list[str], *, hub: FakeHub, home: Path, cwd: Path) -> subprocess.CompletedProcess:
+    env = dict(os.environ, HF_HOME=str(home), HF_ENDPOINT=hub.url, HF_HUB_DISABLE_TELEMETRY="1")
+    for name in ("HF_HUB_CACHE", "HF_HUB_OFFLINE", "HF_TOKEN"):
+        env.pop(name, None)
+    return subprocess.run([sys.executable, "-m", "streammerge", *args], capture_output=True, text=True, env=env,
+                          cwd=cwd, timeout=300)
+
+
+def served(tmp_path: Path, repos: dict) -> FakeHub:
+    hub = FakeHub()
+    hub.add("org/tiny-llama", repos["base"])
+    hub.add("org/tiny-lora", repos["peft"].adapter)
+    hub.add("org/gpt2-lora", repos["gpt2_lora"])
+    return hub
+
+
+def shard_names(base: Path) -> list[str]:
+    return sorted(p.name for p in base.glob("*.safetensors"))
+
+
+def test_headers_first_then_shards_one_at_a_time_through_the_cache(tmp_path: Path, repos: dict) -> None:
+    home, work = tmp_path / "hf", tmp_path / "work"
+    work.mkdir()
+    with served(tmp_path, repos) as hub:
+        done = streammerge(["--base", "org/tiny-llama", "--adapter", "org/tiny-lora", "-q", "--json"],
+                           hub=hub, home=home, cwd=work)
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout)
+    out = Path(report["output"])
+    assert out == work / "tiny-llama-merged"
+    assert_merged(out, repos["base"], repos["peft"].deltas)
+    names = shard_names(repos["base"])
+    downloads = [p.rsplit("/", 1)[1] for p in hub.downloads() if "/org/tiny-llama/" in p]
+    assert sorted(downloads) == names and len(downloads) == len(names)  # each shard once, whole
+    first_download = next(i for i, r in enumerate(hub.requests) if r[0] == "GET" and not r[2] and
+                          r[1].endswith(".safetensors") and "tiny-llama" in r[1])
+    header_reads = [i for i, r in enumerate(hub.requests) if r[2] and "tiny-llama" in r[1]]
+    assert len(header_reads) == len(names) and max(header_reads) < first_download  # the plan came first
+    assert report["shards_downloaded"] == len(names) and report["base_commit"] == COMMIT
+    snapshot = home / "hub" / "models--org--tiny-llama" / "snapshots" / COMMIT
+    assert sorted(p.name for p in snapshot.glob("*.safetensors")) == names  # kept in the user's cache
+
+
+def test_bad_adapter_is_refused_before_any_shard_is_downloaded(tmp_path: Path, repos: dict) -> None:
+    with served(tmp_path, repos) as hub:
+        done = streammerge(["--base", "org/tiny-llama", "--adapter", "org/gpt2-lora", "--output",
+                            str(tmp_path / "out")], hub=hub, home=tmp_path / "hf", cwd=tmp_path)
+        plan = streammerge(["plan", "--base", "org/tiny-llama", "--adapter", "org/tiny-lora", "--json"],
+                           hub=hub, home=tmp_path / "hf", cwd=tmp_path)
+    assert done.returncode == 4 and len(done.stderr.strip().splitlines()) == 1, done.stderr
+    assert plan.returncode == 0, plan.stderr
+    assert json.loads(plan.stdout)["tensors_merged"] > 0
+    assert [p for p in hub.downloads() if "tiny-llama" in p] == []  # headers only, by range requests
+    assert len(hub.header_reads()) == 2 * len(shard_names(repos["base"]))
+    assert not (tmp_path / "out").exists()
+
+
+def test_low_disk_holds_at_most_two_base_shards_and_leaves_the_cache_alone(tmp_path: Path, repos: dict) -> None:
+    home, out = tmp_path / "hf", tmp_path / "out"
+    fetch_dir = out / STAGING / FETCH_DIR
+    seen: list[int] = []
+
+    def on_disk() -> int:  # base shards in the private folder, finished or still downloading
+        return sum(1 for p in fetch_dir.rglob("*") if p.is_file() and ".safetensors" in p.name
+                   and not p.name.endswith((".lock", ".metadata")))
+
+    def observe(method: str, path: str) -> None:
+        if method == "GET" and "/resolve/" in path and path.endswith(".safetensors"):
+            seen.append(on_disk())
+            time.sleep(0.05)  # a slow link: the merge would run ahead if it could
+
+    stop = threading.Event()
+
+    def sample() -> None:
+        while not stop.is_set():
+            seen.append(on_disk())
+            time.sleep(0.002)
+
+    sampler = threading.Thread(target=sample)
+    with served(tmp_path, repos) as hub:
+        hub.observer = observe
+        sampler.start()
+        try:
+            done = streammerge(["--base", "org/tiny-llama", "--adapter", "org/tiny-lora", "--output", str(out),
+                                "--low-disk", "-q", "--json"], hub=hub, home=home, cwd=tmp_path)
+        finally:
+            stop.set()
+            sampler.join()
+    assert done.returncode == 0, done.stderr
+    assert_merged(out, repos["base"], repos["peft"].deltas)
+    assert len(seen) > 50 and max(seen) <= HOLD, max(seen)
+    assert max(seen) >= 1  # the sampler did see downloads in the folder
+    assert len([p for p in hub.downloads() if "tiny-llama" in p]) == len(shard_names(repos["base"]))
+    assert not (home / "hub" / "models--org--tiny-llama").exists()  # the cache was not used
+    assert not (home / "hub" / "models--org--tiny-lora").exists()
+    assert not (out / STAGING).exists()
+
+
+def test_hub_errors_are_one_line(tmp_path: Path, repos: dict) -> None:
+    with served(tmp_path, repos) as hub:
+        hub.add("org/gated", repos["base"], gated=True)
+        runs = {
+            "gated": streammerge(["--base", "org/gated", "--adapter", "org/tiny-lora", "--output", str(tmp_path / "o")],
+                                 hub=hub, home=tmp_path / "hf", cwd=tmp_path),
+            "repository not found": streammerge(["--base", "org/nope", "--adapter", "org/tiny-lora", "--output",
+                                                 str(tmp_path / "o")], hub=hub, home=tmp_path / "hf", cwd=tmp_path),
+            "revision 'v9' not found": streammerge(["--base", "org/tiny-llama@v9", "--adapter", "org/tiny-lora",
+                                                    "--output", str(tmp_path / "o")], hub=hub, home=tmp_path / "hf",
+                                                   cwd=tmp_path),
+        }
+    for expected, done in runs.items():
+        lines = done.stderr.strip().splitlines()
+        assert done.returncode == 3 and len(lines) == 1, done.stderr
+        assert expected in lines[0] and "Traceback" not in done.stderr
+    assert not (tmp_path / "o").exists()
