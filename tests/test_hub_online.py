@@ -144,3 +144,35 @@ def test_hub_errors_are_one_line(tmp_path: Path, repos: dict) -> None:
         assert done.returncode == 3 and len(lines) == 1, done.stderr
         assert expected in lines[0] and "Traceback" not in done.stderr
     assert not (tmp_path / "o").exists()
+
+
+def test_the_next_shard_is_requested_before_the_current_one_is_merged(tmp_path: Path, repos: dict,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """The engine's side of prefetching, with a recording stand-in for the shard source."""
+    import streammerge
+    import streammerge.engine
+
+    events: list[tuple[str, str]] = []
+
+    class Recording:
+        def prefetch(self, shard: str) -> None:
+            events.append(("prefetch", shard))
+
+        def local(self, shard: str) -> None:
+            events.append(("local", shard))
+
+        def release(self, shard: str) -> None:
+            events.append(("release", shard))
+
+        def close(self) -> None:
+            pass
+
+    monkeypatch.setattr(streammerge.engine, "LocalShards", Recording)
+    streammerge.merge(repos["base"], [repos["peft"].adapter], output=tmp_path / "out", progress=False)
+    names = [s for e, s in events if e == "local"]  # the plan's order
+    assert sorted(names) == shard_names(repos["base"])
+    assert sorted(s for e, s in events if e == "release") == sorted(names)
+    for k, shard in enumerate(names):
+        assert events.index(("local", shard)) < events.index(("release", shard))
+        if k + 1 < len(names):  # asked for while shard k is still being merged
+            assert events.index(("prefetch", names[k + 1])) < events.index(("release", shard))
