@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from . import __version__
-from .errors import ExitCode, Interrupted, StreamMergeError
+from .errors import ExitCode, Interrupted, StreamMergeError, UsageError
 from .memory import DEFAULT_MAX_MEM, format_size, parse_size
 
 SUBCOMMANDS = ("plan", "verify", "demo")
@@ -70,7 +70,9 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--version", action="version", version=f"streammerge {__version__}")
     _common(p)
-    p.add_argument("--output", type=Path, help="output directory (default: BASE-merged beside the base)")
+    p.add_argument("--output", type=Path, action="append",
+                   help="output directory (default: BASE-merged beside the base). Give one --output per --adapter "
+                   "to write that many merged checkpoints in one pass over the base")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (CUDA when present; default)")
     p.add_argument("--max-mem", type=_size, default=DEFAULT_MAX_MEM, metavar="SIZE",
                    help="working-memory cap (host RAM on CPU, GPU memory on CUDA), e.g. 512MB, 20GB, 20GiB "
@@ -195,6 +197,18 @@ def _print_verify(result: dict[str, Any], as_json: bool) -> None:
           f"{result['max_error_ratio']:.2f} of the one-rounding bound), {result['shards_hashed']} shard checksums")
 
 
+def _jobs(args: argparse.Namespace) -> list[tuple[list[Any], Path | None]]:
+    """One --output (or none): one checkpoint from all the adapters (a weighted sum). One --output per
+    --adapter: that many checkpoints, in one pass over the base."""
+    outputs = args.output or [None]
+    if len(outputs) == 1:
+        return [(args.adapter, outputs[0])]
+    if len(outputs) == len(args.adapter):
+        return [([a], o) for a, o in zip(args.adapter, outputs)]
+    raise UsageError(f"{len(outputs)} --output for {len(args.adapter)} --adapter: give one --output per --adapter "
+                     "(one merged checkpoint each, one pass over the base), or a single --output for their weighted sum")
+
+
 def _run(argv: list[str]) -> int:
     if argv and argv[0] in SUBCOMMANDS:
         command, argv = argv[0], argv[1:]
@@ -212,7 +226,7 @@ def _run(argv: list[str]) -> int:
             print(f"demo check passed: every merged element within one rounding of the float64 result (plus the "
                   f"float32 accumulation bound), untouched tensors bit-identical ({args.dir})")
             return ExitCode.OK
-        from .merge import merge, open_inputs
+        from .merge import merge_many, open_inputs
 
         if command == "verify":
             from .verify import verify
@@ -226,11 +240,14 @@ def _run(argv: list[str]) -> int:
             plan = open_inputs(args.base, args.adapter, dtype=args.dtype, maps=args.map)[0]
             _print_plan({**plan.summary(), "memory": WorkingSet.of(plan, args.max_mem).to_dict()}, args.json)
             return ExitCode.OK
-        report = merge(args.base, args.adapter, output=args.output, device=args.device, max_mem=args.max_mem,
-                       dtype=args.dtype, overwrite=args.overwrite, maps=args.map, progress=not args.quiet,
-                       checksum=args.checksum, allow_noop=args.allow_noop, low_disk=args.low_disk,
-                       push_to_hub=args.push_to_hub, private=args.private, hub_revision=args.revision)
-        _print_report(report.to_dict(), args.json)
+        reports = merge_many(args.base, _jobs(args), device=args.device, max_mem=args.max_mem,
+                             dtype=args.dtype, overwrite=args.overwrite, maps=args.map, progress=not args.quiet,
+                             checksum=args.checksum, allow_noop=args.allow_noop, low_disk=args.low_disk,
+                             push_to_hub=args.push_to_hub, private=args.private, hub_revision=args.revision)
+        if args.json and len(reports) > 1:
+            print(json.dumps([r.to_dict() for r in reports], indent=2))
+        for report in reports if not (args.json and len(reports) > 1) else []:
+            _print_report(report.to_dict(), args.json)
         return ExitCode.OK
     except StreamMergeError as exc:
         if args.traceback:

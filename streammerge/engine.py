@@ -73,6 +73,16 @@ class WorkingSet:
         chunk = chunk_capacity(max_mem, fixed=fixed, bytes_per_element=4 + SLOTS * io_itemsize, minimum_elements=widest)
         return cls(max_mem, fixed, min(chunk, max((t.info.numel for t in rewritten), default=1)), io_itemsize, widest)
 
+    @classmethod
+    def combine(cls, sets: list[WorkingSet], max_mem: int) -> WorkingSet:
+        """One set of buffers for several plans merged one tensor at a time: the largest factors,
+        itemsize and row of any of them."""
+        fixed = max(s.fixed_bytes for s in sets)
+        io_itemsize = max(s.io_itemsize for s in sets)
+        widest = max(s.widest for s in sets)
+        chunk = chunk_capacity(max_mem, fixed=fixed, bytes_per_element=4 + SLOTS * io_itemsize, minimum_elements=widest)
+        return cls(max_mem, fixed, min(chunk, max(s.chunk_elements for s in sets)), io_itemsize, widest)
+
     def to_dict(self) -> dict[str, int]:
         return {"max_mem": self.max_mem, "factor_and_reserve_bytes": self.fixed_bytes,
                 "chunk_elements": self.chunk_elements, "chunk_bytes": self.chunk_bytes,
@@ -89,6 +99,12 @@ def count(report: MergeReport, t: TensorPlan) -> None:
         report.tensors_converted += 1
     else:
         report.tensors_copied += 1
+
+
+def progress_bar(total: int, progress: bool) -> tqdm:
+    """One bar over output bytes on stderr, only on a terminal."""
+    return tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc="merging", file=sys.stderr,
+                disable=not (progress and sys.stderr.isatty()))
 
 
 class Runtime:
@@ -137,6 +153,17 @@ class Engine:
         self._open: list[tuple[int, ShardWriter]] = []  # (source fd, writer) not yet closed
         self._source_fds: dict[Path, int] = {}  # adapter files that supply base weights
         self._cache: dict[tuple[int, str], object] = {}  # fused-expert factors (see _cached)
+        self._opened: dict[str, tuple[int, ShardWriter]] = {}  # shard -> (source fd, writer) being written
+        self._group: list[Engine] = [self]  # engines sharing one set of buffers; the first owns them
+
+    def share_buffers(self, others: list[Engine]) -> None:
+        """Several outputs in one pass: one set of chunk buffers for all, sized for any of their plans
+        (one tensor is merged at a time, whichever output it is for)."""
+        group = [self, *others]
+        ws = WorkingSet.combine([e.working_set for e in group], self.max_mem)
+        for e in group:
+            e.working_set, e._group = ws, group
+            e.io_itemsize, e.widest, e.chunk = ws.io_itemsize, ws.widest, ws.chunk_elements
 
     def start_compute(self) -> None:
         """Wait for torch, resolve the device, reset the peak-RSS counter and allocate the buffers.
@@ -144,6 +171,12 @@ class Engine:
         The RSS at this point (interpreter + libraries + plan) is the baseline the budget sits on.
         """
         if self.processor is not None:
+            return
+        if self._group[0] is not self:  # borrow the owner's buffers
+            owner = self._group[0]
+            owner.start_compute()
+            self.kernels, self.device, self.baseline_rss = owner.kernels, owner.device, owner.baseline_rss
+            self.processor = owner.processor
             return
         self.kernels = k = self.runtime.get()
         self.device = k.resolve_device(self.device_spec)
@@ -162,11 +195,31 @@ class Engine:
     def run(self, staging: Path, report: MergeReport, *, progress: bool, kept: dict[str, dict],
             fingerprints: dict[str, str], checksum: bool) -> None:
         """Write every shard not in ``kept`` into ``staging``; record each after its fsync."""
+        with progress_bar(self.plan.output_size, progress) as bar:
+            names = self.begin(staging, report, bar, kept=kept, fingerprints=fingerprints, checksum=checksum)
+            if names:
+                self.base_shards.prefetch(names[0])  # downloads while torch loads
+            for i, shard in enumerate(names):
+                # While torch is still loading, also queue the next shard's untouched copies, so
+                # that the disk works through the import. At most LOOKAHEAD shards ahead.
+                for j, ahead in enumerate(names[i : i + 1 + (0 if self.runtime.ready() else LOOKAHEAD)], i):
+                    if ahead not in self._opened:
+                        self.base_shards.local(ahead)  # a Hub shard: downloaded (or waited for) now
+                        if j + 1 < len(names):
+                            self.base_shards.prefetch(names[j + 1])
+                        self.open(ahead)
+                for t in self.plan.shards[shard]:
+                    if t.rewritten:
+                        self.rewrite(shard, t)
+                self.finish(shard)
+            self.drain()
+        self.end()
+
+    def begin(self, staging: Path, report: MergeReport, bar: tqdm, *, kept: dict[str, dict],
+              fingerprints: dict[str, str], checksum: bool) -> list[str]:
+        """Count the shards ``kept`` from an earlier run, set up recording; return the shards to write."""
         self.records = dict(kept)
-        bar = tqdm(
-            total=self.plan.output_size, unit="B", unit_scale=True, unit_divisor=1024,
-            desc="merging", file=sys.stderr, disable=not (progress and sys.stderr.isatty()),
-        )
+        self._staging, self._report, self._bar = staging, report, bar
         for shard in kept:  # finished by an earlier run with the same inputs and options
             tensors = self.plan.shards[shard]
             bar.update(sum(t.info.numel * DTYPE_SIZES[t.out_dtype] for t in tensors))
@@ -174,9 +227,6 @@ class Engine:
             report.shards += 1
             for t in tensors:
                 count(report, t)
-        names = [s for s in self.plan.shards if s not in kept]
-        if names:
-            self.base_shards.prefetch(names[0])  # downloads while torch loads
 
         def checksum_later(shard: str, record: dict) -> None:
             if checksum and record["sha256"] is None:
@@ -191,54 +241,49 @@ class Engine:
         self._record = record
         for kept_shard, kept_record in kept.items():
             checksum_later(kept_shard, kept_record)
-        opened: dict[str, tuple[int, ShardWriter]] = {}
-        with bar:
-            for i, shard in enumerate(names):
-                # While torch is still loading, also queue the next shard's untouched copies, so
-                # that the disk works through the import. At most LOOKAHEAD shards ahead.
-                for j, ahead in enumerate(names[i : i + 1 + (0 if self.runtime.ready() else LOOKAHEAD)], i):
-                    if ahead not in opened:
-                        self.base_shards.local(ahead)  # a Hub shard: downloaded (or waited for) now
-                        if j + 1 < len(names):
-                            self.base_shards.prefetch(names[j + 1])
-                        opened[ahead] = self._open_shard(staging / ahead, ahead, report, bar)
-                self._finish_shard(shard, *opened.pop(shard), report, bar)
-                report.shards += 1
-            self.io.drain()  # every write, copy and fsync done, or its error raised here
-            self.hasher.drain()  # every finished shard checksummed and recorded
-        self.start_compute()  # (a plan with nothing to compute still reports its device)
-        assert self.kernels is not None and self.processor is not None
-        report.device = str(self.device)
-        report.baseline_rss = self.baseline_rss
-        report.chunk_elements = self.processor.capacity
-        report.peak_gpu = self.kernels.peak_gpu(self.device)
+        return [s for s in self.plan.shards if s not in kept]
 
-    def _open_shard(self, path: Path, shard: str, report: MergeReport, bar: tqdm) -> tuple[int, ShardWriter]:
+    def open(self, shard: str) -> None:
         """Create the output shard and queue its untouched tensors' copies (no torch, no buffer)."""
         header = self.plan.base.shards[shard]
         tensors = self.plan.shards[shard]
         entries = [(t.name, t.out_dtype, t.info.shape) for t in tensors]
         src = os.open(header.path, os.O_RDONLY)
-        writer = ShardWriter(path, entries, {**header.metadata, "format": "pt"})
+        writer = ShardWriter(self._staging / shard, entries, {**header.metadata, "format": "pt"})
         self._open.append((src, writer))
+        self._opened[shard] = (src, writer)
         for t in tensors:
             if not t.rewritten:
                 self.io.submit(lambda t=t: writer.copy_range(src, header.data_start + t.info.begin, t.name, t.info.nbytes))
-                bar.update(t.info.nbytes)
-                count(report, t)
-        return src, writer
+                self._bar.update(t.info.nbytes)
+                count(self._report, t)
 
-    def _finish_shard(self, shard: str, src: int, writer: ShardWriter, report: MergeReport, bar: tqdm) -> None:
-        """Merge the shard's rewritten tensors chunk by chunk, then queue its fsync."""
-        header = self.plan.base.shards[shard]
-        tensors = self.plan.shards[shard]
-        for t in tensors:
-            if t.rewritten:
-                self.start_compute()
-                self._rewrite_with_fallback(t, src, header, writer, bar, report)
-        report.bytes_written += sum(t.info.numel * DTYPE_SIZES[t.out_dtype] for t in tensors)
+    def rewrite(self, shard: str, t: TensorPlan) -> None:
+        """Merge (or convert, or replace) one tensor of an open shard, chunk by chunk."""
+        self.start_compute()
+        src, writer = self._opened[shard]
+        self._rewrite_with_fallback(t, src, self.plan.base.shards[shard], writer, self._bar, self._report)
+
+    def finish(self, shard: str) -> None:
+        """Every tensor of ``shard`` is queued: queue its fsync; its record follows on the I/O thread."""
+        src, writer = self._opened.pop(shard)
+        self._report.bytes_written += sum(t.info.numel * DTYPE_SIZES[t.out_dtype] for t in self.plan.shards[shard])
+        self._report.shards += 1
         self.io.submit(lambda: (writer.commit(), self._record(shard)),
                        done=lambda: (self._closed(src, writer), self.base_shards.release(shard)))
+
+    def drain(self) -> None:
+        self.io.drain()  # every write, copy and fsync done, or its error raised here
+        self.hasher.drain()  # every finished shard checksummed and recorded
+
+    def end(self) -> None:
+        self.start_compute()  # (a plan with nothing to compute still reports its device)
+        assert self.kernels is not None and self.processor is not None
+        report = self._report
+        report.device = str(self.device)
+        report.baseline_rss = self.baseline_rss
+        report.chunk_elements = self.processor.capacity
+        report.peak_gpu = self.kernels.peak_gpu(self.device)
 
     def _closed(self, src: int, writer: ShardWriter) -> None:
         """After a shard's commit ran (or was skipped): close its source; forget it once committed."""
@@ -275,6 +320,8 @@ class Engine:
         else:
             note = f"CUDA out of memory on {t.name} even at one row: finishing the merge on the CPU"
             self.processor = self._processor(self.kernels.cpu_device(), self.chunk)
+        for e in self._group:
+            e.processor = self.processor
         log.warning(note)
         report.notes.append(note)
 
@@ -364,8 +411,9 @@ class Engine:
         """Stop the I/O thread (skipping what a failure left queued), then free and close everything."""
         self.io.stop()
         self.hasher.stop()
-        if self.processor is not None:
+        if self.processor is not None and self._group[0] is self:
             self.processor.close()
+        self.processor = None
         for src, writer in self._open:
             if src >= 0:
                 os.close(src)

@@ -24,6 +24,12 @@ class StreamMergeError(Exception):
     exit_code: ExitCode = ExitCode.ERROR
 
 
+class UsageError(StreamMergeError):
+    """Options that do not fit together."""
+
+    exit_code = ExitCode.USAGE
+
+
 class InputError(StreamMergeError):
     """A base checkpoint or adapter file is missing, corrupt or malformed."""
 

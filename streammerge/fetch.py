@@ -118,3 +118,32 @@ class HubShards:
                 if shard in self._paths:
                     self._paths[shard].unlink(missing_ok=True)
         self._held.clear()
+
+
+class SharedShards:
+    """One shard source for several outputs written in one pass: a shard is released once every
+    output that needs it has written its own merged copy (releases come from several I/O threads)."""
+
+    def __init__(self, inner: LocalShards | HubShards) -> None:
+        self.inner = inner
+        self._users: dict[str, int] = {}
+        self._lock = threading.Lock()
+
+    def expect(self, shard: str, users: int) -> None:
+        self._users[shard] = users
+
+    def prefetch(self, shard: str) -> None:
+        self.inner.prefetch(shard)
+
+    def local(self, shard: str) -> None:
+        self.inner.local(shard)
+
+    def release(self, shard: str) -> None:
+        with self._lock:
+            self._users[shard] = self._users.get(shard, 1) - 1
+            last = self._users[shard] <= 0
+        if last:
+            self.inner.release(shard)
+
+    def close(self) -> None:
+        pass  # the caller closes the inner source once

@@ -22,17 +22,16 @@ from typing import Any
 
 from . import hub
 from .adapter import LoraAdapter, changes_something, read_adapter
-from .checkpoint import INDEX_NAME, open_base
+from .checkpoint import BaseCheckpoint, open_base
 from .engine import Engine, Runtime
-from .errors import Interrupted, OutputError, PlanError
+from .errors import OutputError, PlanError
 from .keymap import Rule, parse_map
-from .manifest import MANIFEST_NAME, build_manifest, reusable_shards, shard_fingerprint, write_json_atomic
-from .fetch import FETCH_DIR, HOLD, HubShards
 from .memory import DEFAULT_MAX_MEM, peak_rss
-from .upload import CARD_NAME, Uploader, model_card
-from .output import STAGING, aux_files, check_free_space, check_output, copy_aux_files, copy_tokenizer, lock_output, default_output, publish, write_index
+from .output import check_output, default_output
 from .plan import build_plan
-from .plantypes import CONFIG_DTYPE_NAMES, MergePlan
+from .plantypes import MergePlan
+from .stream import Run, stream
+from .upload import Uploader, model_card
 
 @dataclass
 class MergeReport:
@@ -87,12 +86,23 @@ def open_inputs(
     of the user's cache (--low-disk). To refuse an adapter that changes nothing, its lora_B factors
     are read until a non-zero one is found.
     """
+    checkpoint, hub_base = _open_base(base, small_files_dir)
+    plan = _plan_for(checkpoint, adapters, dtype=dtype, maps=maps, allow_noop=allow_noop,
+                     small_files_dir=small_files_dir)
+    return plan, hub_base
+
+
+def _open_base(base: str | os.PathLike[str], small_files_dir: Path | None) -> tuple[BaseCheckpoint, hub.HubBase | None]:
+    hub_base = hub.open_hub_base(str(base), small_files_dir=small_files_dir) if hub.is_repo_id(str(base)) else None
+    return (hub_base.checkpoint if hub_base else open_base(Path(base))), hub_base
+
+
+def _plan_for(checkpoint: BaseCheckpoint, adapters: Sequence[AdapterSpec | str | os.PathLike[str]], *, dtype: str,
+              maps: Sequence[str], allow_noop: bool, small_files_dir: Path | None) -> MergePlan:
     specs = [a if isinstance(a, AdapterSpec) else AdapterSpec(Path(a)) for a in adapters]
     if not specs:
         raise PlanError("no adapter given; pass --adapter DIR")
     user_rules: tuple[Rule, ...] = tuple(parse_map(m) for m in maps)
-    hub_base = hub.open_hub_base(str(base), small_files_dir=small_files_dir) if hub.is_repo_id(str(base)) else None
-    checkpoint = hub_base.checkpoint if hub_base else open_base(Path(base))
     specs = [AdapterSpec(hub.resolve(str(s.path), role="adapter", local_dir=small_files_dir), s.weight) for s in specs]
     loaded: list[LoraAdapter] = [read_adapter(s.path, weight=s.weight) for s in specs]
     plan = build_plan(checkpoint, loaded, dtype=dtype, user_rules=user_rules)
@@ -103,7 +113,7 @@ def open_inputs(
                     "every lora_B is zero, as PEFT initialises it: was the adapter saved before training?")
                 raise PlanError(f"adapter {adapter.path} changes nothing ({why}); "
                                 "pass --allow-noop to write an unchanged copy anyway")
-    return plan, hub_base
+    return plan
 
 
 def load_inputs(
@@ -119,107 +129,6 @@ def load_inputs(
     return open_inputs(local, adapters, dtype=dtype, maps=maps, allow_noop=allow_noop)[0]
 
 
-@dataclass
-class _Run:
-    """What one merge() call works with, beyond the plan."""
-
-    out: Path
-    report: MergeReport
-    options: dict[str, Any]
-    hub_base: hub.HubBase | None = None
-    uploader: Uploader | None = None
-    low_disk: bool = False
-    card: str | None = None
-
-    @property
-    def staging(self) -> Path:
-        return self.out / STAGING
-
-
-def _finish_output(plan: MergePlan, run: _Run, records: dict[str, dict[str, Any]]) -> None:
-    """Non-weight files (config changes applied), the tokenizer of a resized vocabulary, the index, the
-    model card (when pushing) and the manifest into the staging area; then everything into ``out``
-    (the manifest last), or, with --push-to-hub --low-disk, into one Hub commit and nothing kept."""
-    staging, report = run.staging, run.report
-    report.files_copied = copy_aux_files(plan.base.root, staging, config_dtype=CONFIG_DTYPE_NAMES.get(plan.out_dtype or ""),
-                                         config_changes=plan.config_changes)
-    if plan.tokenizer_from is not None:
-        from_adapter = copy_tokenizer(plan.tokenizer_from, staging)
-        report.files_copied = sorted(set(report.files_copied) | set(from_adapter))
-        report.notes.append(
-            f"vocabulary resized to {plan.config_changes['vocab_size']}: tokenizer files "
-            f"{', '.join(from_adapter)} taken from {plan.tokenizer_from}" if from_adapter else
-            f"vocabulary resized to {plan.config_changes['vocab_size']} but {plan.tokenizer_from} has no "
-            "tokenizer files: the base's tokenizer was copied; make sure it knows the new tokens")
-    if run.card is not None:
-        (staging / CARD_NAME).write_text(run.card, encoding="utf-8")
-        report.files_copied = sorted(set(report.files_copied) | {CARD_NAME})
-    last = [INDEX_NAME] if plan.base.sharded else []
-    if plan.base.sharded:
-        write_index(staging, plan.base, plan.weight_map, plan.output_size)
-    write_json_atomic(staging / MANIFEST_NAME, build_manifest(plan, records, run.options))
-    message = f"Merge {len(plan.adapters)} LoRA adapter(s) into {plan.base.origin or plan.base.root.name} (streammerge)"
-    if run.uploader is not None and run.low_disk:  # the shards are on the Hub already, not here
-        report.pushed_to = run.uploader.commit(staging, report.files_copied + last + [MANIFEST_NAME], message=message)
-        shutil.rmtree(staging, ignore_errors=True)
-        report.notes.append(f"--low-disk with --push-to-hub: nothing kept in {run.out}; the merge is at {report.pushed_to}")
-        return
-    publish(staging, run.out, first=list(plan.shards), middle=report.files_copied, last=last + [MANIFEST_NAME])
-    if run.uploader is not None:
-        report.pushed_to = run.uploader.commit(run.out, report.files_copied + last + [MANIFEST_NAME], message=message)
-
-
-def _check_disk(plan: MergePlan, run: _Run, kept: dict[str, dict]) -> None:
-    """Free space for the rest of the output, plus the base shards still to download: about two at a
-    time with --low-disk (on the output's disk), all of them in the cache otherwise."""
-    need = plan.output_size - sum(r["size"] for r in kept.values())
-    need += sum((plan.base.root / f).stat().st_size for f in aux_files(plan.base.root))
-    missing = [size for s, size in (run.hub_base.sizes.items() if run.hub_base else [])
-               if s not in run.hub_base.cached and s not in kept]  # type: ignore[union-attr]
-    if run.low_disk:
-        need += HOLD * max(missing, default=0)
-    elif missing:
-        from huggingface_hub import constants
-
-        cache = Path(constants.HF_HUB_CACHE)
-        cache.mkdir(parents=True, exist_ok=True)
-        probe = run.out if run.out.exists() else run.out.parent
-        if os.stat(cache).st_dev == os.stat(probe).st_dev:
-            need += sum(missing)
-        else:
-            check_free_space(cache, sum(missing), what="the base shards to download into the Hub cache")
-    check_free_space(run.out, need)
-
-
-def _stream(plan: MergePlan, run: _Run, engine: Engine, *, progress: bool, checksum: bool) -> None:
-    """Lock the output, resume what is done, merge the rest, finish; on failure keep only what a
-    rerun can reuse."""
-    staging, out, report = run.staging, run.out, run.report
-    fingerprints = {s: shard_fingerprint(plan, s, device=report.device, chunk=engine.chunk) for s in plan.shards}
-    created = not out.exists()
-    lock = lock_output(staging)
-    try:
-        kept = reusable_shards(staging, fingerprints)
-        _check_disk(plan, run, kept)
-        engine.run(staging, report, progress=progress, kept=kept, fingerprints=fingerprints, checksum=checksum)
-        engine.close()  # the downloads' private folder goes before the output is published
-        _finish_output(plan, run, engine.records)
-    except BaseException as exc:
-        engine.close()  # first: no write may still be pending when files are removed
-        resumable = isinstance(exc, (KeyboardInterrupt, Interrupted, OutputError)) and engine.records
-        if resumable:
-            reusable_shards(staging, fingerprints)  # keep recorded shards only: no partial file stays
-        else:
-            shutil.rmtree(staging, ignore_errors=True)
-        if created and out.is_dir() and not any(out.iterdir()):
-            out.rmdir()
-        raise
-    finally:
-        os.close(lock)
-    if created and out.is_dir() and not any(out.iterdir()):
-        out.rmdir()  # --push-to-hub --low-disk: everything went to the Hub
-
-
 def _output_dir(base: str, output: str | os.PathLike[str] | None) -> Path:
     if output is not None:
         return Path(output)
@@ -233,6 +142,28 @@ def merge(
     adapters: Sequence[AdapterSpec | str | os.PathLike[str]],
     *,
     output: str | os.PathLike[str] | None = None,
+    **options: Any,
+) -> MergeReport:
+    """Merge LoRA adapters into a safetensors checkpoint, shard by shard, within ``max_mem`` bytes.
+
+    Each touched weight becomes ``W + sum_i w_i * s_i * (B_i @ A_i)`` computed in float32 and
+    rounded once to the output dtype (``s = lora_alpha / r``, or ``/ sqrt(r)`` with rsLoRA).
+    Untouched tensors are copied byte for byte. Raises a StreamMergeError subclass on bad input,
+    before anything is written. An interrupted run (signal, full disk, kill) leaves its finished
+    shards in ``output/.streammerge-partial``; the same call again resumes from them.
+
+    ``base`` and adapters may be Hub repo ids (``org/name[@rev]``): the base's shards are then
+    downloaded one at a time as the merge reaches them (``low_disk``: into a private folder, each
+    deleted once merged). ``push_to_hub``: upload the result as one commit with a model card.
+    Options: see ``merge_many``.
+    """
+    return merge_many(base, [(adapters, output)], **options)[0]
+
+
+def merge_many(
+    base: str | os.PathLike[str],
+    jobs: Sequence[tuple[Sequence[AdapterSpec | str | os.PathLike[str]], str | os.PathLike[str] | None]],
+    *,
     device: str = "auto",
     max_mem: int = DEFAULT_MAX_MEM,
     dtype: str = "auto",
@@ -246,69 +177,79 @@ def merge(
     private: bool = False,
     hub_revision: str | None = None,
     hub_api: Any = None,
-) -> MergeReport:
-    """Merge LoRA adapters into a safetensors checkpoint, shard by shard, within ``max_mem`` bytes.
-
-    Each touched weight becomes ``W + sum_i w_i * s_i * (B_i @ A_i)`` computed in float32 and
-    rounded once to the output dtype (``s = lora_alpha / r``, or ``/ sqrt(r)`` with rsLoRA).
-    Untouched tensors are copied byte for byte. Raises a StreamMergeError subclass on bad input,
-    before anything is written. An interrupted run (signal, full disk, kill) leaves its finished
-    shards in ``output/.streammerge-partial``; the same call again resumes from them.
-
-    ``base`` and adapters may be Hub repo ids (``org/name[@rev]``): the base's shards are then
-    downloaded one at a time as the merge reaches them (``low_disk``: into a private folder, each
-    deleted once merged). ``push_to_hub``: upload the result as one commit with a model card.
-    """
+) -> list[MergeReport]:
+    """Several merged checkpoints from one pass over the base: ``jobs`` is a list of (adapters,
+    output); each output is what ``merge(base, adapters, output=output)`` would write, and the base
+    is read once for all of them, within the same ``max_mem``."""
     started = time.perf_counter()
     runtime = Runtime()  # torch loads in the background while the plan is built
+    if push_to_hub and len(jobs) != 1:
+        raise OutputError("--push-to-hub takes a single output; push the others in separate runs")
     uploader = Uploader(push_to_hub, private=private, revision=hub_revision, delete_after=low_disk,
                         api=hub_api) if push_to_hub else None
     scratch = Path(tempfile.mkdtemp(prefix="streammerge-")) if low_disk else None  # Hub files, not the cache
+    options = {"dtype": dtype, "device": device, "max_mem": max_mem, "maps": list(maps), "checksum": checksum}
+    runs: list[Run] = []
     try:
         if not progress and (hub.is_repo_id(str(base)) or uploader):
             from huggingface_hub.utils import disable_progress_bars
 
             disable_progress_bars()
-        plan, hub_base = open_inputs(base, adapters, dtype=dtype, maps=maps, allow_noop=allow_noop,
-                                     small_files_dir=scratch)
-        out = _output_dir(str(base), output)
-        check_output(out, base=plan.base.root, adapters=[a.path for a in plan.adapters], overwrite=overwrite)
-        options = {"dtype": dtype, "device": device, "max_mem": max_mem, "maps": list(maps), "checksum": checksum}
-        run = _Run(out, MergeReport(str(out), device, max_mem, dtype), options, hub_base, uploader, low_disk)
+        checkpoint, hub_base = _open_base(base, scratch)
+        for adapters, output in jobs:
+            plan = _plan_for(checkpoint, adapters, dtype=dtype, maps=maps, allow_noop=allow_noop, small_files_dir=scratch)
+            out = _output_dir(str(base), output)
+            check_output(out, base=plan.base.root, adapters=[a.path for a in plan.adapters], overwrite=overwrite)
+            runs.append(Run(plan, out, MergeReport(str(out), device, max_mem, dtype), options, uploader, low_disk))
+        _check_distinct([r.out for r in runs])
         if uploader is not None:
-            run.card = _card(str(base), hub_base, plan, adapters, dtype)
-        _merge_with_engine(plan, run, runtime, progress=progress, checksum=checksum)
+            runs[0].card = _card(str(base), hub_base, runs[0].plan, jobs[0][0], dtype)
+        _start_engines(runs, runtime)
+        stream(runs, hub_base, progress=progress, checksum=checksum)
     finally:
         if uploader is not None:
             uploader.close()
         if scratch is not None:
             shutil.rmtree(scratch, ignore_errors=True)
-    report = run.report
-    report.adapter_modules = sum(len(a.modules) for a in plan.adapters)
-    report.seconds = time.perf_counter() - started
-    report.peak_rss = peak_rss()
-    return report
+    for run in runs:
+        report = run.report
+        report.adapter_modules = sum(len(a.modules) for a in run.plan.adapters)
+        report.seconds = time.perf_counter() - started
+        report.peak_rss = peak_rss()
+        if hub_base is not None:
+            report.base_commit = hub_base.commit
+    return [run.report for run in runs]
 
 
-def _merge_with_engine(plan: MergePlan, run: _Run, runtime: Runtime, *, progress: bool, checksum: bool) -> None:
-    report = run.report
-    fetch = HubShards(run.hub_base, private=run.staging / FETCH_DIR if run.low_disk else None) if run.hub_base else None
-    uploader = run.uploader
-    on_done = (lambda shard, record: uploader.shard_ready(run.staging / shard, shard)) if uploader else None
-    engine = Engine(plan, device=report.device, max_mem=report.max_mem, runtime=runtime, shards=fetch,
-                    on_shard_done=on_done)
+def _check_distinct(outs: list[Path]) -> None:
+    resolved = [o.resolve() for o in outs]
+    for i, a in enumerate(resolved):
+        for b in resolved[i + 1:]:
+            if a == b or a in b.parents or b in a.parents:
+                raise OutputError(f"--output {a} and {b} overlap; give each adapter its own output directory")
+
+
+def _start_engines(runs: list[Run], runtime: Runtime) -> None:
+    """An engine per output, sharing one set of buffers; a missing CUDA device or a refused Hub
+    token fails here, before anything is written."""
+    report = runs[0].report
+    for run in runs:
+        run.engine = Engine(run.plan, device=report.device, max_mem=report.max_mem, runtime=runtime)
+    engines = [r.engine for r in runs]
     try:
+        engines[0].share_buffers(engines[1:])  # type: ignore[union-attr, arg-type]
         if report.device != "cpu":
-            engine.start_compute()  # a missing CUDA device is refused before anything is written
-        if uploader is not None:
-            uploader.open()  # a missing token or permission is refused before anything is written
+            engines[0].start_compute()  # type: ignore[union-attr]
+        if runs[0].uploader is not None:
+            runs[0].uploader.open()
+        if runs[0].uploader is not None:
+            uploader = runs[0].uploader
+            staging = runs[0].staging
+            engines[0].on_shard_done = lambda shard, record: uploader.shard_ready(staging / shard, shard)  # type: ignore[union-attr]
     except BaseException:
-        engine.close()
+        for e in reversed(engines):
+            e.close()  # type: ignore[union-attr]
         raise
-    _stream(plan, run, engine, progress=progress, checksum=checksum)
-    if fetch is not None:
-        report.shards_downloaded = len(fetch.fetched)
-        report.base_commit = run.hub_base.commit  # type: ignore[union-attr]
 
 
 def _card(base: str, hub_base: hub.HubBase | None, plan: MergePlan,

@@ -127,6 +127,20 @@ def test_low_disk_holds_at_most_two_base_shards_and_leaves_the_cache_alone(tmp_p
     assert not (out / STAGING).exists()
 
 
+def test_two_outputs_from_one_download_of_each_shard(tmp_path: Path, repos: dict) -> None:
+    outs = [tmp_path / "merged-a", tmp_path / "merged-b"]
+    with served(tmp_path, repos) as hub:
+        done = streammerge(["--base", "org/tiny-llama", "--adapter", "org/tiny-lora", "--output", str(outs[0]),
+                            "--adapter", f"org/tiny-lora@{COMMIT}", "--output", str(outs[1]), "--low-disk", "-q"],
+                           hub=hub, home=tmp_path / "hf", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    for out in outs:
+        assert_merged(out, repos["base"], repos["peft"].deltas)
+    downloads = [p for p in hub.downloads() if "/org/tiny-llama/" in p]
+    assert len(downloads) == len(set(downloads)) == len(shard_names(repos["base"]))  # once for both outputs
+    assert not (tmp_path / "hf" / "hub" / "models--org--tiny-llama").exists()
+
+
 def test_hub_errors_are_one_line(tmp_path: Path, repos: dict) -> None:
     with served(tmp_path, repos) as hub:
         hub.add("org/gated", repos["base"], gated=True)
@@ -150,7 +164,7 @@ def test_the_next_shard_is_requested_before_the_current_one_is_merged(tmp_path: 
                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
     """The engine's side of prefetching, with a recording stand-in for the shard source."""
     import streammerge
-    import streammerge.engine
+    import streammerge.stream
 
     events: list[tuple[str, str]] = []
 
@@ -167,7 +181,7 @@ def test_the_next_shard_is_requested_before_the_current_one_is_merged(tmp_path: 
         def close(self) -> None:
             pass
 
-    monkeypatch.setattr(streammerge.engine, "LocalShards", Recording)
+    monkeypatch.setattr(streammerge.stream, "LocalShards", Recording)
     streammerge.merge(repos["base"], [repos["peft"].adapter], output=tmp_path / "out", progress=False)
     names = [s for e, s in events if e == "local"]  # the plan's order
     assert sorted(names) == shard_names(repos["base"])

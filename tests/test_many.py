@@ -1,0 +1,61 @@
+"""N adapters -> N merged checkpoints in one pass over the base (one --output per --adapter)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from oracle import assert_merged, build_adapter, build_base, tree_digest
+
+import streammerge
+from streammerge.cli import main
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    root = tmp_path_factory.mktemp("many")
+    base = build_base("llama", root / "base", dtype="bf16", sharded=True)
+    adapters = [
+        build_adapter(base, root / "a0", dtype="bf16", seed=1, r=4, lora_alpha=8),
+        build_adapter(base, root / "a1", dtype="bf16", seed=2, r=8, lora_alpha=4, target_modules=["q_proj", "v_proj"]),
+        build_adapter(base, root / "a2", dtype="bf16", seed=3, r=2, lora_alpha=16, use_rslora=True),
+    ]
+    return {"base": base, "adapters": adapters}
+
+
+def without_manifest(digest: dict[str, str]) -> dict[str, str]:
+    return {k: v for k, v in digest.items() if k != "streammerge.json"}
+
+
+def test_one_pass_writes_what_separate_runs_write(tmp_path: Path, inputs: dict,
+                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    base, adapters = inputs["base"], inputs["adapters"]
+    outs = [tmp_path / f"out{i}" for i in range(len(adapters))]
+    args = ["--base", str(base), "--device", "cpu", "--max-mem", "64MB", "-q", "--json"]
+    for peft, out in zip(adapters, outs):
+        args += ["--adapter", str(peft.adapter), "--output", str(out)]
+    assert main(args) == 0
+    reports = json.loads(capsys.readouterr().out)
+    assert [r["output"] for r in reports] == [str(o) for o in outs]
+    for peft, out, report in zip(adapters, outs, reports):
+        assert assert_merged(out, base, peft.deltas) == report["tensors_merged"] > 0
+        alone = tmp_path / f"alone-{out.name}"
+        streammerge.merge(base, [peft.adapter], output=alone, device="cpu", max_mem=64 * 10**6, progress=False)
+        assert without_manifest(tree_digest(out)) == without_manifest(tree_digest(alone))
+    assert reports[1]["tensors_merged"] < reports[0]["tensors_merged"]  # q_proj, v_proj only
+
+
+def test_output_count_must_match_the_adapters(tmp_path: Path, inputs: dict, capsys: pytest.CaptureFixture[str]) -> None:
+    base, adapters = inputs["base"], inputs["adapters"]
+    args = ["--base", str(base), "--output", str(tmp_path / "a"), "--output", str(tmp_path / "b")]
+    for peft in adapters:
+        args += ["--adapter", str(peft.adapter)]
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "2 --output for 3 --adapter: give one --output per --adapter" in err[0]
+    same = ["--base", str(base), "--adapter", str(adapters[0].adapter), "--output", str(tmp_path / "s"),
+            "--adapter", str(adapters[1].adapter), "--output", str(tmp_path / "s")]
+    assert main(same) == 5
+    assert "overlap" in capsys.readouterr().err
+    assert not (tmp_path / "a").exists() and not (tmp_path / "s").exists()
