@@ -235,7 +235,7 @@ def _run(argv: list[str]) -> int:
             _print_verify(result, args.json)
             return ExitCode.OK if result["ok"] else ExitCode.VERIFY
         if command == "plan":
-            from .engine import WorkingSet
+            from .workingset import WorkingSet
 
             plan = open_inputs(args.base, args.adapter, dtype=args.dtype, maps=args.map)[0]
             _print_plan({**plan.summary(), "memory": WorkingSet.of(plan, args.max_mem).to_dict()}, args.json)

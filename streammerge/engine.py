@@ -1,12 +1,6 @@
 """The streaming loop: one shard open at a time, one tensor at a time, one row chunk at a time.
 
-Memory model (``max_mem`` = M bytes, on the merge device):
-  fixed   = float32 A and B of the tensor being merged (largest over the plan) + a 32 MiB reserve
-  chunk   = E elements, each costing 4 bytes (float32 accumulator) + 2k bytes (two host I/O slots,
-            k = the widest input or output itemsize)
-  E       = (M - fixed) // (4 + 2k), at least one row of the widest tensor
-On CUDA the accumulator and one I/O buffer of E*k bytes live on the GPU and the two pinned host
-slots in RAM, so both stay under M.
+Memory: see ``workingset.py``; several outputs in one pass share one set of buffers.
 
 Threads: the merge thread reads and computes; one I/O thread writes chunks, copies untouched
 tensors file to file in the kernel, and fsyncs finished shards, in submission order. torch (about
@@ -22,7 +16,6 @@ import os
 import sys
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
 from typing import TYPE_CHECKING
@@ -34,7 +27,8 @@ from .fetch import HubShards, LocalShards
 from .header import DTYPE_SIZES, SafetensorsHeader
 from .iothread import IOThread
 from .manifest import add_checksum, record_shard
-from .memory import chunk_capacity, current_rss, format_size, reset_peak_rss
+from .memory import current_rss, format_size, reset_peak_rss
+from .workingset import SLOTS, WorkingSet
 from .plantypes import Delta, MergePlan, TensorPlan
 
 if TYPE_CHECKING:
@@ -43,50 +37,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-RESERVE = 32 * 1024**2  # runtime allocations outside our buffers (BLAS packing, copy bounce, files)
-SLOTS = 2
 LOOKAHEAD = 1  # shards whose copies may be queued ahead while torch loads
 EXPERT_CACHE = 4  # A and B of gate_up and of down
-
-
-@dataclass(frozen=True)
-class WorkingSet:
-    """What the merge holds at most, from the plan and the budget (the memory model above)."""
-
-    max_mem: int
-    fixed_bytes: int  # float32 factors of the largest merged tensor + RESERVE
-    chunk_elements: int
-    io_itemsize: int
-    widest: int  # the longest row: the smallest chunk possible
-
-    @property
-    def chunk_bytes(self) -> int:
-        return self.chunk_elements * (4 + SLOTS * self.io_itemsize)
-
-    @classmethod
-    def of(cls, plan: MergePlan, max_mem: int) -> WorkingSet:
-        rewritten = [t for t in plan.tensors() if t.rewritten]
-        io_itemsize = max((max(DTYPE_SIZES[t.origin(plan.base).info.dtype], DTYPE_SIZES[t.out_dtype])
-                           for t in rewritten), default=1)
-        widest = max((t.rows_cols[1] for t in rewritten), default=1)
-        fixed = plan.max_factor_bytes + RESERVE
-        chunk = chunk_capacity(max_mem, fixed=fixed, bytes_per_element=4 + SLOTS * io_itemsize, minimum_elements=widest)
-        return cls(max_mem, fixed, min(chunk, max((t.info.numel for t in rewritten), default=1)), io_itemsize, widest)
-
-    @classmethod
-    def combine(cls, sets: list[WorkingSet], max_mem: int) -> WorkingSet:
-        """One set of buffers for several plans merged one tensor at a time: the largest factors,
-        itemsize and row of any of them."""
-        fixed = max(s.fixed_bytes for s in sets)
-        io_itemsize = max(s.io_itemsize for s in sets)
-        widest = max(s.widest for s in sets)
-        chunk = chunk_capacity(max_mem, fixed=fixed, bytes_per_element=4 + SLOTS * io_itemsize, minimum_elements=widest)
-        return cls(max_mem, fixed, min(chunk, max(s.chunk_elements for s in sets)), io_itemsize, widest)
-
-    def to_dict(self) -> dict[str, int]:
-        return {"max_mem": self.max_mem, "factor_and_reserve_bytes": self.fixed_bytes,
-                "chunk_elements": self.chunk_elements, "chunk_bytes": self.chunk_bytes,
-                "working_set_bytes": self.fixed_bytes + self.chunk_bytes}
 
 
 def count(report: MergeReport, t: TensorPlan) -> None:

@@ -97,9 +97,9 @@ def test_small_chunks_and_kernel_copy_fallback(tmp_path: Path, model, monkeypatc
     """Many small chunks per tensor, and untouched tensors copied through the buffer, not the kernel."""
     base, peft = model
     monkeypatch.delattr(os, "copy_file_range")
-    from streammerge import engine
+    from streammerge import workingset
 
-    monkeypatch.setattr(engine, "RESERVE", 0)
+    monkeypatch.setattr(workingset, "RESERVE", 0)
     report = streammerge.merge(base, [peft.adapter], output=tmp_path / "out", device="cpu", max_mem=6000,
                                progress=False)
     assert report.chunk_elements < 112 * 64 / 2  # at least two chunks for the MLP weights

@@ -1,0 +1,63 @@
+"""The working set: what a merge holds at most, from the plan and ``--max-mem``.
+
+Memory model (``max_mem`` = M bytes, on the merge device):
+  fixed   = float32 A and B of the tensor being merged (largest over the plan) + a 32 MiB reserve
+  chunk   = E elements, each costing 4 bytes (float32 accumulator) + 2k bytes (two host I/O slots,
+            k = the widest input or output itemsize)
+  E       = (M - fixed) // (4 + 2k), at least one row of the widest tensor
+On CUDA the accumulator and one I/O buffer of E*k bytes live on the GPU and the two pinned host
+slots in RAM, so both stay under M.
+Several outputs merged in one pass share one set of buffers sized for the largest need of any of
+their plans (``WorkingSet.combine``): only one tensor is merged at a time, whichever output it is for.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .header import DTYPE_SIZES
+from .memory import chunk_capacity
+from .plantypes import MergePlan
+
+RESERVE = 32 * 1024**2  # runtime allocations outside our buffers (BLAS packing, copy bounce, files)
+SLOTS = 2
+
+
+@dataclass(frozen=True)
+class WorkingSet:
+    """What the merge holds at most, from the plan and the budget (the memory model above)."""
+
+    max_mem: int
+    fixed_bytes: int  # float32 factors of the largest merged tensor + RESERVE
+    chunk_elements: int
+    io_itemsize: int
+    widest: int  # the longest row: the smallest chunk possible
+
+    @property
+    def chunk_bytes(self) -> int:
+        return self.chunk_elements * (4 + SLOTS * self.io_itemsize)
+
+    @classmethod
+    def of(cls, plan: MergePlan, max_mem: int) -> WorkingSet:
+        rewritten = [t for t in plan.tensors() if t.rewritten]
+        io_itemsize = max((max(DTYPE_SIZES[t.origin(plan.base).info.dtype], DTYPE_SIZES[t.out_dtype])
+                           for t in rewritten), default=1)
+        widest = max((t.rows_cols[1] for t in rewritten), default=1)
+        fixed = plan.max_factor_bytes + RESERVE
+        chunk = chunk_capacity(max_mem, fixed=fixed, bytes_per_element=4 + SLOTS * io_itemsize, minimum_elements=widest)
+        return cls(max_mem, fixed, min(chunk, max((t.info.numel for t in rewritten), default=1)), io_itemsize, widest)
+
+    @classmethod
+    def combine(cls, sets: list[WorkingSet], max_mem: int) -> WorkingSet:
+        """One set of buffers for several plans merged one tensor at a time: the largest factors,
+        itemsize and row of any of them."""
+        fixed = max(s.fixed_bytes for s in sets)
+        io_itemsize = max(s.io_itemsize for s in sets)
+        widest = max(s.widest for s in sets)
+        chunk = chunk_capacity(max_mem, fixed=fixed, bytes_per_element=4 + SLOTS * io_itemsize, minimum_elements=widest)
+        return cls(max_mem, fixed, min(chunk, max(s.chunk_elements for s in sets)), io_itemsize, widest)
+
+    def to_dict(self) -> dict[str, int]:
+        return {"max_mem": self.max_mem, "factor_and_reserve_bytes": self.fixed_bytes,
+                "chunk_elements": self.chunk_elements, "chunk_bytes": self.chunk_bytes,
+                "working_set_bytes": self.fixed_bytes + self.chunk_bytes}
