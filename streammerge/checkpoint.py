@@ -284,11 +284,12 @@ class ShardWriter:
                 return 0
         return done
 
-    def commit(self) -> None:
-        """fsync, then drop the file's now-clean pages so the page cache does not grow with the output."""
+    def commit(self, *, drop_cache: bool = True) -> None:
+        """fsync, then drop the file's now-clean pages so the page cache does not grow with the output
+        (``drop_cache=False`` when the checksum reads the shard next: it drops them after reading)."""
         try:
             os.fsync(self.fd)
-            if hasattr(os, "posix_fadvise"):
+            if drop_cache and hasattr(os, "posix_fadvise"):
                 os.posix_fadvise(self.fd, 0, 0, os.POSIX_FADV_DONTNEED)
         except OSError as exc:
             raise OutputError(f"{self.path}: flushing failed ({exc.strerror})") from None

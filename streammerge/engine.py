@@ -171,7 +171,7 @@ class Engine:
               fingerprints: dict[str, str], checksum: bool) -> list[str]:
         """Count the shards ``kept`` from an earlier run, set up recording; return the shards to write."""
         self.records = dict(kept)
-        self._staging, self._report, self._bar = staging, report, bar
+        self._staging, self._report, self._bar, self._checksum = staging, report, bar, checksum
         for shard in kept:  # finished by an earlier run with the same inputs and options
             tensors = self.plan.shards[shard]
             bar.update(sum(t.info.numel * DTYPE_SIZES[t.out_dtype] for t in tensors))
@@ -221,7 +221,7 @@ class Engine:
         src, writer = self._opened.pop(shard)
         self._report.bytes_written += sum(t.info.numel * DTYPE_SIZES[t.out_dtype] for t in self.plan.shards[shard])
         self._report.shards += 1
-        self.io.submit(lambda: (writer.commit(), self._record(shard)),
+        self.io.submit(lambda: (writer.commit(drop_cache=not self._checksum), self._record(shard)),
                        done=lambda: (self._closed(src, writer), self.base_shards.release(shard)))
 
     def drain(self) -> None:

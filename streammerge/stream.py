@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 from .checkpoint import INDEX_NAME
 from .engine import Engine, progress_bar
 from .errors import Interrupted, OutputError
-from .fetch import HOLD, HubShards, LocalShards, SharedShards
+from .fetch import FETCH_DIR, HOLD, HubShards, LocalShards, SharedShards
 from .hub import HubBase
 from .manifest import MANIFEST_NAME, build_manifest, reusable_shards, shard_fingerprint, write_json_atomic
 from .output import STAGING, aux_files, check_free_space, copy_aux_files, copy_tokenizer, lock_output, publish, write_index
@@ -114,7 +114,8 @@ def _check_disk(runs: list[Run], kept: list[dict[str, dict]], hub_base: HubBase 
 def stream(runs: list[Run], hub_base: HubBase | None, *, progress: bool, checksum: bool) -> None:
     """Lock every output, resume what is done, merge the rest, finish; on failure keep only what a
     rerun can reuse. ``run.engine`` is set for every run."""
-    fetch = HubShards(hub_base, private=runs[0].staging / "base-shards" if runs[0].low_disk else None) if hub_base else LocalShards()
+    fetch = (HubShards(hub_base, private=runs[0].staging / FETCH_DIR if runs[0].low_disk else None) if hub_base
+             else LocalShards())
     try:
         for run in runs:
             run.created = not run.out.exists()

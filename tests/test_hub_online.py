@@ -29,10 +29,13 @@ def repos(tmp_path_factory: pytest.TempPathFactory) -> dict:
     return {"base": base, "peft": peft, "gpt2_lora": other.adapter}
 
 
-def streammerge(args: list[str], *, hub: FakeHub, home: Path, cwd: Path) -> subprocess.CompletedProcess:
+def streammerge(args: list[str], *, hub: FakeHub, home: Path, cwd: Path, token: str | None = None
+                ) -> subprocess.CompletedProcess:
     env = dict(os.environ, HF_HOME=str(home), HF_ENDPOINT=hub.url, HF_HUB_DISABLE_TELEMETRY="1")
     for name in ("HF_HUB_CACHE", "HF_HUB_OFFLINE", "HF_TOKEN"):
         env.pop(name, None)
+    if token is not None:
+        env["HF_TOKEN"] = token
     return subprocess.run([sys.executable, "-m", "streammerge", *args], capture_output=True, text=True, env=env,
                           cwd=cwd, timeout=300)
 
@@ -153,11 +156,15 @@ def test_hub_errors_are_one_line(tmp_path: Path, repos: dict) -> None:
                                                     "--output", str(tmp_path / "o")], hub=hub, home=tmp_path / "hf",
                                                    cwd=tmp_path),
         }
+        with_token = streammerge(["--base", "org/gated", "--adapter", "org/tiny-lora", "--output", str(tmp_path / "t"),
+                                  "-q"], hub=hub, home=tmp_path / "hf", cwd=tmp_path, token="hf_test_token")
     for expected, done in runs.items():
         lines = done.stderr.strip().splitlines()
         assert done.returncode == 3 and len(lines) == 1, done.stderr
         assert expected in lines[0] and "Traceback" not in done.stderr
     assert not (tmp_path / "o").exists()
+    assert with_token.returncode == 0, with_token.stderr  # HF_TOKEN reaches the Hub through huggingface_hub
+    assert_merged(tmp_path / "t", repos["base"], repos["peft"].deltas)
 
 
 def test_the_next_shard_is_requested_before_the_current_one_is_merged(tmp_path: Path, repos: dict,
