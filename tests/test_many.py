@@ -59,3 +59,36 @@ def test_output_count_must_match_the_adapters(tmp_path: Path, inputs: dict, caps
     assert main(same) == 5
     assert "overlap" in capsys.readouterr().err
     assert not (tmp_path / "a").exists() and not (tmp_path / "s").exists()
+
+
+def test_an_interrupted_pass_resumes_every_output(tmp_path: Path, inputs: dict, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Ctrl-C in the middle of the lockstep: the shards each output finished are kept, the rerun
+    redoes only the rest, and the results equal uninterrupted separate runs."""
+    from streammerge.engine import Engine
+
+    base, adapters = inputs["base"], inputs["adapters"][:2]
+    jobs = [([p.adapter], tmp_path / f"out{i}") for i, p in enumerate(adapters)]
+    finish, calls = Engine.finish, []
+
+    def finish_then_stop(self: Engine, shard: str) -> None:
+        calls.append(self)
+        if len(calls) == 5:  # both outputs finished shards 1 and 2; the first is at shard 3
+            for engine in set(calls):
+                engine.drain()  # (a real Ctrl-C may also land before the last fsync is recorded)
+            raise KeyboardInterrupt
+        finish(self, shard)
+
+    monkeypatch.setattr(Engine, "finish", finish_then_stop)
+    with pytest.raises(KeyboardInterrupt):
+        streammerge.merge_many(base, jobs, device="cpu", progress=False)
+    monkeypatch.setattr(Engine, "finish", finish)
+    for _, out in jobs:
+        staged = sorted(p.name for p in (out / ".streammerge-partial").glob("*.safetensors"))
+        assert len(staged) == 2 and not (out / "model.safetensors.index.json").exists()
+    reports = streammerge.merge_many(base, jobs, device="cpu", progress=False)
+    assert [r.shards_resumed for r in reports] == [2, 2]
+    for (adapter_list, out), peft in zip(jobs, adapters):
+        assert_merged(out, base, peft.deltas)
+        alone = tmp_path / f"alone-{out.name}"
+        streammerge.merge(base, adapter_list, output=alone, device="cpu", progress=False)
+        assert without_manifest(tree_digest(out)) == without_manifest(tree_digest(alone))
