@@ -75,6 +75,48 @@ def test_headers_first_then_shards_one_at_a_time_through_the_cache(tmp_path: Pat
     assert sorted(p.name for p in snapshot.glob("*.safetensors")) == names  # kept in the user's cache
 
 
+def on_a_terminal(args: list[str], *, hub: FakeHub, home: Path, cwd: Path) -> str:
+    """Run streammerge with stderr on a pseudo-terminal (progress bars are drawn only on one); its text."""
+    import fcntl
+    import pty
+    import struct
+    import termios
+
+    master, slave = pty.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 160, 0, 0))  # a width, or bars are empty
+    env = dict(os.environ, HF_HOME=str(home), HF_ENDPOINT=hub.url, HF_HUB_DISABLE_TELEMETRY="1")
+    for name in ("HF_HUB_CACHE", "HF_HUB_OFFLINE", "HF_TOKEN", "HF_HUB_DISABLE_PROGRESS_BARS"):
+        env.pop(name, None)
+    child = subprocess.Popen([sys.executable, "-m", "streammerge", *args], stdout=subprocess.DEVNULL, stderr=slave,
+                             env=env, cwd=cwd)
+    os.close(slave)
+    chunks = []
+    while True:
+        try:
+            data = os.read(master, 65536)
+        except OSError:  # the child closed the terminal
+            break
+        if not data:
+            break
+        chunks.append(data)
+    os.close(master)
+    assert child.wait(timeout=300) == 0
+    return b"".join(chunks).decode(errors="replace")
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="pseudo-terminal")
+def test_download_and_merge_progress_on_a_terminal(tmp_path: Path, repos: dict) -> None:
+    with served(tmp_path, repos) as hub:
+        shown = on_a_terminal(["--base", "org/tiny-llama", "--adapter", "org/tiny-lora", "--output",
+                               str(tmp_path / "out")], hub=hub, home=tmp_path / "hf", cwd=tmp_path)
+        quiet = on_a_terminal(["--base", "org/tiny-llama", "--adapter", "org/tiny-lora", "--output",
+                               str(tmp_path / "quiet"), "-q"], hub=hub, home=tmp_path / "hf-q", cwd=tmp_path)
+    for shard in shard_names(repos["base"]):  # huggingface_hub's bar for each shard downloaded
+        assert shard in shown
+    assert "merging" in shown and "100%" in shown  # and the merge's own bar
+    assert quiet.strip() == ""
+
+
 def test_bad_adapter_is_refused_before_any_shard_is_downloaded(tmp_path: Path, repos: dict) -> None:
     with served(tmp_path, repos) as hub:
         done = streammerge(["--base", "org/tiny-llama", "--adapter", "org/gpt2-lora", "--output",
