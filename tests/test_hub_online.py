@@ -85,7 +85,7 @@ def on_a_terminal(args: list[str], *, hub: FakeHub, home: Path, cwd: Path) -> st
     master, slave = pty.openpty()
     fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 160, 0, 0))  # a width, or bars are empty
     env = dict(os.environ, HF_HOME=str(home), HF_ENDPOINT=hub.url, HF_HUB_DISABLE_TELEMETRY="1")
-    for name in ("HF_HUB_CACHE", "HF_HUB_OFFLINE", "HF_TOKEN", "HF_HUB_DISABLE_PROGRESS_BARS"):
+    for name in ("HF_HUB_CACHE", "HF_HUB_OFFLINE", "HF_TOKEN", "HF_HUB_DISABLE_PROGRESS_BARS", "TQDM_DISABLE"):
         env.pop(name, None)
     child = subprocess.Popen([sys.executable, "-m", "streammerge", *args], stdout=subprocess.DEVNULL, stderr=slave,
                              env=env, cwd=cwd)
@@ -184,6 +184,35 @@ def test_two_outputs_from_one_download_of_each_shard(tmp_path: Path, repos: dict
     downloads = [p for p in hub.downloads() if "/org/tiny-llama/" in p]
     assert len(downloads) == len(set(downloads)) == len(shard_names(repos["base"]))  # once for both outputs
     assert not (tmp_path / "hf" / "hub" / "models--org--tiny-llama").exists()
+
+
+def test_single_file_base_and_a_shard_already_cached(tmp_path: Path, repos: dict) -> None:
+    """A base without an index; and with --low-disk, a shard already in the cache is read there,
+    neither downloaded again nor deleted."""
+    single = build_base("llama", tmp_path / "single", dtype="bf16", sharded=False)
+    home = tmp_path / "hf"
+    cached = shard_names(repos["base"])[0]
+    with served(tmp_path, repos) as hub:
+        hub.add("org/single", single)
+        one = streammerge(["--base", "org/single", "--adapter", "org/tiny-lora", "--output", str(tmp_path / "one"),
+                           "--low-disk", "-q"], hub=hub, home=home, cwd=tmp_path)
+        env = {k: v for k, v in os.environ.items() if k != "HF_HUB_OFFLINE"} | {"HF_HOME": str(home),
+                                                                               "HF_ENDPOINT": hub.url}
+        got = subprocess.run([sys.executable, "-c", "from huggingface_hub import hf_hub_download as d; "
+                              f"d('org/tiny-llama', '{cached}')"], env=env, capture_output=True, text=True)
+        assert got.returncode == 0, got.stderr
+        before = len(hub.downloads())
+        two = streammerge(["--base", "org/tiny-llama", "--adapter", "org/tiny-lora", "--output", str(tmp_path / "two"),
+                           "--low-disk", "-q"], hub=hub, home=home, cwd=tmp_path)
+        fetched = [p.rsplit("/", 1)[1] for p in hub.downloads()[before:] if "/org/tiny-llama/" in p]
+    assert one.returncode == 0, one.stderr
+    assert_merged(tmp_path / "one", single, repos["peft"].deltas)
+    assert two.returncode == 0, two.stderr
+    assert_merged(tmp_path / "two", repos["base"], repos["peft"].deltas)
+    assert sorted(fetched) == [s for s in shard_names(repos["base"]) if s != cached]
+    snapshot = home / "hub" / "models--org--tiny-llama" / "snapshots" / COMMIT
+    assert (snapshot / cached).resolve().is_file()  # still in the cache
+    assert [p.name for p in snapshot.glob("*.safetensors")] == [cached]  # and nothing else added there
 
 
 def test_hub_errors_are_one_line(tmp_path: Path, repos: dict) -> None:
