@@ -1,10 +1,11 @@
-"""The orchestrator: plan, then stream shard by shard within the memory budget; return a report.
+"""The API: plan, then stream shard by shard within the memory budget; return the report(s).
 
-1. open the base (index + every header) and the adapters; build the plan (no data read yet);
-2. check the output directory and the free disk space;
-3. size one set of reusable buffers from ``max_mem``;
-4. for every shard: copy untouched tensors byte for byte, merge touched ones in row chunks,
-   write the shard into the staging area and fsync it;
+1. open the base (index + every header; a Hub base without its shards) and the adapters; build
+   one plan per output (no tensor data read yet);
+2. check each output directory (and, in ``stream.py``, the free disk space);
+3. size one set of reusable buffers from ``max_mem``, shared by every output;
+4. for every shard (``stream.py`` / ``engine.py``): copy untouched tensors byte for byte, merge
+   touched ones in row chunks, write the shard into the staging area and fsync it;
 5. copy the non-weight files, write the index, and publish everything into the output.
 """
 
