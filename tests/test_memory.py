@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 import psutil
+import pytest
 import torch
 from oracle import exact_and_bound, read_checkpoint
 from safetensors import safe_open
@@ -50,13 +51,16 @@ def synthetic(root: Path) -> tuple[Path, Path]:
     return base, adapter
 
 
-def test_peak_rss_stays_under_budget(tmp_path: Path) -> None:
+@pytest.mark.parametrize("outputs", [1, 3])
+def test_peak_rss_stays_under_budget(tmp_path: Path, outputs: int) -> None:
+    """One output, and three outputs in one pass (they share one set of buffers)."""
     base, adapter = synthetic(tmp_path)
     size = sum(p.stat().st_size for p in base.glob("*.safetensors"))
     assert size > 5 * BUDGET
-    out = tmp_path / "out"
-    cmd = [sys.executable, "-m", "streammerge", "--base", str(base), "--adapter", str(adapter),
-           "--output", str(out), "--device", "cpu", "--max-mem", "64MB", "--json", "-q"]
+    outs = [tmp_path / f"out{i}" for i in range(outputs)]
+    pairs = [x for o in outs for x in ("--adapter", str(adapter), "--output", str(o))]
+    cmd = [sys.executable, "-m", "streammerge", "--base", str(base), *pairs, "--device", "cpu", "--max-mem", "64MB",
+           "--json", "-q"]
     child = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     sampled = 0
     proc = psutil.Process(child.pid)
@@ -68,8 +72,9 @@ def test_peak_rss_stays_under_budget(tmp_path: Path) -> None:
         time.sleep(0.005)
     stdout, stderr = child.communicate()
     assert child.returncode == 0, stderr
-    report = json.loads(stdout)
-    assert report["tensors_merged"] == 3 and report["tensors_copied"] == 4
+    reports = json.loads(stdout) if outputs > 1 else [json.loads(stdout)]
+    assert len(reports) == outputs and all(r["tensors_merged"] == 3 and r["tensors_copied"] == 4 for r in reports)
+    report, out = reports[-1], outs[-1]
     baseline, peak = report["baseline_rss"], report["peak_rss"]
     assert peak <= baseline + BUDGET, f"peak {peak} > baseline {baseline} + budget {BUDGET}"
     assert sampled <= baseline + BUDGET, f"sampled {sampled} > baseline {baseline} + budget {BUDGET}"
