@@ -74,7 +74,7 @@ def test_an_interrupted_pass_resumes_every_output(tmp_path: Path, inputs: dict, 
         calls.append(self)
         if len(calls) == 5:  # both outputs finished shards 1 and 2; the first is at shard 3
             for engine in set(calls):
-                engine.drain()  # (a real Ctrl-C may also land before the last fsync is recorded)
+                engine.io.drain()  # (a real Ctrl-C may also land before the last fsync is recorded)
             raise KeyboardInterrupt
         finish(self, shard)
 
