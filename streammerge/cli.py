@@ -200,6 +200,9 @@ def _print_verify(result: dict[str, Any], as_json: bool) -> None:
 def _jobs(args: argparse.Namespace) -> list[tuple[list[Any], Path | None]]:
     """One --output (or none): one checkpoint from all the adapters (a weighted sum). One --output per
     --adapter: that many checkpoints, in one pass over the base."""
+    for flag, given in (("--private", args.private), ("--revision", args.revision)):
+        if given and not args.push_to_hub:
+            raise UsageError(f"{flag} only applies with --push-to-hub ORG/NAME")
     outputs = args.output or [None]
     if len(outputs) == 1:
         return [(args.adapter, outputs[0])]

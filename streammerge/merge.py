@@ -219,6 +219,8 @@ def merge_many(
         report.peak_rss = peak_rss()
         if hub_base is not None:
             report.base_commit = hub_base.commit
+        elif low_disk and uploader is None:
+            report.notes.append("--low-disk changed nothing: the base is a local directory, nothing was downloaded")
     return [run.report for run in runs]
 
 

@@ -123,3 +123,13 @@ def test_push_refused_before_the_merge_is_one_line(tmp_path: Path, inputs: dict,
     assert main(["--base", str(inputs["base"]), "--adapter", str(inputs["peft"].adapter), "--output", str(out),
                  "--push-to-hub", "not a repo"]) == 5
     assert "not a repo id" in capsys.readouterr().err
+
+
+def test_hub_options_without_a_hub_are_refused_or_noted(tmp_path: Path, inputs: dict,
+                                                         capsys: pytest.CaptureFixture[str]) -> None:
+    common = ["--base", str(inputs["base"]), "--adapter", str(inputs["peft"].adapter)]
+    assert main([*common, "--output", str(tmp_path / "a"), "--private"]) == 2
+    assert "--private only applies with --push-to-hub" in capsys.readouterr().err
+    assert not (tmp_path / "a").exists()
+    assert main([*common, "--output", str(tmp_path / "b"), "--low-disk", "-q"]) == 0
+    assert "note: --low-disk changed nothing: the base is a local directory" in capsys.readouterr().out
