@@ -74,14 +74,15 @@ def finish_output(run: Run, records: dict[str, dict[str, Any]]) -> None:
         write_index(staging, plan.base, plan.weight_map, plan.output_size)
     write_json_atomic(staging / MANIFEST_NAME, build_manifest(plan, records, run.options))
     message = f"Merge {len(plan.adapters)} LoRA adapter(s) into {plan.base.origin or plan.base.root.name} (streammerge)"
-    if run.uploader is not None and run.low_disk:  # the shards are on the Hub already, not here
-        report.pushed_to = run.uploader.commit(staging, report.files_copied + last + [MANIFEST_NAME], message=message)
-        shutil.rmtree(staging, ignore_errors=True)
-        report.notes.append(f"--low-disk with --push-to-hub: nothing kept in {run.out}; the merge is at {report.pushed_to}")
-        return
+    files = report.files_copied + last + [MANIFEST_NAME]
+    if run.uploader is not None:  # before publishing: a failed commit leaves a resumable staging area
+        report.pushed_to = run.uploader.commit(staging, files, message=message)
+        if run.low_disk:  # the shards were deleted once uploaded: nothing to publish here
+            shutil.rmtree(staging, ignore_errors=True)
+            report.notes.append(f"--low-disk with --push-to-hub: nothing kept in {run.out}; the merge is at "
+                                f"{report.pushed_to}")
+            return
     publish(staging, run.out, first=list(plan.shards), middle=report.files_copied, last=last + [MANIFEST_NAME])
-    if run.uploader is not None:
-        report.pushed_to = run.uploader.commit(run.out, report.files_copied + last + [MANIFEST_NAME], message=message)
 
 
 def _check_disk(runs: list[Run], kept: list[dict[str, dict]], hub_base: HubBase | None) -> None:

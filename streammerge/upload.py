@@ -91,7 +91,7 @@ class Uploader:
     def _fail(self, what: str, exc: BaseException) -> OutputError:
         first = (str(exc).strip().splitlines() or [""])[0]
         return OutputError(f"--push-to-hub {self.repo_id}: {what} failed ({type(exc).__name__}: {first}); "
-                           "check HF_TOKEN has write access; the local output is kept, rerun to retry")
+                           "check HF_TOKEN has write access; finished shards are kept: rerun the same command to retry")
 
     def open(self) -> None:
         """Create the repo (and branch) now, before the merge: fail fast on a token or permission."""

@@ -125,6 +125,20 @@ def test_push_refused_before_the_merge_is_one_line(tmp_path: Path, inputs: dict,
     assert "not a repo id" in capsys.readouterr().err
 
 
+def test_a_failed_commit_is_retried_by_rerunning(tmp_path: Path, inputs: dict) -> None:
+    out = tmp_path / "out"
+    args = dict(output=out, progress=False, push_to_hub="me/tiny-merged")
+    with pytest.raises(streammerge.StreamMergeError, match="the commit failed .*rerun the same command to retry"):
+        streammerge.merge(inputs["base"], [inputs["peft"].adapter], hub_api=RecordingApi(fail_on="create_commit"), **args)
+    assert not (out / "streammerge.json").exists() and not (out / "model.safetensors.index.json").exists()
+    api = RecordingApi()
+    report = streammerge.merge(inputs["base"], [inputs["peft"].adapter], hub_api=api, **args)
+    shards = sorted(p.name for p in out.glob("*.safetensors"))
+    assert report.shards_resumed == len(shards) and report.pushed_to
+    assert set(api.calls[-1][1][1]) == {p.name for p in out.iterdir() if p.is_file()}
+    assert_merged(out, inputs["base"], inputs["peft"].deltas)
+
+
 def test_hub_options_without_a_hub_are_refused_or_noted(tmp_path: Path, inputs: dict,
                                                          capsys: pytest.CaptureFixture[str]) -> None:
     common = ["--base", str(inputs["base"]), "--adapter", str(inputs["peft"].adapter)]
