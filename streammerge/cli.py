@@ -240,6 +240,10 @@ def _run(argv: list[str]) -> int:
         if command == "plan":
             from .workingset import WorkingSet
 
+            from .hub import is_repo_id, progress_bars
+
+            if is_repo_id(args.base) or any(is_repo_id(str(a.path)) for a in args.adapter):
+                progress_bars(not args.quiet)
             plan = open_inputs(args.base, args.adapter, dtype=args.dtype, maps=args.map)[0]
             _print_plan({**plan.summary(), "memory": WorkingSet.of(plan, args.max_mem).to_dict()}, args.json)
             return ExitCode.OK

@@ -49,6 +49,15 @@ def offline() -> bool:
     return bool(constants.HF_HUB_OFFLINE)
 
 
+def progress_bars(show: bool) -> None:
+    """huggingface_hub's download/upload bars follow streammerge's: on stderr, only on a terminal."""
+    import sys
+
+    from huggingface_hub.utils import disable_progress_bars, enable_progress_bars
+
+    (enable_progress_bars if show and sys.stderr.isatty() else disable_progress_bars)()
+
+
 @contextlib.contextmanager
 def hub_errors(where: str, revision: str | None = None) -> Iterator[None]:
     """huggingface_hub's errors as one line each: what, where, the fix."""

@@ -192,10 +192,9 @@ def merge_many(
     options = {"dtype": dtype, "device": device, "max_mem": max_mem, "maps": list(maps), "checksum": checksum}
     runs: list[Run] = []
     try:
-        if not progress and (hub.is_repo_id(str(base)) or uploader):
-            from huggingface_hub.utils import disable_progress_bars
-
-            disable_progress_bars()
+        named = [str(base)] + [str(getattr(a, "path", a)) for adapters, _ in jobs for a in adapters]
+        if uploader or any(hub.is_repo_id(n) for n in named):
+            hub.progress_bars(progress)
         checkpoint, hub_base = _open_base(base, scratch)
         for adapters, output in jobs:
             plan = _plan_for(checkpoint, adapters, dtype=dtype, maps=maps, allow_noop=allow_noop, small_files_dir=scratch)
