@@ -98,6 +98,7 @@ class LoraAdapter:
     # module -> (token ids, "<module>.token_adapter.trainable_tokens_delta" (len(ids), dim)): rows
     # of the module's weight replaced by the saved values (PEFT's trainable_token_indices).
     token_rows: dict[str, tuple[list[int], TensorInfo]] = field(default_factory=dict)
+    origin: str | None = None  # "org/name@commit" when read from the Hub (its identity for resuming)
     transposed_keys: frozenset[str] = frozenset()  # stored transposed (mlx-lm): load() turns them
 
     @property

@@ -36,6 +36,10 @@ class InputError(StreamMergeError):
     exit_code = ExitCode.INPUT
 
 
+class DownloadError(InputError):
+    """A base shard could not be fetched mid-merge: the shards already merged are kept for a rerun."""
+
+
 class PlanError(StreamMergeError):
     """The adapter does not fit the base: unmatched, doubly matched or mis-shaped tensors."""
 

@@ -17,7 +17,7 @@ import threading
 from pathlib import Path
 
 from .checkpoint import BaseCheckpoint
-from .errors import InputError
+from .errors import DownloadError, InputError
 from .header import read_header
 from .hub import HubBase, hub_errors
 
@@ -78,7 +78,9 @@ class HubShards:
                                        local_dir=self.private)
             self._paths[shard] = Path(path)
             self.fetched.append(shard)
-        except BaseException as exc:  # raised in the merge thread by local()
+        except InputError as exc:  # raised in the merge thread by local()
+            self._errors[shard] = DownloadError(f"{exc}; shards merged so far are kept: rerun the same command to resume")
+        except BaseException as exc:
             self._errors[shard] = exc
 
     def local(self, shard: str) -> None:

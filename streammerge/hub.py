@@ -84,19 +84,24 @@ def hub_errors(where: str, revision: str | None = None) -> Iterator[None]:
 def resolve(text: str, *, role: str, local_dir: Path | None = None) -> Path:
     """A local directory as given, or the local snapshot of a whole Hub repo (adapters, verify).
     With ``local_dir`` the files go there instead of the cache (``--low-disk``)."""
+    return resolve_with_origin(text, role=role, local_dir=local_dir)[0]
+
+
+def resolve_with_origin(text: str, *, role: str, local_dir: Path | None = None) -> tuple[Path, str | None]:
+    """``resolve``, and for a repo id its origin ``org/name@commit`` (None for a local directory)."""
     parsed = parse(text)
     if parsed is None:
-        return Path(text)
-    from huggingface_hub import snapshot_download
+        return Path(text), None
+    from huggingface_hub import HfApi, snapshot_download
 
     repo, revision = parsed
     with hub_errors(f"{role} {text}", revision):
         if local_dir is not None and not offline():  # pinned to a commit first: no ref is written in the cache
-            from huggingface_hub import HfApi
-
-            commit = HfApi().repo_info(repo, revision=revision).sha
-            return Path(snapshot_download(repo, revision=commit, local_dir=local_dir / repo.replace("/", "--")))
-        return Path(snapshot_download(repo, revision=revision))
+            commit = HfApi().repo_info(repo, revision=revision).sha or ""
+            where = local_dir / repo.replace("/", "--")
+            return Path(snapshot_download(repo, revision=commit, local_dir=where)), f"{repo}@{commit}"
+        snapshot = Path(snapshot_download(repo, revision=revision))
+        return snapshot, f"{repo}@{snapshot.name}"
 
 
 @dataclass

@@ -45,6 +45,15 @@ def _shard_identity(plan: MergePlan, shard: str) -> dict[str, Any]:
     return _file_identity(plan.base.shards[shard].path)
 
 
+def _adapter_file_identity(plan: MergePlan, path: Path) -> dict[str, Any]:
+    """An adapter file by repo, commit and name when it came from the Hub (it may sit in a fresh
+    temporary folder on every run), else by the file itself."""
+    for adapter in plan.adapters:
+        if adapter.origin is not None and path == adapter.weights_path:
+            return {"hub": adapter.origin, "file": path.name}
+    return _file_identity(path)
+
+
 def shard_fingerprint(plan: MergePlan, shard: str, *, device: str, chunk: int) -> str:
     header = plan.base.shards[shard]
     doc = {
@@ -55,11 +64,12 @@ def shard_fingerprint(plan: MergePlan, shard: str, *, device: str, chunk: int) -
         "metadata": header.metadata,
         "tensors": [
             [t.name, t.info.dtype, t.out_dtype, list(t.info.shape), t.info.begin,
-             [[_file_identity(d.adapter.weights_path), d.lora.a_key, d.lora.b_key, d.lora.magnitude_key, d.lora.bias_key,
+             [[_adapter_file_identity(plan, d.adapter.weights_path), d.lora.a_key, d.lora.b_key, d.lora.magnitude_key, d.lora.bias_key,
                repr(d.scale), d.transposed, d.vector, d.expert, d.rows]
               for d in t.deltas],
-             t.source and [_file_identity(t.source.path), t.source.info.dtype, t.source.info.begin],
-             t.tokens and [_file_identity(t.tokens.adapter.weights_path), t.tokens.key, list(t.tokens.ids)]]
+             t.source and [_adapter_file_identity(plan, t.source.path), t.source.info.dtype, t.source.info.begin],
+             t.tokens and [_adapter_file_identity(plan, t.tokens.adapter.weights_path), t.tokens.key,
+                           list(t.tokens.ids)]]
             for t in plan.shards[shard]
         ],
     }
@@ -143,7 +153,8 @@ def build_manifest(plan: MergePlan, records: dict[str, dict[str, Any]], options:
         "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "base": {"path": plan.base.origin or str(plan.base.root.resolve()),
                  "shards": {s: _shard_identity(plan, s) for s in plan.base.shards}},
-        "adapters": [{"path": str(a.path.resolve()), "weight": a.weight, "weights_file": _file_identity(a.weights_path),
+        "adapters": [{"path": a.origin or str(a.path.resolve()), "weight": a.weight,
+                      "weights_file": _adapter_file_identity(plan, a.weights_path),
                       "modules": len(a.modules)} for a in plan.adapters],
         "options": options,
         "tensors_merged": sorted(t.name for t in plan.touched),

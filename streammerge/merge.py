@@ -104,8 +104,10 @@ def _plan_for(checkpoint: BaseCheckpoint, adapters: Sequence[AdapterSpec | str |
     if not specs:
         raise PlanError("no adapter given; pass --adapter DIR")
     user_rules: tuple[Rule, ...] = tuple(parse_map(m) for m in maps)
-    specs = [AdapterSpec(hub.resolve(str(s.path), role="adapter", local_dir=small_files_dir), s.weight) for s in specs]
-    loaded: list[LoraAdapter] = [read_adapter(s.path, weight=s.weight) for s in specs]
+    loaded: list[LoraAdapter] = []
+    for spec in specs:
+        path, origin = hub.resolve_with_origin(str(spec.path), role="adapter", local_dir=small_files_dir)
+        loaded.append(dataclasses.replace(read_adapter(path, weight=spec.weight), origin=origin))
     plan = build_plan(checkpoint, loaded, dtype=dtype, user_rules=user_rules)
     if not allow_noop:
         for adapter in loaded:

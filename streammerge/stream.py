@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 from .checkpoint import INDEX_NAME
 from .engine import Engine, progress_bar
-from .errors import Interrupted, OutputError
+from .errors import DownloadError, Interrupted, OutputError
 from .fetch import FETCH_DIR, HOLD, HubShards, LocalShards, SharedShards
 from .hub import HubBase
 from .manifest import MANIFEST_NAME, build_manifest, reusable_shards, shard_fingerprint, write_json_atomic
@@ -140,6 +140,9 @@ def stream(runs: list[Run], hub_base: HubBase | None, *, progress: bool, checksu
             run.report.shards_downloaded = len(fetch.fetched) if isinstance(fetch, HubShards) else 0
             finish_output(run, run.engine.records)  # type: ignore[union-attr]
     except BaseException as exc:
+        if isinstance(exc, DownloadError):  # the writers are fine: let them fsync and record what is merged
+            for run in runs:
+                _drain_quietly(run.engine)
         _close(runs, fetch)  # first: no write may still be pending when files are removed
         for run in runs:
             _clean_after_failure(run, exc)
@@ -159,11 +162,20 @@ def _close(runs: list[Run], fetch: LocalShards | HubShards) -> None:
     fetch.close()
 
 
+def _drain_quietly(engine: Engine | None) -> None:
+    try:
+        if engine is not None:
+            engine.io.drain()
+    except Exception:  # the first error stays the one reported
+        pass
+
+
 def _clean_after_failure(run: Run, exc: BaseException) -> None:
     if run.lock < 0:
         return
     engine = run.engine
-    if isinstance(exc, (KeyboardInterrupt, Interrupted, OutputError)) and engine and engine.records and run.fingerprints:
+    resumable = (KeyboardInterrupt, Interrupted, OutputError, DownloadError)
+    if isinstance(exc, resumable) and engine and engine.records and run.fingerprints:
         reusable_shards(run.staging, run.fingerprints)  # keep recorded shards only: no partial file stays
     else:
         shutil.rmtree(run.staging, ignore_errors=True)

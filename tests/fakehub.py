@@ -37,6 +37,7 @@ class FakeHub:
     requests: list[tuple[str, str, str]] = field(default_factory=list)  # (method, path, range header)
     observer: Callable[[str, str], None] | None = None
     url: str = ""
+    refuse: set[str] = field(default_factory=set)  # file names whose download (not header read) gets 403
 
     def add(self, repo_id: str, root: Path, **kw: object) -> Repo:
         self.repos[repo_id] = Repo(root, **kw)  # type: ignore[arg-type]
@@ -120,7 +121,9 @@ class FakeHub:
         elif m := re.fullmatch(r"/([^/]+/[^/]+)/resolve/([^/]+)/(.+)", path):
             if repo := self._repo(h, m[1], m[2]):
                 file = repo.files().get(m[3])
-                if file is None:
+                if m[3] in self.refuse and not h.headers.get("Range"):
+                    self._error(h, 403, "Forbidden", "download refused for this test")
+                elif file is None:
                     self._error(h, 404, "EntryNotFound", f"{m[3]} does not exist")
                 else:
                     self._file(h, repo, file, head)

@@ -215,6 +215,26 @@ def test_single_file_base_and_a_shard_already_cached(tmp_path: Path, repos: dict
     assert [p.name for p in snapshot.glob("*.safetensors")] == [cached]  # and nothing else added there
 
 
+def test_a_failed_download_keeps_the_merged_shards_for_a_rerun(tmp_path: Path, repos: dict) -> None:
+    out, home = tmp_path / "out", tmp_path / "hf"
+    args = ["--base", "org/tiny-llama", "--adapter", "org/tiny-lora", "--output", str(out), "--low-disk", "-q"]
+    with served(tmp_path, repos) as hub:
+        third = shard_names(repos["base"])[2]  # not the first in the merge's order (that is lm_head's shard)
+        hub.refuse = {third}
+        failed = streammerge(args, hub=hub, home=home, cwd=tmp_path)
+        hub.refuse = set()
+        before = len(hub.downloads())
+        again = streammerge([*args, "--json"], hub=hub, home=home, cwd=tmp_path)
+        fetched_again = [p.rsplit("/", 1)[1] for p in hub.downloads()[before:] if "/org/tiny-llama/" in p]
+    lines = failed.stderr.strip().splitlines()
+    assert failed.returncode == 3 and len(lines) == 1, failed.stderr
+    assert third in lines[0] and "rerun the same command to resume" in lines[0]
+    assert again.returncode == 0, again.stderr
+    report = json.loads(again.stdout)
+    assert report["shards_resumed"] >= 1 and len(fetched_again) == len(shard_names(repos["base"])) - report["shards_resumed"]
+    assert_merged(out, repos["base"], repos["peft"].deltas)
+
+
 def test_hub_errors_are_one_line(tmp_path: Path, repos: dict) -> None:
     with served(tmp_path, repos) as hub:
         hub.add("org/gated", repos["base"], gated=True)
