@@ -46,9 +46,9 @@ def _adapter_spec(text: str) -> Any:
     return AdapterSpec(Path(text))
 
 
-def _common(p: argparse.ArgumentParser) -> None:
+def _common(p: argparse.ArgumentParser, *, adapter_required: bool = True) -> None:
     p.add_argument("--base", required=True, help="base checkpoint directory (safetensors, sharded or single file)")
-    p.add_argument("--adapter", required=True, action="append", type=_adapter_spec, metavar="DIR[:WEIGHT]",
+    p.add_argument("--adapter", required=adapter_required, action="append", type=_adapter_spec, metavar="DIR[:WEIGHT]",
                    help="PEFT LoRA adapter directory; repeat to merge a weighted sum of adapters")
     p.add_argument("--dtype", choices=("auto", "bf16", "fp16", "fp32"), default="auto",
                    help="output dtype of floating tensors (auto: keep each tensor's dtype)")
@@ -69,10 +69,13 @@ def _parser() -> argparse.ArgumentParser:
         "'streammerge demo' (built-in example).",
     )
     p.add_argument("--version", action="version", version=f"streammerge {__version__}")
-    _common(p)
+    _common(p, adapter_required=False)
     p.add_argument("--output", type=Path, action="append",
                    help="output directory (default: BASE-merged beside the base). Give one --output per --adapter "
                    "to write that many merged checkpoints in one pass over the base")
+    p.add_argument("--batch", type=Path, metavar="FILE",
+                   help='instead of --adapter/--output: a JSON list of {"output": DIR, "adapters": [DIR[:WEIGHT], ...]}, '
+                   "one merged checkpoint each, all in one pass over the base")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (CUDA when present; default)")
     p.add_argument("--max-mem", type=_size, default=DEFAULT_MAX_MEM, metavar="SIZE",
                    help="working-memory cap (host RAM on CPU, GPU memory on CUDA), e.g. 512MB, 20GB, 20GiB "
@@ -197,12 +200,33 @@ def _print_verify(result: dict[str, Any], as_json: bool) -> None:
           f"{result['max_error_ratio']:.2f} of the one-rounding bound), {result['shards_hashed']} shard checksums")
 
 
+def _batch(path: Path) -> list[tuple[list[Any], Path | None]]:
+    """--batch FILE: [{"output": DIR, "adapters": [DIR[:WEIGHT], ...]}, ...]; paths as on the command line."""
+    try:
+        doc = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise UsageError(f"--batch {path}: cannot read it as JSON ({exc})") from None
+    ok = isinstance(doc, list) and doc and all(
+        isinstance(job, dict) and isinstance(job.get("output"), str) and isinstance(job.get("adapters"), list)
+        and job["adapters"] and all(isinstance(a, str) for a in job["adapters"]) for job in doc)
+    if not ok:
+        raise UsageError(f'--batch {path}: expected a non-empty JSON list of {{"output": "DIR", "adapters": '
+                         '["DIR[:WEIGHT]", ...]}} objects')
+    return [([_adapter_spec(a) for a in job["adapters"]], Path(job["output"])) for job in doc]
+
+
 def _jobs(args: argparse.Namespace) -> list[tuple[list[Any], Path | None]]:
     """One --output (or none): one checkpoint from all the adapters (a weighted sum). One --output per
-    --adapter: that many checkpoints, in one pass over the base."""
+    --adapter: that many checkpoints, in one pass over the base. --batch FILE: the same, from a file."""
     for flag, given in (("--private", args.private), ("--revision", args.revision)):
         if given and not args.push_to_hub:
             raise UsageError(f"{flag} only applies with --push-to-hub ORG/NAME")
+    if args.batch is not None:
+        if args.adapter or args.output:
+            raise UsageError("--batch FILE replaces --adapter and --output; give one or the other")
+        return _batch(args.batch)
+    if not args.adapter:
+        raise UsageError("no adapter given: pass --adapter DIR (or --batch FILE)")
     outputs = args.output or [None]
     if len(outputs) == 1:
         return [(args.adapter, outputs[0])]

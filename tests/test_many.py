@@ -92,3 +92,24 @@ def test_an_interrupted_pass_resumes_every_output(tmp_path: Path, inputs: dict, 
         alone = tmp_path / f"alone-{out.name}"
         streammerge.merge(base, adapter_list, output=alone, device="cpu", progress=False)
         assert without_manifest(tree_digest(out)) == without_manifest(tree_digest(alone))
+
+
+def test_batch_file_with_a_weighted_sum_per_output(tmp_path: Path, inputs: dict,
+                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    base, (a0, a1, a2) = inputs["base"], inputs["adapters"]
+    batch = tmp_path / "jobs.json"
+    batch.write_text(json.dumps([{"output": str(tmp_path / "x"), "adapters": [str(a0.adapter)]},
+                                 {"output": str(tmp_path / "y"), "adapters": [f"{a1.adapter}:0.5", f"{a2.adapter}:2"]}]))
+    assert main(["--base", str(base), "--batch", str(batch), "-q", "--json"]) == 0
+    assert [r["output"] for r in json.loads(capsys.readouterr().out)] == [str(tmp_path / "x"), str(tmp_path / "y")]
+    assert_merged(tmp_path / "x", base, a0.deltas)
+    weighted = {m: [(a, b, s * 0.5) for a, b, s in a1.deltas.get(m, [])] + [(a, b, s * 2.0) for a, b, s in a2.deltas.get(m, [])]
+                for m in set(a1.deltas) | set(a2.deltas)}
+    assert_merged(tmp_path / "y", base, weighted)  # 0.5 * delta_1 + 2 * delta_2, float64 reference
+    bad = tmp_path / "bad.json"
+    bad.write_text('[{"output": "z"}]')
+    assert main(["--base", str(base), "--batch", str(bad)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "expected a non-empty JSON list" in err[0]
+    assert main(["--base", str(base), "--batch", str(batch), "--adapter", str(a0.adapter)]) == 2
+    assert "replaces --adapter and --output" in capsys.readouterr().err
