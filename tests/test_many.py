@@ -113,3 +113,19 @@ def test_batch_file_with_a_weighted_sum_per_output(tmp_path: Path, inputs: dict,
     assert len(err) == 1 and "expected a non-empty JSON list" in err[0]
     assert main(["--base", str(base), "--batch", str(batch), "--adapter", str(a0.adapter)]) == 2
     assert "replaces --adapter and --output" in capsys.readouterr().err
+
+
+def test_different_kinds_of_adapter_in_one_pass(tmp_path: Path, inputs: dict) -> None:
+    """A DoRA adapter on the embedding (column norms from a first pass over the tensor) next to a plain
+    all-linear one: each output still equals its own separate run byte for byte."""
+    base = inputs["base"]
+    dora = build_adapter(base, tmp_path / "dora", dtype="bf16", seed=7, r=4, lora_alpha=8, use_dora=True,
+                         target_modules=["embed_tokens", "q_proj"])
+    plain = inputs["adapters"][0]
+    jobs = [([dora.adapter], tmp_path / "out-dora"), ([plain.adapter], tmp_path / "out-plain")]
+    reports = streammerge.merge_many(base, jobs, device="cpu", max_mem=64 * 10**6, progress=False)
+    assert reports[0].tensors_merged == 3 and reports[1].tensors_merged == reports[1].adapter_modules
+    for adapters, out in jobs:
+        alone = tmp_path / f"alone-{out.name}"
+        streammerge.merge(base, adapters, output=alone, device="cpu", max_mem=64 * 10**6, progress=False)
+        assert without_manifest(tree_digest(out)) == without_manifest(tree_digest(alone))
