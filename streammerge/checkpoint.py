@@ -9,6 +9,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from collections.abc import Callable
@@ -229,7 +230,13 @@ class ShardWriter:
             raise OutputError(f"{path}: cannot create ({exc.strerror})") from None
         self.committed = False  # fsynced and closed: the file is complete
         self.closed = False
+        # Ranges written so far, for a reader that follows the writer (the checksum): ``prefix`` bytes
+        # from the start are all written; ``_pending`` holds later ranges (start -> end).
+        self.prefix = 0
+        self._pending: dict[int, int] = {}
+        self.changed = threading.Condition()
         pwrite_all(self.fd, 0, memoryview(header), path=path)
+        self._advance(0, len(header))
 
     def write(self, name: str, offset_in_tensor: int, data: memoryview) -> None:
         start = self.data_start + self.offsets[name][0] + offset_in_tensor
@@ -245,6 +252,16 @@ class ShardWriter:
         """
         if hasattr(os, "posix_fadvise"):
             os.posix_fadvise(self.fd, start, length, os.POSIX_FADV_DONTNEED)
+        self._advance(start, length)
+
+    def _advance(self, start: int, length: int) -> None:
+        if length == 0:
+            return
+        with self.changed:
+            self._pending[start] = start + length
+            while self.prefix in self._pending:
+                self.prefix = self._pending.pop(self.prefix)
+            self.changed.notify_all()
 
     def copy_range(self, src_fd: int, src_offset: int, name: str, nbytes: int) -> None:
         """Copy ``nbytes`` of an untouched tensor: in the kernel where possible, else via a small buffer.
@@ -296,7 +313,9 @@ class ShardWriter:
         finally:
             os.close(self.fd)
             self.closed = True
-        self.committed = True
+        with self.changed:
+            self.committed = True
+            self.changed.notify_all()
 
     def abort(self) -> None:
         """Close and remove an uncommitted shard (call only once no write to it is pending)."""

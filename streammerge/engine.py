@@ -26,7 +26,7 @@ from .checkpoint import ShardWriter, pread_into
 from .fetch import HubShards, LocalShards
 from .header import DTYPE_SIZES, SafetensorsHeader
 from .iothread import IOThread
-from .manifest import add_checksum, record_shard
+from .manifest import Cancelled, add_checksum, drop_cached, record_shard, set_checksum, sha256_while_written
 from .memory import current_rss, format_size, reset_peak_rss
 from .workingset import SLOTS, WorkingSet
 from .plantypes import Delta, MergePlan, TensorPlan
@@ -106,6 +106,9 @@ class Engine:
         self._source_fds: dict[Path, int] = {}  # adapter files that supply base weights
         self._cache: dict[tuple[int, str], object] = {}  # fused-expert factors (see _cached)
         self._opened: dict[str, tuple[int, ShardWriter]] = {}  # shard -> (source fd, writer) being written
+        self._recorded: dict[str, threading.Event] = {}  # set when a shard's record is written
+        self._checksum = True  # (set by begin)
+        self._threads_before = 0  # torch's thread count before the merge (restored by close)
         self._group: list[Engine] = [self]  # engines sharing one set of buffers; the first owns them
 
     def share_buffers(self, others: list[Engine]) -> None:
@@ -134,7 +137,7 @@ class Engine:
         self.device = k.resolve_device(self.device_spec)
         reset_peak_rss()
         self.baseline_rss = current_rss()
-        k.prepare_device(self.device)
+        self._threads_before = k.prepare_device(self.device, reserve=1 if self._checksum else 0)
         self.processor = self._processor(self.device, self.chunk)
 
     def _processor(self, device: object, capacity: int) -> Processor:
@@ -180,20 +183,33 @@ class Engine:
             for t in tensors:
                 count(report, t)
 
-        def checksum_later(shard: str, record: dict) -> None:
-            if checksum and record["sha256"] is None:
-                self.hasher.submit(lambda: add_checksum(staging, record, cancelled=lambda: self.hasher.cancelled))
-            if self.on_shard_done is not None:
-                self.hasher.submit(lambda: self.on_shard_done(shard, record))  # type: ignore[misc]
-
         def record(shard: str) -> None:  # on the I/O thread, right after the shard's fsync
             self.records[shard] = record_shard(staging, shard, fingerprint=fingerprints[shard])
-            checksum_later(shard, self.records[shard])
+            self._recorded[shard].set()  # the checksum (see open) adds its sha256 to this record
+            if not checksum and self.on_shard_done is not None:
+                self.hasher.submit(lambda: self.on_shard_done(shard, self.records[shard]))  # type: ignore[misc]
 
         self._record = record
-        for kept_shard, kept_record in kept.items():
-            checksum_later(kept_shard, kept_record)
+        for kept_shard, kept_record in kept.items():  # an earlier run may have stopped before hashing
+            if checksum and kept_record["sha256"] is None:
+                self.hasher.submit(lambda r=kept_record: add_checksum(staging, r, cancelled=lambda: self.hasher.cancelled))
+            if self.on_shard_done is not None:
+                self.hasher.submit(lambda s=kept_shard, r=kept_record: self.on_shard_done(s, r))  # type: ignore[misc]
         return [s for s in self.plan.shards if s not in kept]
+
+    def _checksum_while_written(self, shard: str, writer: ShardWriter) -> None:
+        """On the hasher thread: hash the shard right behind its writes, then, once its record exists
+        (after the fsync), add the sha256 to it and let its pages go."""
+        cancelled = lambda: self.hasher.cancelled  # noqa: E731
+        sha = sha256_while_written(writer, cancelled=cancelled)
+        while not self._recorded[shard].wait(0.2):
+            if cancelled():
+                raise Cancelled(writer.path)
+        record = self.records[shard]
+        set_checksum(self._staging, record, sha)
+        drop_cached(writer.path)
+        if self.on_shard_done is not None:
+            self.on_shard_done(shard, record)
 
     def open(self, shard: str) -> None:
         """Create the output shard and queue its untouched tensors' copies (no torch, no buffer)."""
@@ -204,6 +220,9 @@ class Engine:
         writer = ShardWriter(self._staging / shard, entries, {**header.metadata, "format": "pt"})
         self._open.append((src, writer))
         self._opened[shard] = (src, writer)
+        self._recorded[shard] = threading.Event()
+        if self._checksum:
+            self.hasher.submit(lambda: self._checksum_while_written(shard, writer))
         for t in tensors:
             if not t.rewritten:
                 self.io.submit(lambda t=t: writer.copy_range(src, header.data_start + t.info.begin, t.name, t.info.nbytes))
@@ -365,6 +384,8 @@ class Engine:
         self.hasher.stop()
         if self.processor is not None and self._group[0] is self:
             self.processor.close()
+            if self.kernels is not None and self._threads_before:
+                self.kernels.set_threads(self._threads_before)  # the caller's torch setting back
         self.processor = None
         for src, writer in self._open:
             if src >= 0:

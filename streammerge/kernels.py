@@ -10,6 +10,8 @@ No per-chunk allocation happens on the hot path.
 
 from __future__ import annotations
 
+import os
+
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -76,11 +78,25 @@ def cpu_device() -> torch.device:
     return torch.device("cpu")
 
 
-def prepare_device(device: torch.device) -> None:
+def prepare_device(device: torch.device, *, reserve: int = 0) -> int:
+    """TF32 off on CUDA. On the CPU, torch's pool leaves ``reserve`` cores to our other busy thread
+    (the checksum), keeping at least one: measured on 2 cores, with both in torch's pool while the
+    checksum thread also ran, the same merge arithmetic took 2.5x longer and the run 1.2x; without
+    a checksum, the full pool was as fast or faster. OMP_NUM_THREADS, if set, wins.
+    Returns torch's thread count before, for ``set_threads`` at the end."""
+    before = torch.get_num_threads()
     if device.type == "cuda":
         # TF32 would round the factors to 10-bit mantissas; the merge must match the CPU path.
         torch.backends.cuda.matmul.allow_tf32 = False
         torch.cuda.reset_peak_memory_stats(device)
+    elif "OMP_NUM_THREADS" not in os.environ:
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        torch.set_num_threads(max(1, cores - reserve))
+    return before
+
+
+def set_threads(n: int) -> None:
+    torch.set_num_threads(n)
 
 
 def peak_gpu(device: torch.device) -> int | None:

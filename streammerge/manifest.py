@@ -24,6 +24,7 @@ from collections.abc import Callable
 from typing import Any
 
 from . import __version__
+from .checkpoint import ShardWriter, pread_into
 from .errors import OutputError
 from .plantypes import MergePlan
 
@@ -93,6 +94,30 @@ def sha256_file(path: Path, *, cancelled: Callable[[], bool] = lambda: False) ->
     return h.hexdigest()
 
 
+def sha256_while_written(writer: ShardWriter, *, cancelled: Callable[[], bool]) -> str:
+    """The sha256 of a shard still being written, read right behind the writer (from the page cache)
+    in file order: the hash is done moments after the last write instead of one read after the fsync."""
+    h = hashlib.sha256()
+    buf = memoryview(bytearray(HASH_BLOCK))
+    done = 0
+    fd = os.open(writer.path, os.O_RDONLY)
+    try:
+        while done < writer.size:
+            with writer.changed:
+                writer.changed.wait_for(lambda: writer.prefix > done or writer.committed or cancelled(), timeout=0.5)
+                ready = writer.size if writer.committed else writer.prefix
+            if cancelled():
+                raise Cancelled(writer.path)
+            while done < ready:
+                n = min(HASH_BLOCK, ready - done)
+                pread_into(fd, done, buf[:n], path=writer.path)
+                h.update(buf[:n])
+                done += n
+    finally:
+        os.close(fd)
+    return h.hexdigest()
+
+
 def write_json_atomic(path: Path, doc: dict[str, Any]) -> None:
     """Write, fsync, rename: a reader sees the old file or the whole new one, never a part."""
     tmp = path.with_name(path.name + ".tmp")
@@ -115,9 +140,23 @@ def record_shard(staging: Path, shard: str, *, fingerprint: str) -> dict[str, An
 
 
 def add_checksum(staging: Path, record: dict[str, Any], *, cancelled: Callable[[], bool] = lambda: False) -> None:
-    """Read the finished shard back once and add its sha256 to the record (off the write path)."""
-    record["sha256"] = sha256_file(staging / record["shard"], cancelled=cancelled)
+    """Read a finished shard back once and add its sha256 to its record (a shard resumed unhashed)."""
+    set_checksum(staging, record, sha256_file(staging / record["shard"], cancelled=cancelled))
+
+
+def set_checksum(staging: Path, record: dict[str, Any], sha256: str) -> None:
+    record["sha256"] = sha256
     write_json_atomic(staging / (record["shard"] + RECORD_SUFFIX), record)
+
+
+def drop_cached(path: Path) -> None:
+    """Let the page cache drop a finished, fsynced file (it is not read again by this run)."""
+    if hasattr(os, "posix_fadvise"):
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
 
 
 def reusable_shards(staging: Path, fingerprints: dict[str, str]) -> dict[str, dict[str, Any]]:
