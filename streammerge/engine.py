@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING
 from tqdm import tqdm
 
 from .checkpoint import ShardWriter, pread_into
-from .fetch import HubShards, LocalShards
+from .fetch import HubShards, LocalShards, SharedShards
 from .header import DTYPE_SIZES, SafetensorsHeader
 from .iothread import IOThread
 from .manifest import Cancelled, add_checksum, drop_cached, record_shard, set_checksum, sha256_while_written
@@ -84,12 +84,12 @@ class Runtime:
 
 
 class Engine:
-    def __init__(self, plan: MergePlan, *, device: str, max_mem: int, runtime: Runtime,
-                 shards: LocalShards | HubShards | None = None,
-                 on_shard_done: Callable[[str, dict], None] | None = None) -> None:
+    def __init__(self, plan: MergePlan, *, device: str, max_mem: int, runtime: Runtime) -> None:
         self.plan = plan
-        self.base_shards = shards or LocalShards()  # brings Hub shards to disk, one ahead
-        self.on_shard_done = on_shard_done  # after a shard's fsync, record and checksum (uploads)
+        # Set by the caller when needed: the source that brings Hub shards to disk (its owner closes
+        # it), and what to do with each shard once fsynced, recorded and hashed (the upload).
+        self.base_shards: LocalShards | HubShards | SharedShards = LocalShards()
+        self.on_shard_done: Callable[[str, dict], None] | None = None
         self.max_mem = max_mem
         self.device_spec = device
         self.runtime = runtime
@@ -395,4 +395,3 @@ class Engine:
         for fd in self._source_fds.values():
             os.close(fd)
         self._source_fds.clear()
-        self.base_shards.close()

@@ -146,6 +146,3 @@ class SharedShards:
             last = self._users[shard] <= 0
         if last:
             self.inner.release(shard)
-
-    def close(self) -> None:
-        pass  # the caller closes the inner source once

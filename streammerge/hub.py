@@ -25,7 +25,8 @@ from .checkpoint import BaseCheckpoint, open_base
 from .errors import InputError
 from .header import SafetensorsHeader, planned_header, read_header
 
-_REPO = re.compile(r"^(?P<repo>[A-Za-z0-9][\w.-]*/[\w.-]+)(?:@(?P<rev>[\w./-]+))?$")
+REPO_ID = r"[A-Za-z0-9][\w.-]*/[\w.-]+"  # org/name
+_REPO = re.compile(rf"^(?P<repo>{REPO_ID})(?:@(?P<rev>[\w./-]+))?$")
 # Weights of any format are never fetched with the small files; safetensors shards come one by one.
 WEIGHT_PATTERNS = ["*.safetensors", "*.bin", "*.pt", "*.pth", "*.ckpt", "*.gguf", "*.h5", "*.msgpack",
                    "*.onnx", "*.onnx_data", "*.tflite", "*.ot", "*.npz", "*.mlmodel"]

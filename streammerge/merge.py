@@ -244,11 +244,9 @@ def _start_engines(runs: list[Run], runtime: Runtime) -> None:
         engines[0].share_buffers(engines[1:])  # type: ignore[union-attr, arg-type]
         if report.device != "cpu":
             engines[0].start_compute()  # type: ignore[union-attr]
-        if runs[0].uploader is not None:
-            runs[0].uploader.open()
-        if runs[0].uploader is not None:
-            uploader = runs[0].uploader
-            staging = runs[0].staging
+        uploader, staging = runs[0].uploader, runs[0].staging
+        if uploader is not None:
+            uploader.open()
             engines[0].on_shard_done = lambda shard, record: uploader.shard_ready(staging / shard, shard)  # type: ignore[union-attr]
     except BaseException:
         for e in reversed(engines):

@@ -93,7 +93,8 @@ def _check_disk(runs: list[Run], kept: list[dict[str, dict]], hub_base: HubBase 
     def add(path: Path, n: int) -> None:
         probe = path if path.exists() else path.parent
         dev = os.stat(probe).st_dev
-        needs[dev] = (needs.get(dev, (path, 0))[0], needs.get(dev, (path, 0))[1] + n)
+        first, total = needs.get(dev, (path, 0))
+        needs[dev] = (first, total + n)
 
     for run, done in zip(runs, kept):
         aux = sum((run.plan.base.root / f).stat().st_size for f in aux_files(run.plan.base.root))

@@ -17,12 +17,12 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from . import __version__
+from . import __version__, hub
 from .errors import OutputError
 
 log = logging.getLogger(__name__)
 
-_REPO = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+_REPO = re.compile(rf"^{hub.REPO_ID}$")
 CARD_NAME = "README.md"
 
 
@@ -41,12 +41,12 @@ def model_card(*, base: str, base_model: str | None, base_revision: str | None,
     """
     from huggingface_hub import ModelCard, ModelCardData
 
-    def shown(text: str) -> str:
-        return text if _REPO.match(text.split("@")[0]) and not Path(text).exists() else Path(text).name
+    def shown(text: str) -> str:  # a repo id as given; a local directory by its name only
+        return text if hub.parse(text) is not None else Path(text).name
 
+    hub_ids = [a for a, _ in adapters if hub.parse(a) is not None]
     adapters = [(shown(a), w) for a, w in adapters]
     base = shown(base)
-    hub_ids = [a for a, _ in adapters if _REPO.match(a.split("@")[0])]
     data = ModelCardData(
         base_model=base_model,
         base_model_relation="merge",

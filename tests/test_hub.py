@@ -11,7 +11,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from oracle import assert_merged, build_adapter, build_base
+from oracle import PeftResult, assert_merged, build_adapter, build_base
 
 REV = "0123456789abcdef0123456789abcdef01234567"
 
@@ -29,6 +29,16 @@ def cache_repo(cache: Path, repo: str, files: Path, *, ref: str = "main") -> Non
         (snap / path.name).symlink_to(os.path.relpath(root / "blobs" / blob, snap))
 
 
+def cached_repos(tmp_path: Path) -> tuple[Path, PeftResult, Path]:
+    """A tiny sharded Llama as org/tiny-llama and its adapter as org/tiny-lora, in HF_HOME's cache."""
+    base = build_base("llama", tmp_path / "files-base", dtype="bf16", sharded=True)
+    peft = build_adapter(base, tmp_path / "files-adapter", dtype="bf16", r=4, lora_alpha=8)
+    home = tmp_path / "hf"
+    cache_repo(home / "hub", "org/tiny-llama", base)
+    cache_repo(home / "hub", "org/tiny-lora", peft.adapter)
+    return base, peft, home
+
+
 def run(args: list[str], home: Path, cwd: Path) -> subprocess.CompletedProcess:
     env = dict(os.environ, HF_HOME=str(home), HF_HUB_OFFLINE="1")
     env.pop("HF_HUB_CACHE", None)
@@ -36,11 +46,7 @@ def run(args: list[str], home: Path, cwd: Path) -> subprocess.CompletedProcess:
 
 
 def test_repo_ids_resolve_from_the_cache_offline(tmp_path: Path) -> None:
-    base = build_base("llama", tmp_path / "files-base", dtype="bf16", sharded=True)
-    peft = build_adapter(base, tmp_path / "files-adapter", dtype="bf16", r=4, lora_alpha=8)
-    home = tmp_path / "hf"
-    cache_repo(home / "hub", "org/tiny-llama", base)
-    cache_repo(home / "hub", "org/tiny-lora", peft.adapter)
+    base, peft, home = cached_repos(tmp_path)
     before = {p: p.read_bytes() for p in (home / "hub").rglob("*") if p.is_file()}
     work = tmp_path / "work"
     work.mkdir()
@@ -62,11 +68,7 @@ def test_repo_id_errors_are_one_line(tmp_path: Path) -> None:
 
 
 def test_offline_with_a_shard_missing_from_the_cache_is_one_line(tmp_path: Path) -> None:
-    base = build_base("llama", tmp_path / "files-base", dtype="bf16", sharded=True)
-    peft = build_adapter(base, tmp_path / "files-adapter", dtype="bf16", r=4, lora_alpha=8)
-    home = tmp_path / "hf"
-    cache_repo(home / "hub", "org/tiny-llama", base)
-    cache_repo(home / "hub", "org/tiny-lora", peft.adapter)
+    base, peft, home = cached_repos(tmp_path)
     snap = home / "hub" / "models--org--tiny-llama" / "snapshots" / REV
     (snap / "model-00003-of-00005.safetensors").unlink()
     done = run(["--base", "org/tiny-llama", "--adapter", "org/tiny-lora", "--output", str(tmp_path / "o")], home,

@@ -85,7 +85,7 @@ def test_push_uploads_each_shard_then_one_commit_with_a_card(tmp_path: Path, inp
     assert card.data.base_model == "org/tiny-llama"
     assert card.data.base_model_relation == "merge"
     assert "streammerge" in card.data.tags and card.data.library_name == "transformers"
-    assert "`lora` with weight 1" in card.text and "0.1.0" in card.text
+    assert "`lora` with weight 1" in card.text and streammerge.__version__ in card.text
 
 
 def test_push_with_low_disk_deletes_each_shard_once_uploaded(tmp_path: Path, inputs: dict) -> None:
