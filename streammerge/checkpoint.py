@@ -15,6 +15,7 @@ from pathlib import Path
 from collections.abc import Callable
 from typing import Any
 
+from . import pagecache
 from .errors import InputError, OutputError
 from .header import SafetensorsHeader, TensorInfo, encode_header, read_header
 
@@ -218,8 +219,11 @@ class ShardWriter:
         path: Path,
         entries: list[tuple[str, str, tuple[int, ...]]],
         metadata: dict[str, str],
+        *,
+        followed: bool = False,
     ) -> None:
         self.path = path
+        self.followed = followed  # a reader follows the writer: keep written pages (see ``_written``)
         header, self.offsets = encode_header(entries, metadata)
         self.data_start = len(header)
         self.size = self.data_start + (max((e for _, e in self.offsets.values()), default=0))
@@ -244,14 +248,13 @@ class ShardWriter:
         self._written(start, len(data))
 
     def _written(self, start: int, length: int) -> None:
-        """Start writeback of a range now, so that dirty pages never pile up for the final fsync.
-
-        On Linux, POSIX_FADV_DONTNEED queues the range's dirty pages for writing without waiting
-        for them and drops pages that are already clean: the disk starts writing while the merge
-        still computes, and the page cache does not grow with the output.
-        """
-        if hasattr(os, "posix_fadvise"):
-            os.posix_fadvise(self.fd, start, length, os.POSIX_FADV_DONTNEED)
+        """Hand a range just written to writeback, so that dirty pages never pile up for the final
+        fsync and the disk writes while the merge computes; drop its pages too unless a reader
+        follows the writer (``followed``: the checksum drops them once read, see ``pagecache``)."""
+        if self.followed:
+            pagecache.start_writeback(self.fd, start, length)
+        else:
+            pagecache.drop(self.fd, start, length)
         self._advance(start, length)
 
     def _advance(self, start: int, length: int) -> None:
@@ -306,8 +309,8 @@ class ShardWriter:
         (``drop_cache=False`` when the checksum reads the shard next: it drops them after reading)."""
         try:
             os.fsync(self.fd)
-            if drop_cache and hasattr(os, "posix_fadvise"):
-                os.posix_fadvise(self.fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            if drop_cache:
+                pagecache.drop(self.fd)
         except OSError as exc:
             raise OutputError(f"{self.path}: flushing failed ({exc.strerror})") from None
         finally:

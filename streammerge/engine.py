@@ -217,7 +217,8 @@ class Engine:
         tensors = self.plan.shards[shard]
         entries = [(t.name, t.out_dtype, t.info.shape) for t in tensors]
         src = os.open(header.path, os.O_RDONLY)
-        writer = ShardWriter(self._staging / shard, entries, {**header.metadata, "format": "pt"})
+        writer = ShardWriter(self._staging / shard, entries, {**header.metadata, "format": "pt"},
+                             followed=self._checksum)
         self._open.append((src, writer))
         self._opened[shard] = (src, writer)
         self._recorded[shard] = threading.Event()

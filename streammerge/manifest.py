@@ -23,7 +23,7 @@ from pathlib import Path
 from collections.abc import Callable
 from typing import Any
 
-from . import __version__
+from . import __version__, pagecache
 from .checkpoint import ShardWriter, pread_into
 from .errors import OutputError
 from .plantypes import MergePlan
@@ -32,6 +32,7 @@ MANIFEST_NAME = "streammerge.json"
 MANIFEST_FORMAT = "streammerge-manifest/1"
 RECORD_SUFFIX = ".done.json"
 HASH_BLOCK = 8 * 1024**2
+DROP_LAG = 8 * HASH_BLOCK  # written back by the time the checksum is this far ahead
 
 
 def _file_identity(path: Path) -> dict[str, Any]:
@@ -89,8 +90,7 @@ def sha256_file(path: Path, *, cancelled: Callable[[], bool] = lambda: False) ->
             if cancelled():
                 raise Cancelled(path)
             h.update(buf[:n])
-            if hasattr(os, "posix_fadvise"):  # read once: do not let the page cache keep it
-                os.posix_fadvise(f.fileno(), f.tell() - n, n, os.POSIX_FADV_DONTNEED)
+            pagecache.drop(f.fileno(), f.tell() - n, n)  # read once: do not let the page cache keep it
     return h.hexdigest()
 
 
@@ -112,10 +112,19 @@ def sha256_while_written(writer: ShardWriter, *, cancelled: Callable[[], bool]) 
                 n = min(HASH_BLOCK, ready - done)
                 pread_into(fd, done, buf[:n], path=writer.path)
                 h.update(buf[:n])
+                _read_behind(fd, done, n)
                 done += n
     finally:
         os.close(fd)
     return h.hexdigest()
+
+
+def _read_behind(fd: int, start: int, length: int) -> None:
+    """The checksum has read ``[start, start+length)``: drop it, and again the range read DROP_LAG
+    earlier, whose pages were still being written back then and are clean by now."""
+    pagecache.drop(fd, start, length)
+    if start >= DROP_LAG:
+        pagecache.drop(fd, start - DROP_LAG, length)
 
 
 def write_json_atomic(path: Path, doc: dict[str, Any]) -> None:
@@ -151,12 +160,11 @@ def set_checksum(staging: Path, record: dict[str, Any], sha256: str) -> None:
 
 def drop_cached(path: Path) -> None:
     """Let the page cache drop a finished, fsynced file (it is not read again by this run)."""
-    if hasattr(os, "posix_fadvise"):
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        finally:
-            os.close(fd)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        pagecache.drop(fd)
+    finally:
+        os.close(fd)
 
 
 def reusable_shards(staging: Path, fingerprints: dict[str, str]) -> dict[str, dict[str, Any]]:
