@@ -227,6 +227,24 @@ def test_failure_mid_merge_leaves_nothing(tmp_path: Path, inputs: tuple[Path, Pa
     assert not out.exists()  # bad input is not resumable state: everything is removed
 
 
+@pytest.mark.parametrize("value, dtype, bad", [
+    (float("nan"), torch.bfloat16, True),
+    (float("-inf"), torch.float32, True),
+    (70000.0, torch.float16, True),  # finite in float32, Inf once rounded to fp16
+    (3e38, torch.bfloat16, False),  # finite everywhere, but the block's sum overflows: not an error
+])
+def test_finite_check_of_a_merged_block(value: float, dtype: torch.dtype, bad: bool) -> None:
+    from streammerge.kernels import NonFiniteError, Processor
+
+    block = torch.full((64, 4096), 1.0).to(dtype)
+    block[3, :] = torch.tensor(value).to(dtype)
+    if bad:
+        with pytest.raises(NonFiniteError, match=r"'w' produced NaN or Inf \(rows 10..73\)"):
+            Processor._check_finite(block, "w", 10)
+    else:
+        Processor._check_finite(block, "w", 10)
+
+
 def test_interrupt_mid_merge_leaves_resumable_state(tmp_path: Path, inputs: tuple[Path, Path],
                                                      capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
     """Ctrl-C mid-merge: exit 130, nothing that looks finished, the base untouched; a rerun resumes
