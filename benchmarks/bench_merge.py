@@ -188,8 +188,12 @@ def many_runs(args: argparse.Namespace, base: Path) -> list[tuple[str, object, b
                           str(out / str(i)), *common]) for i, a in enumerate(adapters)]
         return ["sh", "-c", " && ".join(f"{evict_cmd} && {c}" for c in cmds)]
 
+    def copies(out: Path) -> list[str]:  # the floor for N durable outputs: N copies of the base, no compute
+        return ["sh", "-c", f"mkdir -p {out} && " + " && ".join(f"cp -r {base} {out / str(i)}" for i in range(n))]
+
     return [(f"streammerge {n} adapters -> {n} outputs, one pass", one_pass, False),
-            (f"streammerge {n} adapters, {n} separate runs", separate, False)]
+            (f"streammerge {n} adapters, {n} separate runs", separate, False),
+            (f"{n} x cp -r, then sync", copies, True)]
 
 
 def main() -> None:
@@ -260,7 +264,9 @@ def main() -> None:
                 took += time.perf_counter() - t0
             seconds[label].append(took)
             peaks[label].append(peak)
-            if "separate runs" in label:
+            if label.endswith("x cp -r, then sync"):
+                notes[label] = f"durable; the floor for {args.adapters} outputs: the base read once, written {args.adapters} times"
+            elif "separate runs" in label:
                 notes[label] = "durable; the peak RSS column is the shell's, each run is as the 1-adapter row"
             elif label.startswith("streammerge"):
                 r = json.loads(stdout)
@@ -273,6 +279,10 @@ def main() -> None:
              " ".join(f"{t:.1f}" for t in seconds[label])) for label, _, _ in runs]
     read_note = {label: f"; read from disk: median {statistics.median(r) / 1e9:.2f} GB" for label, r in reads.items() if r}
     rows = [(label, m, p, n + (read_note.get(label, "") if args.cold else ""), e) for label, m, p, n, e in rows]
+    if args.adapters > 1:  # the yardstick for N outputs: one single-adapter run
+        one = statistics.median(seconds[f"streammerge --max-mem {args.budgets[0]}"])
+        rows = [(label, m, p, n + (f"; {m / one:.2f}x one single-adapter run" if "adapters" in label or label.endswith("then sync") else ""), e)
+                for label, m, p, n, e in rows]
 
     lines = [f"### {time.strftime('%Y-%m-%d')}: Llama-8B-shaped, {args.layers} layers, {size / 1e9:.2f} GB bf16, "
              f"r={RANK} all-linear, median of {args.repeat} rounds in shuffled order (seed {args.seed})"
