@@ -103,3 +103,12 @@ def test_verify_stays_small(tmp_path: Path) -> None:
     report = json.loads(check.stdout)
     assert report["ok"] and report["tensors_sampled"] == 3 and report["tensors_compared"] == 4
     assert report["peak_rss"] - report["baseline_rss"] <= BUDGET, report
+
+
+def test_chunk_is_the_budgets_share_capped() -> None:
+    from streammerge.workingset import MAX_CHUNK, _capped
+
+    assert _capped(10**9, 58_720_256, 4096) == MAX_CHUNK  # a big budget: capped
+    assert _capped(10**6, 58_720_256, 4096) == 10**6  # a small budget: its own share
+    assert _capped(10**9, 10**5, 4096) == 10**5  # never more than the largest merged tensor
+    assert _capped(MAX_CHUNK * 4, MAX_CHUNK * 8, MAX_CHUNK * 2) == MAX_CHUNK * 2  # one row at least
