@@ -176,9 +176,11 @@ def many_runs(args: argparse.Namespace, base: Path) -> list[tuple[str, object, b
                                               for i in range(1, n)]
     common = ["--device", "cpu", "--max-mem", budget, "-q"]
 
-    def one_pass(out: Path) -> list[str]:
-        pairs = [x for i, a in enumerate(adapters) for x in ("--adapter", str(a), "--output", str(out / str(i)))]
-        return [sys.executable, "-m", "streammerge", "--base", str(base), *pairs, *common, "--json"]
+    def one_pass(*extra: str):
+        def cmd(out: Path) -> list[str]:
+            pairs = [x for i, a in enumerate(adapters) for x in ("--adapter", str(a), "--output", str(out / str(i)))]
+            return [sys.executable, "-m", "streammerge", "--base", str(base), *pairs, *common, "--json", *extra]
+        return cmd
 
     # With --cold every separate run starts cold, as it would with a base larger than the page cache.
     evict_cmd = f"{sys.executable} {Path(__file__).resolve()} --evict {base}" if args.cold else "true"
@@ -191,7 +193,8 @@ def many_runs(args: argparse.Namespace, base: Path) -> list[tuple[str, object, b
     def copies(out: Path) -> list[str]:  # the floor for N durable outputs: N copies of the base, no compute
         return ["sh", "-c", f"mkdir -p {out} && " + " && ".join(f"cp -r {base} {out / str(i)}" for i in range(n))]
 
-    return [(f"streammerge {n} adapters -> {n} outputs, one pass", one_pass, False),
+    return [(f"streammerge {n} adapters -> {n} outputs, one pass", one_pass(), False),
+            (f"streammerge {n} adapters -> {n} outputs, one pass --no-checksum", one_pass("--no-checksum"), False),
             (f"streammerge {n} adapters, {n} separate runs", separate, False),
             (f"{n} x cp -r, then sync", copies, True)]
 
@@ -225,7 +228,9 @@ def main() -> None:
     if args.adapters > 1:
         runs += many_runs(args, base)
     if args.only_many:
-        runs = runs[:2] + [(f"streammerge --max-mem {args.budgets[0]}", merge_cmd(args.budgets[0]), False)] + runs[2:]
+        runs = runs[:2] + [(f"streammerge --max-mem {args.budgets[0]}", merge_cmd(args.budgets[0]), False),
+                           (f"streammerge --max-mem {args.budgets[0]} --no-checksum",
+                            merge_cmd(args.budgets[0], "--no-checksum"), False)] + runs[2:]
     else:
         runs += [(f"streammerge --max-mem {b}", merge_cmd(b), False) for b in args.budgets]
         runs.append((f"streammerge --max-mem {args.budgets[0]} --no-checksum", merge_cmd(args.budgets[0], "--no-checksum"), False))
@@ -280,9 +285,16 @@ def main() -> None:
     read_note = {label: f"; read from disk: median {statistics.median(r) / 1e9:.2f} GB" for label, r in reads.items() if r}
     rows = [(label, m, p, n + (read_note.get(label, "") if args.cold else ""), e) for label, m, p, n, e in rows]
     if args.adapters > 1:  # the yardstick for N outputs: one single-adapter run
-        one = statistics.median(seconds[f"streammerge --max-mem {args.budgets[0]}"])
-        rows = [(label, m, p, n + (f"; {m / one:.2f}x one single-adapter run" if "adapters" in label or label.endswith("then sync") else ""), e)
-                for label, m, p, n, e in rows]
+        single = f"streammerge --max-mem {args.budgets[0]}"
+        one, one_nc = statistics.median(seconds[single]), statistics.median(seconds[single + " --no-checksum"])
+
+        def versus(label: str, m: float) -> str:
+            if not ("adapters" in label or label.endswith("then sync")):
+                return ""
+            if "no-checksum" in label:
+                return f"; {m / one_nc:.2f}x one single-adapter run without checksums"
+            return f"; {m / one:.2f}x one single-adapter run"
+        rows = [(label, m, p, n + versus(label, m), e) for label, m, p, n, e in rows]
 
     lines = [f"### {time.strftime('%Y-%m-%d')}: Llama-8B-shaped, {args.layers} layers, {size / 1e9:.2f} GB bf16, "
              f"r={RANK} all-linear, median of {args.repeat} rounds in shuffled order (seed {args.seed})"

@@ -232,6 +232,7 @@ class ShardWriter:
             os.ftruncate(self.fd, self.size)
         except OSError as exc:
             raise OutputError(f"{path}: cannot create ({exc.strerror})") from None
+        self._behind = pagecache.Behind(self.fd)
         self.committed = False  # fsynced and closed: the file is complete
         self.closed = False
         # Ranges written so far, for a reader that follows the writer (the checksum): ``prefix`` bytes
@@ -249,12 +250,13 @@ class ShardWriter:
 
     def _written(self, start: int, length: int) -> None:
         """Hand a range just written to writeback, so that dirty pages never pile up for the final
-        fsync and the disk writes while the merge computes; drop its pages too unless a reader
-        follows the writer (``followed``: the checksum drops them once read, see ``pagecache``)."""
+        fsync and the disk writes while the merge computes. Its pages are dropped behind: by the
+        reader that follows the writer (``followed``: the checksum), else here, a little later
+        (see ``pagecache``)."""
         if self.followed:
             pagecache.start_writeback(self.fd, start, length)
         else:
-            pagecache.drop(self.fd, start, length)
+            self._behind.written(start, length)
         self._advance(start, length)
 
     def _advance(self, start: int, length: int) -> None:

@@ -32,7 +32,6 @@ MANIFEST_NAME = "streammerge.json"
 MANIFEST_FORMAT = "streammerge-manifest/1"
 RECORD_SUFFIX = ".done.json"
 HASH_BLOCK = 8 * 1024**2
-DROP_LAG = 8 * HASH_BLOCK  # written back by the time the checksum is this far ahead
 
 
 def _file_identity(path: Path) -> dict[str, Any]:
@@ -123,8 +122,8 @@ def _read_behind(fd: int, start: int, length: int) -> None:
     """The checksum has read ``[start, start+length)``: drop it, and again the range read DROP_LAG
     earlier, whose pages were still being written back then and are clean by now."""
     pagecache.drop(fd, start, length)
-    if start >= DROP_LAG:
-        pagecache.drop(fd, start - DROP_LAG, length)
+    if start >= pagecache.DROP_LAG:
+        pagecache.drop(fd, start - pagecache.DROP_LAG, length)
 
 
 def write_json_atomic(path: Path, doc: dict[str, Any]) -> None:

@@ -78,3 +78,19 @@ def test_checksum_behind_a_followed_writer(tmp_path):
     drop_cached(writer.path)
     assert resident_fraction(writer.path) < 0.01
     assert result == [hashlib.sha256(writer.path.read_bytes()).hexdigest()]
+
+
+@linux
+def test_writer_without_a_reader_drops_ranges_behind_it(tmp_path, monkeypatch):
+    """With no checksum following, the writer drops each range once DROP_LAG more bytes are written."""
+    monkeypatch.setattr(pagecache, "DROP_LAG", 8 << 20)
+    path = tmp_path / "f.bin"
+    clean_file(path, 32 << 20)  # clean pages: a drop takes them at once, whatever the disk's pace
+    fd = os.open(path, os.O_RDWR)
+    try:
+        behind = pagecache.Behind(fd)
+        for at in range(0, 32 << 20, 2 << 20):
+            behind.written(at, 2 << 20)
+        assert 0.24 <= resident_fraction(path) <= 0.26  # the last 8 of 32 MiB kept, the rest dropped
+    finally:
+        os.close(fd)
