@@ -10,8 +10,8 @@ Two Linux calls, both hints (no-ops where the platform lacks them):
   checksum) must then read back from the disk (measured: 0.7-1.2 GB of 3.85 GB for one output,
   3.9 GB for four). So ranges are dropped behind: by the checksum once it has read them, or, with
   no checksum, by the writer DROP_LAG bytes of writes later (``Behind``). Dropping right behind the
-  writer also cost kernel time: four outputs without checksums took 16.5 s (17 s system CPU) that
-  way, against 12-13 s for the same with checksums and the hints as they are now.
+  writer also cost kernel time: four outputs without checksums took 16.3-18.4 s (18-21 s system
+  CPU) that way, 8.9-9.4 s (7 s) with ``Behind``.
 """
 
 from __future__ import annotations
