@@ -223,7 +223,6 @@ class ShardWriter:
         followed: bool = False,
     ) -> None:
         self.path = path
-        self.followed = followed  # a reader follows the writer: keep written pages (see ``_written``)
         header, self.offsets = encode_header(entries, metadata)
         self.data_start = len(header)
         self.size = self.data_start + (max((e for _, e in self.offsets.values()), default=0))
@@ -232,7 +231,8 @@ class ShardWriter:
             os.ftruncate(self.fd, self.size)
         except OSError as exc:
             raise OutputError(f"{path}: cannot create ({exc.strerror})") from None
-        self._behind = pagecache.Behind(self.fd)
+        # Who drops the written pages (see ``_written``): a reader that follows the writer, else we.
+        self._behind = None if followed else pagecache.Behind(self.fd)
         self.committed = False  # fsynced and closed: the file is complete
         self.closed = False
         # Ranges written so far, for a reader that follows the writer (the checksum): ``prefix`` bytes
@@ -253,7 +253,7 @@ class ShardWriter:
         fsync and the disk writes while the merge computes. Its pages are dropped behind: by the
         reader that follows the writer (``followed``: the checksum), else here, a little later
         (see ``pagecache``)."""
-        if self.followed:
+        if self._behind is None:
             pagecache.start_writeback(self.fd, start, length)
         else:
             self._behind.written(start, length)
@@ -306,12 +306,12 @@ class ShardWriter:
                 return 0
         return done
 
-    def commit(self, *, drop_cache: bool = True) -> None:
+    def commit(self) -> None:
         """fsync, then drop the file's now-clean pages so the page cache does not grow with the output
-        (``drop_cache=False`` when the checksum reads the shard next: it drops them after reading)."""
+        (not when a reader follows the writer: it drops them after reading)."""
         try:
             os.fsync(self.fd)
-            if drop_cache:
+            if self._behind is not None:
                 pagecache.drop(self.fd)
         except OSError as exc:
             raise OutputError(f"{self.path}: flushing failed ({exc.strerror})") from None

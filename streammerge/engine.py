@@ -241,7 +241,7 @@ class Engine:
         src, writer = self._opened.pop(shard)
         self._report.bytes_written += sum(t.info.numel * DTYPE_SIZES[t.out_dtype] for t in self.plan.shards[shard])
         self._report.shards += 1
-        self.io.submit(lambda: (writer.commit(drop_cache=not self._checksum), self._record(shard)),
+        self.io.submit(lambda: (writer.commit(), self._record(shard)),
                        done=lambda: (self._closed(src, writer), self.base_shards.release(shard)))
 
     def drain(self) -> None:

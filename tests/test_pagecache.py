@@ -73,7 +73,7 @@ def test_checksum_behind_a_followed_writer(tmp_path):
     data = os.urandom(n)
     for at in range(0, n, 4 << 20):
         writer.write("t", at, memoryview(data)[at : at + (4 << 20)])
-    writer.commit(drop_cache=False)
+    writer.commit()
     reader.join()
     drop_cached(writer.path)
     assert resident_fraction(writer.path) < 0.01
