@@ -19,7 +19,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from . import __version__
+from ._version import __version__
 from .errors import ExitCode, Interrupted, StreamMergeError, UsageError
 from .memory import DEFAULT_MAX_MEM, format_size, parse_size
 
@@ -35,7 +35,7 @@ def _size(text: str) -> int:
 
 def _adapter_spec(text: str) -> Any:
     """``DIR`` or ``DIR:WEIGHT`` (the weight is a float after the last colon)."""
-    from .merge import AdapterSpec
+    from .inputs import AdapterSpec
 
     head, sep, tail = text.rpartition(":")
     if sep and head and not Path(text).exists():
@@ -253,7 +253,8 @@ def _run(argv: list[str]) -> int:
             print(f"demo check passed: every merged element within one rounding of the float64 result (plus the "
                   f"float32 accumulation bound), untouched tensors bit-identical ({args.dir})")
             return ExitCode.OK
-        from .merge import merge_many, open_inputs
+        from .api import merge_many
+        from .inputs import open_inputs
 
         if command == "verify":
             from .verify import verify
@@ -262,13 +263,14 @@ def _run(argv: list[str]) -> int:
             _print_verify(result, args.json)
             return ExitCode.OK if result["ok"] else ExitCode.VERIFY
         if command == "plan":
-            from .workingset import WorkingSet
-
-            from .hub import is_repo_id, progress_bars
+            from .options import MergeOptions
+            from .run.workingset import WorkingSet
+            from .sources.hub import is_repo_id, progress_bars
 
             if is_repo_id(args.base) or any(is_repo_id(str(a.path)) for a in args.adapter):
                 progress_bars(not args.quiet)
-            plan = open_inputs(args.base, args.adapter, dtype=args.dtype, maps=args.map)[0]
+            opts = MergeOptions.build(dtype=args.dtype, maps=args.map)
+            plan = open_inputs(args.base, opts).plan(args.adapter, opts)[0]
             _print_plan({**plan.summary(), "memory": WorkingSet.of(plan, args.max_mem).to_dict()}, args.json)
             return ExitCode.OK
         reports = merge_many(args.base, _jobs(args), device=args.device, max_mem=args.max_mem,

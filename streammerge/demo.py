@@ -105,7 +105,7 @@ def check_against_float64(base: Path, adapter: Path, output: Path, scaling: floa
 
 def run_demo(workdir: Path, *, max_mem: int) -> dict[str, Any]:
     """Build, merge with streammerge's own API, check; return the merge report as a dict."""
-    from .merge import merge
+    from .api import merge
 
     if workdir.exists():
         if not (workdir / MARKER).exists():

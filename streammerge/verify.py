@@ -23,14 +23,16 @@ from typing import Any
 
 import torch
 
-from .checkpoint import INDEX_NAME, BaseCheckpoint, open_base, pread_into
+from .codecs.plain import TORCH_DTYPES
+from .deltas.lora import select_expert
 from .errors import StreamMergeError
-from .header import DTYPE_SIZES
-from .manifest import MANIFEST_NAME, read_manifest, sha256_file
+from .formats.checkpoint import INDEX_NAME, BaseCheckpoint, open_base, pread_into
+from .formats.header import DTYPE_SIZES
+from .inputs import AdapterSpec, load_inputs
 from .memory import current_rss, peak_rss, reset_peak_rss
-from .merge import AdapterSpec, load_inputs
-from .plantypes import Source, TensorPlan
-from .tensors import TORCH_DTYPES
+from .output.checksum import sha256_file
+from .output.manifest import MANIFEST_NAME, read_manifest
+from .plan.types import Source, TensorPlan
 
 BLOCK = 8 * 1024**2
 _MAX_PROBLEMS = 20
@@ -126,7 +128,7 @@ def _sample_rows(t: TensorPlan, base: BaseCheckpoint, out: BaseCheckpoint, io: _
     rows, cols = t.rows_cols
     picks = sorted({0, rows - 1} | {rng.randrange(rows) for _ in range(max(0, rows_per_tensor - 2))})
     factors = [(None, d.adapter.load(d.lora.bias_key).double(), d.scale, "vector") if d.vector else
-               (*(f.double() for f in d.select(d.adapter.load(d.lora.a_key), d.adapter.load(d.lora.b_key))),
+               (*(f.double() for f in _factors(d)),
                 d.scale, d.transposed)
                for d in t.deltas]
     dora_m = next((d.adapter.load(d.lora.magnitude_key).double() for d in t.deltas
@@ -177,6 +179,11 @@ def _sample_rows(t: TensorPlan, base: BaseCheckpoint, out: BaseCheckpoint, io: _
                         f"(max error {float(err.max()):.3e})")
             return
     report.tensors_sampled += 1
+
+
+def _factors(d: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    a, b = d.adapter.load(d.lora.a_key), d.adapter.load(d.lora.b_key)
+    return select_expert(d, a, b) if d.expert >= 0 else (a, b)
 
 
 def _column_norms(t: TensorPlan, src: Source, factors: list, io: _Reader, rows: int, cols: int) -> torch.Tensor:

@@ -97,7 +97,7 @@ def test_small_chunks_and_kernel_copy_fallback(tmp_path: Path, model, monkeypatc
     """Many small chunks per tensor, and untouched tensors copied through the buffer, not the kernel."""
     base, peft = model
     monkeypatch.delattr(os, "copy_file_range")
-    from streammerge import workingset
+    from streammerge.run import workingset
 
     monkeypatch.setattr(workingset, "RESERVE", 0)
     report = streammerge.merge(base, [peft.adapter], output=tmp_path / "out", device="cpu", max_mem=6000,
@@ -111,7 +111,8 @@ def test_cuda_oom_shrinks_chunk_then_falls_back_to_cpu(tmp_path: Path, model, mo
 
     This exercises the shrink-and-fall-back logic only; real CUDA execution is not covered here.
     """
-    from streammerge import kernels
+    from streammerge.run import device as devices
+    from streammerge.run import processor as kernels
 
     base, peft = model
     real_init, real_rows = kernels.Processor.__init__, kernels.Processor.merge_rows
@@ -130,7 +131,7 @@ def test_cuda_oom_shrinks_chunk_then_falls_back_to_cpu(tmp_path: Path, model, mo
     monkeypatch.setattr(kernels.Processor, "__init__", init)
     monkeypatch.setattr(kernels.Processor, "merge_rows", rows)
     monkeypatch.setattr(kernels.Processor, "to_device", lambda self, t: t.contiguous())
-    monkeypatch.setattr(kernels, "resolve_device", lambda spec: cuda)
+    monkeypatch.setattr(devices, "resolve_device", lambda spec: cuda)
     monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda *a: None)
     monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda *a: 0)
     monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)

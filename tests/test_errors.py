@@ -13,7 +13,7 @@ import torch
 from oracle import bits, build_adapter, build_base, read_checkpoint, tree_digest
 from safetensors.torch import load_file, save_file
 
-from streammerge.adapter import _UNSUPPORTED_FIELDS
+from streammerge.adapters.peft import _UNSUPPORTED_FIELDS
 from streammerge.cli import main
 from streammerge.errors import ExitCode
 
@@ -170,17 +170,38 @@ def test_output_overlapping_inputs_is_refused(tmp_path: Path, inputs: tuple[Path
 
 def test_existing_output_needs_overwrite_and_stale_shards_go(tmp_path: Path, inputs: tuple[Path, Path],
                                                             capsys: pytest.CaptureFixture[str]) -> None:
+    """--overwrite removes the files an earlier streammerge merge wrote (its manifest lists them) that
+    the new merge does not write; a loader that globs *.safetensors then sees only the new merge."""
     base, adapter = inputs
     out = tmp_path / "out"
-    out.mkdir()
-    (out / "model-00009-of-00009.safetensors").write_bytes(b"stale weights from an earlier merge")
+    single = tmp_path / "single"  # an earlier merge of a one-file checkpoint: model.safetensors
+    build_base("llama", single, dtype="bf16", sharded=False)
+    build_adapter(single, tmp_path / "single-adapter", dtype="bf16", r=4, lora_alpha=8)
+    assert main(["--base", str(single), "--adapter", str(tmp_path / "single-adapter"), "--output", str(out), "-q"]) == 0
+    assert (out / "model.safetensors").exists()
     (out / "notes.txt").write_text("mine")
     fails(capsys, ExitCode.OUTPUT, "pass --overwrite", base, "--base", base, "--adapter", adapter, "--output", out)
     assert main(["--base", str(base), "--adapter", str(adapter), "--output", str(out), "--overwrite", "-q"]) == 0
-    assert not (out / "model-00009-of-00009.safetensors").exists()
+    assert not (out / "model.safetensors").exists()  # the earlier merge's, listed in its manifest
     assert (out / "notes.txt").read_text() == "mine"
     index = json.loads((out / "model.safetensors.index.json").read_text())
     assert {p.name for p in out.glob("*.safetensors")} == set(index["weight_map"].values())
+
+
+def test_overwrite_keeps_every_file_no_streammerge_merge_wrote(tmp_path: Path, inputs: tuple[Path, Path],
+                                                                capsys: pytest.CaptureFixture[str]) -> None:
+    """Regression (data loss): with no earlier manifest in OUT, --overwrite deleted every weight-suffixed
+    file it did not write. Now nothing but what the merge writes changes, and the report says what is there."""
+    base, adapter = inputs
+    out = tmp_path / "out"
+    out.mkdir()
+    mine = {"q4.gguf": b"GGUF mine", "training_args.bin": b"pickle", "other.index.json": b"{}",
+            "notes.txt": b"notes", "model-00009-of-00009.safetensors": b"someone else's"}
+    for name, data in mine.items():
+        (out / name).write_bytes(data)
+    assert main(["--base", str(base), "--adapter", str(adapter), "--output", str(out), "--overwrite", "-q"]) == 0
+    assert {name: (out / name).read_bytes() for name in mine} == mine
+    assert "also holds weight files this merge did not write" in capsys.readouterr().out
 
 
 def test_default_output_is_beside_the_base(inputs: tuple[Path, Path], capsys: pytest.CaptureFixture[str]) -> None:
@@ -234,7 +255,7 @@ def test_failure_mid_merge_leaves_nothing(tmp_path: Path, inputs: tuple[Path, Pa
     (3e38, torch.bfloat16, False),  # finite everywhere, but the block's sum overflows: not an error
 ])
 def test_finite_check_of_a_merged_block(value: float, dtype: torch.dtype, bad: bool) -> None:
-    from streammerge.kernels import NonFiniteError, Processor
+    from streammerge.run.processor import NonFiniteError, Processor
 
     block = torch.full((64, 4096), 1.0).to(dtype)
     block[3, :] = torch.tensor(value).to(dtype)
@@ -249,7 +270,7 @@ def test_interrupt_mid_merge_leaves_resumable_state(tmp_path: Path, inputs: tupl
                                                      capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
     """Ctrl-C mid-merge: exit 130, nothing that looks finished, the base untouched; a rerun resumes
     from the finished shards and gives the same bytes as an uninterrupted run."""
-    from streammerge import kernels
+    from streammerge.run import processor as kernels
 
     base, adapter = inputs
     calls = {"n": 0}

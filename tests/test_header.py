@@ -12,9 +12,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from safetensors.torch import save_file
 
-from streammerge.checkpoint import open_base
+from streammerge.formats.checkpoint import open_base
 from streammerge.errors import InputError
-from streammerge.header import HeaderError, encode_header, parse_header, read_header
+from streammerge.formats.header import HeaderError, encode_header, parse_header, read_header
 
 
 def raw_file(header: object, data: bytes = b"", *, raw: bytes | None = None) -> bytes:

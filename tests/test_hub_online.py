@@ -15,8 +15,8 @@ import pytest
 from fakehub import COMMIT, FakeHub
 from oracle import assert_merged, build_adapter, build_base
 
-from streammerge.fetch import FETCH_DIR, HOLD
-from streammerge.output import STAGING
+from streammerge.sources.fetch import FETCH_DIR, HOLD
+from streammerge.output.directory import STAGING
 
 
 @pytest.fixture(scope="module")
@@ -262,7 +262,7 @@ def test_the_next_shard_is_requested_before_the_current_one_is_merged(tmp_path: 
                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
     """The engine's side of prefetching, with a recording stand-in for the shard source."""
     import streammerge
-    import streammerge.stream
+    import streammerge.api
 
     events: list[tuple[str, str]] = []
 
@@ -279,7 +279,7 @@ def test_the_next_shard_is_requested_before_the_current_one_is_merged(tmp_path: 
         def close(self) -> None:
             pass
 
-    monkeypatch.setattr(streammerge.stream, "LocalShards", Recording)
+    monkeypatch.setattr(streammerge.api, "LocalShards", Recording)
     streammerge.merge(repos["base"], [repos["peft"].adapter], output=tmp_path / "out", progress=False)
     names = [s for e, s in events if e == "local"]  # the plan's order
     assert sorted(names) == shard_names(repos["base"])

@@ -64,24 +64,24 @@ def test_output_count_must_match_the_adapters(tmp_path: Path, inputs: dict, caps
 def test_an_interrupted_pass_resumes_every_output(tmp_path: Path, inputs: dict, monkeypatch: pytest.MonkeyPatch) -> None:
     """Ctrl-C in the middle of the lockstep: the shards each output finished are kept, the rerun
     redoes only the rest, and the results equal uninterrupted separate runs."""
-    from streammerge.engine import Engine
+    from streammerge.run.task import Target
 
     base, adapters = inputs["base"], inputs["adapters"][:2]
     jobs = [([p.adapter], tmp_path / f"out{i}") for i, p in enumerate(adapters)]
-    finish, calls = Engine.finish, []
+    finish, calls = Target.finish, []
 
-    def finish_then_stop(self: Engine, shard: str) -> None:
+    def finish_then_stop(self: Target, shard: str, release) -> None:
         calls.append(self)
         if len(calls) == 5:  # both outputs finished shards 1 and 2; the first is at shard 3
-            for engine in set(calls):
-                engine.io.drain()  # (a real Ctrl-C may also land before the last fsync is recorded)
+            for target in set(calls):
+                target.io.drain()  # (a real Ctrl-C may also land before the last fsync is recorded)
             raise KeyboardInterrupt
-        finish(self, shard)
+        finish(self, shard, release)
 
-    monkeypatch.setattr(Engine, "finish", finish_then_stop)
+    monkeypatch.setattr(Target, "finish", finish_then_stop)
     with pytest.raises(KeyboardInterrupt):
         streammerge.merge_many(base, jobs, device="cpu", progress=False)
-    monkeypatch.setattr(Engine, "finish", finish)
+    monkeypatch.setattr(Target, "finish", finish)
     for _, out in jobs:
         staged = sorted(p.name for p in (out / ".streammerge-partial").glob("*.safetensors"))
         assert len(staged) == 2 and not (out / "model.safetensors.index.json").exists()

@@ -106,7 +106,7 @@ def test_verify_stays_small(tmp_path: Path) -> None:
 
 
 def test_chunk_is_the_budgets_share_capped() -> None:
-    from streammerge.workingset import MAX_CHUNK, _capped
+    from streammerge.run.workingset import MAX_CHUNK, _capped
 
     assert _capped(10**9, 58_720_256, 4096) == MAX_CHUNK  # a big budget: capped
     assert _capped(10**6, 58_720_256, 4096) == 10**6  # a small budget: its own share

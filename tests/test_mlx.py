@@ -26,8 +26,8 @@ def test_mlx_lm_adapter(tmp_path: Path) -> None:
     model, _ = load_model(base)
     model.freeze()
     params = {"rank": 4, "scale": 3.0, "dropout": 0.0, "keys": ["self_attn.q_proj", "mlp.down_proj"]}
-    linear_to_lora_layers(model, 2, params)
-    mx.random.seed(0)  # mlx initialises lora_b to zero: make the delta real
+    mx.random.seed(0)  # lora_a is drawn here: seeded, so that the test's files are the same on every run
+    linear_to_lora_layers(model, 2, params)  # mlx initialises lora_b to zero: make the delta real
     model.load_weights([(k, mx.random.normal(v.shape) * 0.05) for k, v in tree_flatten(model.trainable_parameters())
                         if k.endswith("lora_b")], strict=False)
     adapter = tmp_path / "adapter"

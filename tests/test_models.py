@@ -47,7 +47,7 @@ def test_merge_matches_peft_and_float64(tmp_path: Path, arch: str, dtype: str, s
     assert torch.allclose(got_logits, ref_logits, atol=tol, rtol=tol)
     # 4. a checkpoint laid out like the base: same files, exact index, format metadata, base untouched
     base_files = {p.name for p in base.iterdir()}
-    assert {p.name for p in out.iterdir()} == base_files | {"streammerge.json"}
+    assert {p.name for p in out.iterdir()} == base_files | {"streammerge.json", "README.md"}  # + the model card
     manifest = json.loads((out / "streammerge.json").read_text())
     shards = {p.name for p in out.glob("*.safetensors")}
     assert manifest["shards"] == {s: {"size": (out / s).stat().st_size,

@@ -8,9 +8,9 @@ import threading
 
 import pytest
 
-from streammerge import pagecache
-from streammerge.checkpoint import ShardWriter
-from streammerge.manifest import drop_cached, sha256_while_written
+from streammerge.formats import pagecache
+from streammerge.formats.shardwriter import ShardWriter
+from streammerge.output.checksum import drop_cached, sha256_while_written
 
 linux = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="page-cache hints are Linux calls")
 

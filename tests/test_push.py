@@ -14,7 +14,7 @@ from huggingface_hub import ModelCard
 from oracle import assert_merged, build_adapter, build_base
 
 import streammerge
-import streammerge.upload
+import streammerge.output.upload
 from streammerge.cli import main
 
 
@@ -105,14 +105,14 @@ def test_push_with_low_disk_deletes_each_shard_once_uploaded(tmp_path: Path, inp
     assert not out.exists()  # nothing kept locally: the merge is on the Hub
     reference = inputs["reference"]
     files = api.calls[-1][1][1]
-    expected = {p.name: sha(p) for p in reference.iterdir() if p.is_file() and p.name != "streammerge.json"}
+    expected = {p.name: sha(p) for p in reference.iterdir() if p.is_file() and p.name not in ("streammerge.json", "README.md")}
     assert {k: v for k, v in files.items() if k not in ("README.md", "streammerge.json")} == expected
     assert {c[1][0] for c in api.calls if c[0] == "preupload"} == {p.name for p in reference.glob("*.safetensors")}
 
 
 def test_push_refused_before_the_merge_is_one_line(tmp_path: Path, inputs: dict, monkeypatch: pytest.MonkeyPatch,
                                                     capsys: pytest.CaptureFixture[str]) -> None:
-    monkeypatch.setattr(streammerge.upload, "_api", lambda: RecordingApi(fail_on="create_repo"))
+    monkeypatch.setattr(streammerge.output.upload, "_api", lambda: RecordingApi(fail_on="create_repo"))
     out = tmp_path / "out"
     code = main(["--base", str(inputs["base"]), "--adapter", str(inputs["peft"].adapter), "--output", str(out),
                  "--push-to-hub", "me/tiny-merged", "-q"])

@@ -16,9 +16,9 @@ import logging
 import threading
 from pathlib import Path
 
-from .checkpoint import BaseCheckpoint
-from .errors import DownloadError, InputError
-from .header import read_header
+from ..formats.checkpoint import BaseCheckpoint
+from ..errors import DownloadError, InputError
+from ..formats.header import read_header
 from .hub import HubBase, hub_errors
 
 log = logging.getLogger(__name__)

@@ -12,12 +12,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .adapter import LoraAdapter, LoraModule
-from .checkpoint import BaseCheckpoint
-from .errors import InputError, PlanError, UnsupportedError
-from .header import FLOAT_DTYPES, TensorInfo
+from ..adapters.types import LoraAdapter, LoraModule
+from ..errors import InputError, PlanError, UnsupportedError
+from ..formats.checkpoint import BaseCheckpoint
+from ..formats.header import FLOAT_DTYPES, TensorInfo
 from .keymap import EXPERTS, VOCAB_TENSORS, Match, Rule, resolve, stored_transposed, tied_head
-from .plantypes import DTYPE_CHOICES, Delta, MergePlan, Source, TensorPlan, TokenRows
+from .tokenizer import choose_tokenizer
+from .types import DTYPE_CHOICES, Delta, MergePlan, Source, TensorPlan, TokenRows
 
 _SHOW = 5  # keys quoted in an error message before "... and N more"
 
@@ -157,7 +158,8 @@ def _expert_deltas(adapter: LoraAdapter, lora: LoraModule, names: dict[str, str]
             if match is None:
                 raise PlanError(f"adapter {adapter.path}: {lora.module} has {lora.experts} experts but base "
                                 f"{base.root} has no {disk}.{e}.{name}")
-            out.append((match.tensor, Delta(adapter, lora, f"{match.rule.family}; {layout.family}", expert=e, rows=rows)))
+            out.append((match.tensor, Delta(adapter, lora, f"{match.rule.family}; {layout.family}", "lora_expert",
+                                             expert=e, rows=rows)))
     return out
 
 
@@ -210,7 +212,8 @@ def _adapter_deltas(adapter: LoraAdapter, look: _Lookup, deltas: dict[str, list[
             _refuse_conv(adapter, lora, match.tensor, info)
         layout = stored_transposed(base.model_type, match.tensor.removesuffix(".weight"))
         rule = match.rule.family + (f"; {layout.family}" if layout else "")
-        delta = Delta(adapter, lora, rule, transposed=lora.embedding or layout is not None)
+        transposed = lora.embedding or layout is not None
+        delta = Delta(adapter, lora, rule, ("dora" if lora.magnitude_key else "lora") + ("_T" if transposed else ""))
         problem = _check_shapes(match.tensor, info, delta)
         if problem is None and info.dtype not in FLOAT_DTYPES:
             problem = f"{match.tensor} is {info.dtype}; only {'/'.join(FLOAT_DTYPES)} weights can be merged"
@@ -234,9 +237,39 @@ def _bias_delta(adapter: LoraAdapter, module: str, lora: LoraModule, look: _Look
     if bias is None:
         raise UnsupportedError(f"adapter {adapter.path}: {module} has lora_bias but the base layer has no "
                                "bias tensor to merge it into")
-    deltas.setdefault(bias.tensor, []).append(Delta(adapter, lora, bias.rule.family, vector=True))
+    deltas.setdefault(bias.tensor, []).append(Delta(adapter, lora, bias.rule.family, "lora_bias"))
     have, want = look.info(bias.tensor).shape, adapter.tensors[lora.bias_key].shape
     return [] if have == want else [f"{module}: lora_B.bias {list(want)} but {bias.tensor} is {list(have)}"]
+
+
+def _matches(patterns: tuple[str, ...], names: tuple[str, ...]) -> bool:
+    return any(re.search(p, n) for p in patterns for n in names)
+
+
+def _filter(deltas: dict[str, list[Delta]], sources: dict[str, Source], tokens: dict[str, TokenRows],
+            include: tuple[str, ...], exclude: tuple[str, ...]) -> list[str]:
+    """--include / --exclude over base tensor names and adapter modules: what they leave out is
+    removed from the plan and listed (never dropped silently)."""
+    if not include and not exclude:
+        return []
+
+    def keep(*names: str) -> bool:
+        return (not include or _matches(include, names)) and not _matches(exclude, names)
+
+    excluded: list[str] = []
+    for tensor, ds in list(deltas.items()):
+        kept = [d for d in ds if keep(tensor, d.lora.module)]
+        excluded += [f"{d.adapter.label}: {d.lora.module} -> {tensor}" for d in ds if d not in kept]
+        if kept:
+            deltas[tensor] = kept
+        else:
+            del deltas[tensor]
+    for table, key in ((sources, lambda v: v.info.name), (tokens, lambda v: v.key)):
+        for tensor, value in list(table.items()):
+            if not keep(tensor, key(value)):
+                excluded.append(f"{key(value)} -> {tensor} (replacement)")
+                del table[tensor]
+    return excluded
 
 
 def build_plan(
@@ -245,6 +278,9 @@ def build_plan(
     *,
     dtype: str = "auto",
     user_rules: tuple[Rule, ...] = (),
+    include: tuple[str, ...] = (),
+    exclude: tuple[str, ...] = (),
+    tokenizer: Path | None = None,
 ) -> MergePlan:
     """Map, check and lay out the whole merge. Reads headers only."""
     target = None if dtype == "auto" else DTYPE_CHOICES[dtype]
@@ -260,6 +296,12 @@ def build_plan(
     for adapter in adapters:
         _adapter_deltas(adapter, look, deltas)
     tokens = _token_rows(base, adapters, user_rules, names, infos)
+    resized = [t for t in sources if "vocab_size" in changes and infos.get(t) is not None
+               and infos[t].shape[0] == changes["vocab_size"]]
+    excluded = _filter(deltas, sources, tokens, include, exclude)
+    if any(t not in sources for t in resized):
+        raise PlanError(f"--include/--exclude leave out {', '.join(t for t in resized if t not in sources)}, which the "
+                        "adapter resizes; keep every resized vocabulary tensor in the merge")
     for tensor, ds in deltas.items():
         if len(ds) > 1 and any(d.lora.magnitude_key for d in ds):
             raise UnsupportedError(f"{tensor}: a DoRA adapter cannot be merged together with another adapter "
@@ -273,8 +315,11 @@ def build_plan(
             for name, info in header.tensors.items()
             if base.weight_map.get(name) == shard
         ]
-    tokenizer_from = changes.pop("_tokenizer_from", None)
-    plan = MergePlan(base, adapters, shards, target, changes, Path(tokenizer_from) if tokenizer_from else None)
+    resized_by = changes.pop("_tokenizer_from", None)
+    tokenizer_from, why = choose_tokenizer(base.root, adapters, explicit=tokenizer,
+                                           resized_by=Path(resized_by) if resized_by else None,
+                                           vocab_size=changes.get("vocab_size"))
+    plan = MergePlan(base, adapters, shards, target, changes, tokenizer_from, why, excluded)
     if tie and (deltas.get(tie[0]) or deltas.get(tie[1])):
         _untie(plan, *tie, infos[tie[1]], deltas.get(tie[1], []), sources.get(tie[1]) or sources.get(tie[0]))
     return plan

@@ -6,8 +6,9 @@ and sha256. A rerun of the same command keeps the shards whose record matches an
 
 The fingerprint of a shard covers everything its bytes depend on: the base shard (name, size,
 mtime, header), each tensor's output dtype and shape, every delta (adapter weights file identity,
-module, keys, scale), the device kind and the chunk size, and the streammerge version. Changing
-any input or option invalidates the record.
+module, keys, scale), the device kind the merge ran on (cpu or cuda, resolved: ``--device auto``
+and ``--device cpu`` on a machine without CUDA are the same) and the chunk size, and the
+streammerge version. Changing any input or option invalidates the record.
 
 The manifest ``streammerge.json`` is written last, after the index: a directory without it is not
 a finished merge.
@@ -18,20 +19,19 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import time
-from pathlib import Path
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
-from . import __version__, pagecache
-from .checkpoint import ShardWriter, pread_into
-from .errors import OutputError
-from .plantypes import MergePlan
+from .._version import __version__
+from ..errors import OutputError
+from ..plan.types import MergePlan
 
 MANIFEST_NAME = "streammerge.json"
 MANIFEST_FORMAT = "streammerge-manifest/1"
 RECORD_SUFFIX = ".done.json"
-HASH_BLOCK = 8 * 1024**2
 
 
 def _file_identity(path: Path) -> dict[str, Any]:
@@ -66,7 +66,7 @@ def shard_fingerprint(plan: MergePlan, shard: str, *, device: str, chunk: int) -
         "tensors": [
             [t.name, t.info.dtype, t.out_dtype, list(t.info.shape), t.info.begin,
              [[_adapter_file_identity(plan, d.adapter.weights_path), d.lora.a_key, d.lora.b_key, d.lora.magnitude_key, d.lora.bias_key,
-               repr(d.scale), d.transposed, d.vector, d.expert, d.rows]
+               repr(d.scale), d.method, d.expert, d.rows]
               for d in t.deltas],
              t.source and [_adapter_file_identity(plan, t.source.path), t.source.info.dtype, t.source.info.begin],
              t.tokens and [_adapter_file_identity(plan, t.tokens.adapter.weights_path), t.tokens.key,
@@ -75,55 +75,6 @@ def shard_fingerprint(plan: MergePlan, shard: str, *, device: str, chunk: int) -
         ],
     }
     return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()
-
-
-class Cancelled(Exception):
-    """A checksum abandoned because the merge is stopping."""
-
-
-def sha256_file(path: Path, *, cancelled: Callable[[], bool] = lambda: False) -> str:
-    h = hashlib.sha256()
-    buf = memoryview(bytearray(HASH_BLOCK))
-    with open(path, "rb", buffering=0) as f:
-        while n := f.readinto(buf):
-            if cancelled():
-                raise Cancelled(path)
-            h.update(buf[:n])
-            pagecache.drop(f.fileno(), f.tell() - n, n)  # read once: do not let the page cache keep it
-    return h.hexdigest()
-
-
-def sha256_while_written(writer: ShardWriter, *, cancelled: Callable[[], bool]) -> str:
-    """The sha256 of a shard still being written, read right behind the writer (from the page cache)
-    in file order: the hash is done moments after the last write instead of one read after the fsync."""
-    h = hashlib.sha256()
-    buf = memoryview(bytearray(HASH_BLOCK))
-    done = 0
-    fd = os.open(writer.path, os.O_RDONLY)
-    try:
-        while done < writer.size:
-            with writer.changed:
-                writer.changed.wait_for(lambda: writer.prefix > done or writer.committed or cancelled(), timeout=0.5)
-                ready = writer.size if writer.committed else writer.prefix
-            if cancelled():
-                raise Cancelled(writer.path)
-            while done < ready:
-                n = min(HASH_BLOCK, ready - done)
-                pread_into(fd, done, buf[:n], path=writer.path)
-                h.update(buf[:n])
-                _read_behind(fd, done, n)
-                done += n
-    finally:
-        os.close(fd)
-    return h.hexdigest()
-
-
-def _read_behind(fd: int, start: int, length: int) -> None:
-    """The checksum has read ``[start, start+length)``: drop it, and again the range read DROP_LAG
-    earlier, whose pages were still being written back then and are clean by now."""
-    pagecache.drop(fd, start, length)
-    if start >= pagecache.DROP_LAG:
-        pagecache.drop(fd, start - pagecache.DROP_LAG, length)
 
 
 def write_json_atomic(path: Path, doc: dict[str, Any]) -> None:
@@ -147,52 +98,40 @@ def record_shard(staging: Path, shard: str, *, fingerprint: str) -> dict[str, An
     return record
 
 
-def add_checksum(staging: Path, record: dict[str, Any], *, cancelled: Callable[[], bool] = lambda: False) -> None:
-    """Read a finished shard back once and add its sha256 to its record (a shard resumed unhashed)."""
-    set_checksum(staging, record, sha256_file(staging / record["shard"], cancelled=cancelled))
-
-
 def set_checksum(staging: Path, record: dict[str, Any], sha256: str) -> None:
     record["sha256"] = sha256
     write_json_atomic(staging / (record["shard"] + RECORD_SUFFIX), record)
 
 
-def drop_cached(path: Path) -> None:
-    """Let the page cache drop a finished, fsynced file (it is not read again by this run)."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        pagecache.drop(fd)
-    finally:
-        os.close(fd)
-
-
-def reusable_shards(staging: Path, fingerprints: dict[str, str]) -> dict[str, dict[str, Any]]:
-    """Records of staged shards that a rerun may keep; everything else in staging is removed."""
+def reusable_shards(staging: Path, shards: list[str], fingerprint: Callable[[str], str]) -> dict[str, dict[str, Any]]:
+    """Records of staged shards that a rerun may keep; everything else in staging is removed.
+    ``fingerprint`` is asked only for shards that have a record (it may have to wait for torch)."""
     kept: dict[str, dict[str, Any]] = {}
     if not staging.is_dir():
         return kept
-    for shard, fingerprint in fingerprints.items():
+    for shard in shards:
         record_path, path = staging / (shard + RECORD_SUFFIX), staging / shard
         try:
             record = json.loads(record_path.read_text(encoding="utf-8"))
         except (OSError, ValueError):
             continue
-        if (isinstance(record, dict) and record.get("fingerprint") == fingerprint and path.is_file()
-                and path.stat().st_size == record.get("size")):
+        if (isinstance(record, dict) and path.is_file() and path.stat().st_size == record.get("size")
+                and record.get("fingerprint") == fingerprint(shard)):
             kept[shard] = record
     keep = set(kept) | {s + RECORD_SUFFIX for s in kept} | {".lock"}  # the run's own lock stays
     for entry in staging.iterdir():
         if entry.name not in keep:
             if entry.is_dir():
-                import shutil
-
                 shutil.rmtree(entry)
             else:
                 entry.unlink()
     return kept
 
 
-def build_manifest(plan: MergePlan, records: dict[str, dict[str, Any]], options: dict[str, Any]) -> dict[str, Any]:
+def build_manifest(plan: MergePlan, records: dict[str, dict[str, Any]], options: dict[str, Any],
+                   files: list[str]) -> dict[str, Any]:
+    """``files``: everything the merge puts into the output besides the manifest itself (a later
+    ``--overwrite`` removes exactly those the new merge does not write)."""
     return {
         "format": MANIFEST_FORMAT,
         "streammerge": __version__,
@@ -205,7 +144,18 @@ def build_manifest(plan: MergePlan, records: dict[str, dict[str, Any]], options:
         "options": options,
         "tensors_merged": sorted(t.name for t in plan.touched),
         "shards": {s: {"size": r["size"], "sha256": r["sha256"]} for s, r in sorted(records.items())},
+        "files": sorted(files),
     }
+
+
+def written_files(manifest: dict[str, Any]) -> list[str]:
+    """What an earlier merge wrote into its output: its list, or (older manifests) its shards and index."""
+    listed = manifest.get("files")
+    if isinstance(listed, list) and all(isinstance(f, str) for f in listed):
+        return [*listed, MANIFEST_NAME]
+    shards = manifest.get("shards")
+    names = list(shards) if isinstance(shards, dict) else []
+    return [*names, "model.safetensors.index.json", MANIFEST_NAME]
 
 
 def read_manifest(output: Path) -> dict[str, Any] | None:

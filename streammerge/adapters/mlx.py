@@ -14,8 +14,10 @@ import re
 from pathlib import Path
 from typing import Any
 
-from .errors import InputError, PlanError, UnsupportedError
-from .header import TensorInfo, read_header
+from ..errors import InputError, PlanError, UnsupportedError
+from ..formats.checkpoint import check_inside
+from ..formats.header import TensorInfo, read_header
+from .types import LoraAdapter, LoraModule
 
 WEIGHTS_NAME = "adapters.safetensors"
 _KEY = re.compile(r"^(?P<module>.+)\.lora_(?P<factor>[ab])$")
@@ -36,9 +38,8 @@ def _check(config: dict[str, Any], where: Path) -> tuple[int, float]:
     return rank, float(scale)
 
 
-def read_mlx_adapter(path: Path, config: dict[str, Any], *, weight: float) -> Any:
-    from .adapter import LoraAdapter, LoraModule
-
+def read_mlx_adapter(path: Path, config: dict[str, Any], *, weight: float) -> LoraAdapter:
+    check_inside(path / WEIGHTS_NAME, path)
     where = path / "adapter_config.json"
     rank, scale = _check(config, where)
     weights_path = path / WEIGHTS_NAME

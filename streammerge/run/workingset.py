@@ -16,9 +16,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .header import DTYPE_SIZES
-from .memory import chunk_capacity
-from .plantypes import MergePlan
+from ..formats.header import DTYPE_SIZES
+from ..memory import chunk_capacity
+from ..plan.types import MergePlan
 
 RESERVE = 32 * 1024**2  # runtime allocations outside our buffers (BLAS packing, copy bounce, files)
 SLOTS = 2

@@ -11,7 +11,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from .errors import InputError, PlanError
+from ..errors import InputError, PlanError
 
 
 @dataclass(frozen=True)

@@ -11,9 +11,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .adapter import LoraAdapter, LoraModule
-from .checkpoint import BaseCheckpoint
-from .header import TensorInfo
+from ..adapters.types import LoraAdapter, LoraModule
+from ..formats.checkpoint import BaseCheckpoint
+from ..formats.header import DTYPE_SIZES, TensorInfo
 
 DTYPE_CHOICES = {"bf16": "BF16", "fp16": "F16", "fp32": "F32"}
 CONFIG_DTYPE_NAMES = {"BF16": "bfloat16", "F16": "float16", "F32": "float32"}
@@ -21,16 +21,26 @@ CONFIG_DTYPE_NAMES = {"BF16": "bfloat16", "F16": "float16", "F32": "float32"}
 
 @dataclass(frozen=True, eq=False)
 class Delta:
-    """``adapter.weight * lora.scaling * (B @ A)`` added to one base tensor, transposed first when
-    the weight is stored (in, out) (Conv1D) or is an Embedding (num_embeddings, dim)."""
+    """One adapter module's change to one base tensor. ``method`` names its implementation in the
+    delta registry (``streammerge.deltas``): ``lora`` (``W + s B A``), ``lora_T`` (``W + s (B A)^T``:
+    Conv1D, Embedding), ``lora_bias``, ``lora_expert`` (one expert's slice of fused factors, ``rows``
+    of its output for the gate / up split), ``dora`` (rows rescaled), ``dora_T`` (columns rescaled)."""
 
     adapter: LoraAdapter
     lora: LoraModule
     rule: str
-    transposed: bool = False
-    vector: bool = False  # lora_bias: ``scale * lora_B.bias`` added to the layer's bias (a 1-D tensor)
-    expert: int = -1  # fused experts: this expert's factors, and ``rows`` of its output (gate / up split)
+    method: str = "lora"
+    expert: int = -1
     rows: tuple[int, int] | None = None
+
+    @property
+    def transposed(self) -> bool:
+        """The weight holds (B @ A).T: Conv1D (stored in x out) or an Embedding."""
+        return self.method.endswith("_T")
+
+    @property
+    def vector(self) -> bool:
+        return self.method == "lora_bias"
 
     def select(self, a: Any, b: Any) -> tuple[Any, Any]:
         """This delta's A (r, in) and B (out, r) out of the adapter's full factors."""
@@ -46,11 +56,10 @@ class Delta:
 
     @property
     def factor_bytes(self) -> int:
-        """float32 bytes of A and B (and a DoRA magnitude) together; of the bias vector for lora_bias."""
-        keys = [self.lora.a_key, self.lora.b_key] + ([self.lora.magnitude_key] if self.lora.magnitude_key else [])
-        if self.vector:
-            keys = [self.lora.bias_key]
-        return 4 * sum(self.adapter.tensors[k].numel for k in keys)
+        """float32 bytes of the factors this delta holds on the merge device (its method says which)."""
+        from ..deltas import method
+
+        return 4 * sum(self.adapter.tensors[k].numel for k in method(self.method).factor_keys(self))
 
 
 @dataclass(frozen=True)
@@ -115,7 +124,9 @@ class MergePlan:
     shards: dict[str, list[TensorPlan]]  # output shard name -> tensors in the base's data order
     out_dtype: str | None  # None: each tensor keeps its dtype
     config_changes: dict[str, Any] = field(default_factory=dict)  # keys to set in config.json
-    tokenizer_from: Path | None = None  # an adapter directory whose tokenizer goes with a resized vocabulary
+    tokenizer_from: Path | None = None  # where the tokenizer files come from (None: the base's)
+    tokenizer_why: str | None = None
+    excluded: list[str] = field(default_factory=list)  # what --include / --exclude left out
 
     @property
     def weight_map(self) -> dict[str, str]:
@@ -130,10 +141,12 @@ class MergePlan:
     def touched(self) -> list[TensorPlan]:
         return [t for t in self.tensors() if t.merged]
 
+    def shard_bytes(self, shard: str) -> int:
+        """Data bytes of one output shard."""
+        return sum(t.info.numel * DTYPE_SIZES[t.out_dtype] for t in self.shards[shard])
+
     @property
     def output_size(self) -> int:
-        from .header import DTYPE_SIZES
-
         return sum(t.info.numel * DTYPE_SIZES[t.out_dtype] for t in self.tensors())
 
     @property
@@ -160,8 +173,7 @@ class MergePlan:
             "modules": [
                 {"adapter": d.adapter.label, "module": d.lora.module, "tensor": t.name,
                  "rule": d.rule, "r": d.lora.r, "scale": d.scale,
-                 "kind": ("lora_bias" if d.vector else "dora" if d.lora.magnitude_key else
-                          f"expert {d.expert}" if d.expert >= 0 else "transposed" if d.transposed else "linear")}
+                 "kind": d.method if d.expert < 0 else f"{d.method} {d.expert}"}
                 for t in self.touched for d in t.deltas
             ],
             "replaced": {t.name: f"{t.source.path}:{t.source.info.name} {list(t.source.info.shape)}"

@@ -21,9 +21,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .checkpoint import BaseCheckpoint, open_base
-from .errors import InputError
-from .header import SafetensorsHeader, planned_header, read_header
+from ..formats.checkpoint import BaseCheckpoint, open_base
+from ..errors import InputError
+from ..formats.header import SafetensorsHeader, planned_header, read_header
 
 REPO_ID = r"[A-Za-z0-9][\w.-]*/[\w.-]+"  # org/name
 _REPO = re.compile(rf"^(?P<repo>{REPO_ID})(?:@(?P<rev>[\w./-]+))?$")

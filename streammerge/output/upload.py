@@ -1,4 +1,4 @@
-"""``--push-to-hub``: the merged checkpoint as one commit, with a generated model card.
+"""``--push-to-hub``: the merged checkpoint as one commit (its model card: ``card.py``).
 
 huggingface_hub does the protocol. The repo (and branch) are created before the merge starts, so
 a missing token or permission fails in seconds, not after the merge. Each shard is uploaded
@@ -17,53 +17,18 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from . import __version__, hub
-from .errors import OutputError
+from ..errors import OutputError
+from ..sources import hub
 
 log = logging.getLogger(__name__)
 
 _REPO = re.compile(rf"^{hub.REPO_ID}$")
-CARD_NAME = "README.md"
 
 
 def check_repo_id(repo_id: str) -> str:
     if not _REPO.match(repo_id) or ".." in repo_id or len(repo_id) > 96:
         raise OutputError(f"--push-to-hub {repo_id!r}: not a repo id; use ORG/NAME (letters, digits, '-', '_', '.')")
     return repo_id
-
-
-def model_card(*, base: str, base_model: str | None, base_revision: str | None,
-               adapters: Sequence[tuple[str, float]], dtype: str, tensors_merged: int, shards: int) -> str:
-    """README.md for the merged model: Hub metadata (base_model, base_model_relation, tags) + a body.
-
-    ``base`` and ``adapters`` are as given (repo ids, or local directories shown by name only);
-    ``base_model`` is the base's repo id when known (None: the field is left out).
-    """
-    from huggingface_hub import ModelCard, ModelCardData
-
-    def shown(text: str) -> str:  # a repo id as given; a local directory by its name only
-        return text if hub.parse(text) is not None else Path(text).name
-
-    hub_ids = [a for a, _ in adapters if hub.parse(a) is not None]
-    adapters = [(shown(a), w) for a, w in adapters]
-    base = shown(base)
-    data = ModelCardData(
-        base_model=base_model,
-        base_model_relation="merge",
-        library_name="transformers",
-        tags=["streammerge", "lora", "merge"] + [f"adapter:{a.split('@')[0]}" for a in hub_ids],
-    )
-    lines = [f"- `{name}` with weight {weight:g}" for name, weight in adapters]
-    revision = f" at revision `{base_revision}`" if base_revision else ""
-    body = (
-        f"# Merged model\n\nThe base model `{base}`{revision} with LoRA adapter(s) merged into its weights "
-        f"by streammerge {__version__}:\n\n" + "\n".join(lines) + "\n\n"
-        f"Each touched weight is `W + sum_i w_i * scale_i * (B_i @ A_i)`, computed in float32 and rounded once "
-        f"to {dtype}. {tensors_merged} tensors changed; every other tensor is byte-identical to the base. "
-        f"{shards} shard(s); their sha256 are listed in `streammerge.json`.\n\n"
-        "Load it like the base model (no PEFT needed).\n"
-    )
-    return str(ModelCard(f"---\n{data.to_yaml()}\n---\n\n{body}"))
 
 
 def _api() -> Any:

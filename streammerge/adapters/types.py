@@ -1,0 +1,98 @@
+"""What an adapter is once read: its validated config, per-module factor keys and lazy tensor access.
+
+Every adapter format (PEFT, mlx-lm) is read into one ``LoraAdapter``; tensors are read only when
+the merge reaches the base tensor they belong to.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from ..formats.checkpoint import read_tensor_bytes
+from ..formats.header import SafetensorsHeader, TensorInfo
+
+if TYPE_CHECKING:
+    import torch
+
+
+@dataclass(frozen=True)
+class LoraModule:
+    """One adapted module: ``delta = scaling * (B @ A)`` with A (r, in) and B (out, r).
+
+    For an Embedding (``lora_embedding_A`` (r, num_embeddings), ``lora_embedding_B`` (dim, r)) the
+    weight is (num_embeddings, dim) and ``delta = scaling * (B @ A).T``.
+    """
+
+    module: str  # in-memory module path, e.g. "model.layers.0.self_attn.q_proj"
+    a_key: str
+    b_key: str
+    r: int
+    lora_alpha: float
+    scaling: float
+    embedding: bool = False
+    magnitude_key: str | None = None  # DoRA: m (out,), and W' = m / ||W + dW||_row * (W + dW)
+    bias_key: str | None = None  # lora_bias: lora_B.bias (out,), and bias += scaling * lora_B.bias
+    # target_parameters on fused experts (E, out, in): A (r*E, in), B (out, r*E); expert e takes
+    # A[e*r:(e+1)*r] and B[:, e::E]. ``experts`` = E, ``container`` = the experts module path.
+    experts: int = 0
+    container: str = ""
+    conv_dims: int = 0  # N-D factors: LoRA on a convolution (refused) or a damaged adapter
+
+
+@dataclass
+class LoraAdapter:
+    """A PEFT LoRA adapter directory, validated, with lazy access to its tensors."""
+
+    path: Path
+    weights_path: Path
+    config: dict[str, Any]
+    weight: float  # this adapter's share when several are merged: delta *= weight
+    tensors: dict[str, TensorInfo]  # key -> header entry (for .bin: shape/dtype only)
+    modules: dict[str, LoraModule]
+    _header: SafetensorsHeader | None = None
+    _bin: dict[str, Any] | None = None
+    # "<module>.<param>" -> a full tensor saved with the adapter that replaces the base's: PEFT's
+    # save_embedding_layers ("<module>.base_layer.weight", LoRA is added on top) and
+    # modules_to_save ("<module>.<param>", used as is). After loading, PEFT uses them, so do we.
+    replacements: dict[str, TensorInfo] = field(default_factory=dict)
+    # module -> (token ids, "<module>.token_adapter.trainable_tokens_delta" (len(ids), dim)): rows
+    # of the module's weight replaced by the saved values (PEFT's trainable_token_indices).
+    token_rows: dict[str, tuple[list[int], TensorInfo]] = field(default_factory=dict)
+    origin: str | None = None  # "org/name@commit" when read from the Hub (its identity for resuming)
+    transposed_keys: frozenset[str] = frozenset()  # stored transposed (mlx-lm): load() turns them
+
+    @property
+    def label(self) -> str:
+        return self.path.name or str(self.path)
+
+    def load(self, key: str) -> torch.Tensor:
+        """Read one adapter tensor as float32 (adapters are small; bf16 factors are widened exactly)."""
+        import torch
+
+        if self._bin is not None:
+            return self._bin[key].to(torch.float32)
+        from ..codecs.plain import read_tensor
+
+        assert self._header is not None
+        tensor = read_tensor(self.weights_path, self._header, key).to(torch.float32)
+        return tensor.t().contiguous() if key in self.transposed_keys else tensor
+
+
+def changes_something(adapter: LoraAdapter) -> bool:
+    """False when every lora_B is all zeros (PEFT's initialisation: an untrained adapter) or the
+    adapter's weight is 0. Stops at the first non-zero factor, so this is cheap for real adapters."""
+    if adapter.weight == 0:
+        return False
+    if adapter.replacements or adapter.token_rows:
+        return True
+    for module in adapter.modules.values():
+        if adapter._bin is not None:
+            if bool(adapter._bin[module.b_key].any()):
+                return True
+            continue
+        assert adapter._header is not None
+        if read_tensor_bytes(adapter._header, module.b_key).strip(b"\0"):  # any bit set (-0.0 too: conservative)
+            return True
+    return False

@@ -1,0 +1,221 @@
+"""The API: inputs -> plans -> executor -> reports.
+
+1. validate the arguments and options (``MergeOptions``); open the base (index + every header; a
+   Hub base without its shards) and the adapters; build one plan per output (no tensor data read);
+2. check each output directory (and, before the first write, the free disk space);
+3. size one set of reusable buffers from ``max_mem``, shared by every output (``run/compute.py``);
+4. the executor walks the base shard by shard: untouched tensors copied byte for byte, touched ones
+   merged in row chunks, each shard staged, fsynced and recorded (``run/executor.py``);
+5. each output's sink copies the non-weight files, writes the index and publishes (``output/sink.py``).
+Events (``events.py``) report progress to listeners: the progress bar, ``on_event=``.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Union
+
+from .events import Events, Listener, ProgressBar
+from .inputs import AdapterSpec, Inputs, adapter_specs, open_inputs
+from .memory import peak_rss
+from .options import MergeOptions
+from .output.card import merge_card
+from .output.directory import check_output, default_output
+from .output.sink import SafetensorsSink
+from .output.upload import Uploader
+from .plan.types import MergePlan
+from .report import MergeReport
+from .run.compute import Compute, ComputeSummary, Runtime
+from .run.executor import LocalExecutor
+from .run.task import Target, tensor_kind
+from .run.workingset import WorkingSet
+from .sources import hub
+from .sources.fetch import FETCH_DIR, HubShards, LocalShards
+
+PathLike = Union[str, "os.PathLike[str]"]
+AdapterArg = Union[AdapterSpec, PathLike]
+__all__ = ["merge", "merge_many", "AdapterSpec", "MergeReport"]
+
+
+def merge(base: PathLike, adapters: AdapterArg | Sequence[AdapterArg], *, output: PathLike | None = None,
+          on_event: Listener | None = None, hub_api: Any = None, **options: Any) -> MergeReport:
+    """Merge adapters into a safetensors checkpoint, shard by shard, within ``max_mem`` bytes.
+
+    Each touched weight becomes ``W + sum_i w_i * s_i * (B_i @ A_i)`` computed in float32 and
+    rounded once to the output dtype (``s = lora_alpha / r``, or ``/ sqrt(r)`` with rsLoRA).
+    Untouched tensors are copied byte for byte. ``adapters``: one path (or ``AdapterSpec``) or a
+    list. Options are ``MergeOptions`` fields (``max_mem=4 * 2**30`` or ``"4GB"``, ``device``,
+    ``dtype``, ...); a wrong type or value raises TypeError / ValueError naming the argument. Bad
+    input raises a StreamMergeError subclass before anything is written. An interrupted run (signal,
+    full disk, kill) leaves its finished shards in ``output/.streammerge-partial``; the same call
+    again resumes from them. ``on_event`` receives every ``events.Event``.
+
+    ``base`` and adapters may be Hub repo ids (``org/name[@rev]``): the base's shards are then
+    downloaded one at a time as the merge reaches them (``low_disk``: into a private folder, each
+    deleted once merged). ``push_to_hub``: upload the result as one commit with a model card.
+    """
+    return merge_many(base, [(adapters, output)], on_event=on_event, hub_api=hub_api, **options)[0]
+
+
+def merge_many(base: PathLike, jobs: Sequence[tuple[AdapterArg | Sequence[AdapterArg], PathLike | None]], *,
+               on_event: Listener | None = None, hub_api: Any = None, **options: Any) -> list[MergeReport]:
+    """Several merged checkpoints from one pass over the base: ``jobs`` is a list of (adapters,
+    output); each output is what ``merge(base, adapters, output=output)`` would write, and the base
+    is read once for all of them, within the same ``max_mem``."""
+    opts = MergeOptions.build(**options)
+    checked = _jobs(base, jobs)
+    events = Events([ProgressBar(enabled=opts.progress)] + ([on_event] if on_event is not None else []))
+    try:
+        reports = _merge_many(base, checked, opts, events, hub_api)
+    except BaseException as exc:
+        events.emit("failed", error=str(exc) or type(exc).__name__, exit_code=int(getattr(exc, "exit_code", 1)))
+        raise
+    events.emit("finished", reports=[r.to_dict() for r in reports])
+    return reports
+
+
+def _path(name: str, value: Any) -> None:
+    if not isinstance(value, (str, os.PathLike)):
+        raise TypeError(f"{name} must be a path or a repo id (str or os.PathLike), not {type(value).__name__}")
+
+
+def _jobs(base: Any, jobs: Any) -> list[tuple[list[AdapterSpec], Path | None]]:
+    _path("base", base)
+    if isinstance(jobs, (str, os.PathLike)) or not isinstance(jobs, Sequence) or not jobs:
+        raise TypeError("jobs must be a non-empty list of (adapters, output) pairs")
+    out: list[tuple[list[AdapterSpec], Path | None]] = []
+    for job in jobs:
+        if not isinstance(job, (tuple, list)) or len(job) != 2:
+            raise TypeError(f"each job must be an (adapters, output) pair, got {job!r}")
+        adapters, output = job
+        if output is not None:
+            _path("output", output)
+        out.append((adapter_specs(adapters), None if output is None else Path(output)))
+    return out
+
+
+@dataclass
+class _Output:
+    plan: MergePlan
+    out: Path
+    inputs_notes: list[str]
+
+
+def _merge_many(base: PathLike, jobs: list[tuple[list[AdapterSpec], Path | None]], opts: MergeOptions,
+                events: Events, hub_api: Any) -> list[MergeReport]:
+    started = time.perf_counter()
+    runtime = Runtime()  # torch loads in the background while the plan is built
+    uploader = _uploader(opts, jobs, hub_api)
+    scratch = Path(tempfile.mkdtemp(prefix="streammerge-")) if opts.low_disk else None  # Hub files, not the cache
+    try:
+        named = [str(base)] + [str(a.path) for adapters, _ in jobs for a in adapters]
+        if uploader or any(hub.is_repo_id(n) for n in named):
+            hub.progress_bars(opts.progress)
+        inputs = open_inputs(base, opts, small_files_dir=scratch)
+        outputs = [_output(inputs, adapters, output, opts, scratch) for adapters, output in jobs]
+        _check_distinct([o.out for o in outputs])
+        compute = _compute(outputs, opts, runtime, uploader)
+        sinks = [SafetensorsSink(o.plan, o.out, checksum=opts.checksum, options=opts.recorded(),
+                                 card=merge_card(o.plan, inputs, adapters, opts),
+                                 uploader=uploader if i == 0 else None, low_disk=opts.low_disk)
+                 for i, (o, (adapters, _)) in enumerate(zip(outputs, jobs))]
+        source = (HubShards(inputs.hub_base, private=sinks[0].staging / FETCH_DIR if opts.low_disk else None)
+                  if inputs.hub_base else LocalShards())
+        executor = LocalExecutor(compute, events, source=source, hub_base=inputs.hub_base, low_disk=opts.low_disk)
+        executor.run([Target(o.plan, sink, events) for o, sink in zip(outputs, sinks)])
+    finally:
+        if uploader is not None:
+            uploader.close()
+        if scratch is not None:
+            shutil.rmtree(scratch, ignore_errors=True)
+    assert executor.stats is not None
+    seconds = time.perf_counter() - started
+    return [_report(o, sink, opts, executor.stats, compute, inputs, seconds, source)
+            for o, sink in zip(outputs, sinks)]
+
+
+def _uploader(opts: MergeOptions, jobs: list[Any], hub_api: Any) -> Uploader | None:
+    if not opts.push_to_hub:
+        return None
+    if len(jobs) != 1:
+        from .errors import OutputError
+
+        raise OutputError("--push-to-hub takes a single output; push the others in separate runs")
+    return Uploader(opts.push_to_hub, private=opts.private, revision=opts.hub_revision, delete_after=opts.low_disk,
+                    api=hub_api)
+
+
+def _output(inputs: Inputs, adapters: list[AdapterSpec], output: Path | None, opts: MergeOptions,
+            scratch: Path | None) -> _Output:
+    plan, notes = inputs.plan(adapters, opts, small_files_dir=scratch)
+    out = _output_dir(inputs.text, output)
+    check_output(out, base=plan.base.root, adapters=[a.path for a in plan.adapters], overwrite=opts.overwrite)
+    return _Output(plan, out, notes)
+
+
+def _output_dir(base: str, output: Path | None) -> Path:
+    if output is not None:
+        return output
+    if hub.is_repo_id(base):  # never beside a snapshot inside the Hub cache
+        return Path.cwd() / f"{base.split('@')[0].split('/')[-1]}-merged"
+    return default_output(Path(base))
+
+
+def _check_distinct(outs: list[Path]) -> None:
+    from .errors import OutputError
+
+    resolved = [o.resolve() for o in outs]
+    for i, a in enumerate(resolved):
+        for b in resolved[i + 1:]:
+            if a == b or a in b.parents or b in a.parents:
+                raise OutputError(f"--output {a} and {b} overlap; give each adapter its own output directory")
+
+
+def _compute(outputs: list[_Output], opts: MergeOptions, runtime: Runtime, uploader: Uploader | None) -> Compute:
+    """One set of buffers for every output (a budget too small is refused now, before any write); a
+    missing CUDA device or a refused Hub token fails here too."""
+    ws = WorkingSet.combine([WorkingSet.of(o.plan, opts.max_mem) for o in outputs], opts.max_mem)
+    compute = Compute(ws, opts.device, runtime, reserve_core=opts.checksum)
+    try:
+        if opts.device != "cpu":
+            compute.start()
+        if uploader is not None:
+            uploader.open()
+    except BaseException:
+        compute.close()
+        raise
+    return compute
+
+
+def _report(o: _Output, sink: SafetensorsSink, opts: MergeOptions, stats: ComputeSummary, compute: Compute,
+            inputs: Inputs, seconds: float, source: LocalShards | HubShards) -> MergeReport:
+    plan = o.plan
+    report = MergeReport(str(o.out), stats.device, opts.max_mem, opts.dtype, shards=len(plan.shards),
+                         shards_resumed=len(sink.kept), seconds=seconds, baseline_rss=stats.baseline_rss,
+                         peak_rss=peak_rss(), peak_gpu=stats.peak_gpu, chunk_elements=stats.chunk_elements)
+    for t in plan.tensors():
+        kind = tensor_kind(t)
+        setattr(report, f"tensors_{kind}", getattr(report, f"tensors_{kind}") + 1)
+        if kind == "merged" and t.source is not None:  # merged on top of a weight saved with the adapter
+            report.tensors_replaced += 1
+    report.adapter_modules = sum(len(a.modules) for a in plan.adapters)
+    report.bytes_written = plan.output_size - sum(plan.shard_bytes(s) for s in sink.kept)
+    report.files_copied, report.pushed_to = sink.files_copied, sink.pushed_to
+    report.excluded = plan.excluded
+    report.tensors_excluded = len(plan.excluded)
+    report.tokenizer_from = str(plan.tokenizer_from) if plan.tokenizer_from else None
+    report.warnings = list(o.inputs_notes)
+    report.notes = compute.notes + ([sink.tokenizer_note] if sink.tokenizer_note else []) + sink.notes
+    if isinstance(source, HubShards):
+        report.shards_downloaded = len(source.fetched)
+    if inputs.hub_base is not None:
+        report.base_commit = inputs.hub_base.commit
+    elif opts.low_disk and not opts.push_to_hub:
+        report.notes.append("--low-disk changed nothing: the base is a local directory, nothing was downloaded")
+    return report

@@ -1,0 +1,61 @@
+"""Plain floating dtypes (F16, BF16, F32, F64): stored values widened to float32 exactly, and
+float32 rounded once (round to nearest even) to the stored dtype."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..errors import UnsupportedError
+from ..formats.checkpoint import read_tensor_bytes
+from ..formats.header import SafetensorsHeader
+
+TORCH_DTYPES: dict[str, torch.dtype] = {
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "F32": torch.float32,
+    "F64": torch.float64,
+}
+
+
+@dataclass(frozen=True)
+class PlainCodec:
+    """One element per stored value; any row is a valid chunk boundary; no side tensors."""
+
+    dtype: str
+    row_alignment: int = 1
+
+    @property
+    def itemsize(self) -> int:
+        return TORCH_DTYPES[self.dtype].itemsize
+
+    def side_tensors(self, tensor: str) -> tuple[str, ...]:
+        return ()
+
+    def rows(self, raw: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
+        """Raw bytes (uint8) of ``rows`` whole rows, as a (rows, cols) tensor of the stored dtype."""
+        return raw.view(TORCH_DTYPES[self.dtype]).view(rows, cols)
+
+    def decode(self, stored: torch.Tensor, work: torch.Tensor) -> None:
+        """Rows of ``rows()`` into the float32 ``work`` of the same shape (exact)."""
+        work.copy_(stored)
+
+    def encode(self, work: torch.Tensor, out: torch.Tensor) -> None:
+        """float32 ``work`` into ``out`` (the stored dtype, same shape), rounded once."""
+        out.copy_(work)
+
+
+def read_tensor(path: Path, header: SafetensorsHeader, name: str) -> torch.Tensor:
+    """Read one tensor whole (used for adapter factors, which are small)."""
+    info = header.tensors[name]
+    if info.dtype not in TORCH_DTYPES:
+        raise UnsupportedError(
+            f"{path}: tensor {name!r} is {info.dtype}; the merge arithmetic reads only "
+            f"{', '.join(TORCH_DTYPES)} (quantized bases: point --base at the 16-bit checkpoint)"
+        )
+    buf = read_tensor_bytes(header, name)
+    if not buf:
+        return torch.empty(info.shape, dtype=TORCH_DTYPES[info.dtype])
+    return torch.frombuffer(buf, dtype=TORCH_DTYPES[info.dtype]).reshape(info.shape)

@@ -1,0 +1,82 @@
+"""Deltas: how an adapter module changes a float32 block of rows of one base tensor.
+
+Each method is registered by the name the plan gives it (``Delta.method``) and answers three
+things: which adapter tensors it holds on the merge device (``factor_keys``, for the memory
+budget), whether it needs a first pass over the tensor's rows before the merge (``first_pass``),
+and how to load itself (``load``) into an object whose ``apply(work, row0, rows)`` changes rows
+``[row0, row0 + rows)`` held in ``work`` in place. A new PEFT method is a new module and a row in
+``METHODS``; the engine never branches on the method.
+
+Imports no torch: the plan asks ``factor_keys`` from headers alone.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
+
+from . import dora, lora
+
+if TYPE_CHECKING:
+    import torch
+
+    from ..adapters.types import LoraAdapter
+    from ..plan.types import Delta
+
+
+class Factors(Protocol):
+    """Where a delta's tensors come from at merge time (float32)."""
+
+    def get(self, adapter: LoraAdapter, key: str) -> torch.Tensor:
+        """``key`` of ``adapter`` on the merge device."""
+        ...
+
+    def shared(self, adapter: LoraAdapter, key: str) -> torch.Tensor:
+        """``key`` of ``adapter`` in host memory, kept for the next deltas that slice it (fused experts)."""
+        ...
+
+    def put(self, tensor: torch.Tensor) -> torch.Tensor:
+        """A host tensor on the merge device."""
+        ...
+
+
+class Applied(Protocol):
+    first_pass: bool
+
+    def apply(self, work: torch.Tensor, row0: int, rows: int) -> None: ...
+
+
+@runtime_checkable
+class FirstPass(Applied, Protocol):
+    """A delta that must see every row of ``W + dW`` before the merge pass (column norms)."""
+
+    def begin(self, cols: int, device: torch.device) -> None: ...
+
+    def observe(self, work: torch.Tensor) -> None: ...
+
+    def end(self) -> None: ...
+
+
+class Method(Protocol):
+    first_pass: bool
+
+    def factor_keys(self, d: Delta) -> list[str]: ...
+
+    def load(self, d: Delta, factors: Factors) -> Applied: ...
+
+
+METHODS: dict[str, Method] = {
+    "lora": lora.LORA,
+    "lora_T": lora.LORA_T,
+    "lora_bias": lora.LORA_BIAS,
+    "lora_expert": lora.LORA_EXPERT,
+    "dora": dora.DORA,
+    "dora_T": dora.DORA_T,
+}
+
+
+def method(name: str) -> Method:
+    return METHODS[name]
+
+
+def load(d: Delta, factors: Factors) -> Applied:
+    return METHODS[d.method].load(d, factors)

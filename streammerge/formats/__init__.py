@@ -1,0 +1,1 @@
+"""On-disk formats: the strict safetensors header, base checkpoints, the shard writer."""

@@ -1,0 +1,40 @@
+"""What a merge did, per output: written by the API at the end, never read back as input."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass
+class MergeReport:
+    output: str
+    device: str  # the device the merge ran on (resolved: "cpu", "cuda:0")
+    max_mem: int
+    dtype: str
+    shards: int = 0
+    shards_resumed: int = 0
+    tensors_merged: int = 0  # deltas or token rows applied (on a replaced base weight too)
+    tensors_converted: int = 0  # only the dtype changed
+    tensors_replaced: int = 0  # base weight taken from the adapter (merged on top or not)
+    tensors_copied: int = 0  # byte for byte
+    tensors_excluded: int = 0  # left as in the base by --include / --exclude
+    adapter_modules: int = 0
+    bytes_written: int = 0
+    seconds: float = 0.0
+    baseline_rss: int = 0
+    peak_rss: int = 0
+    peak_gpu: int | None = None
+    chunk_elements: int = 0
+    shards_downloaded: int = 0  # Hub base shards fetched by this run
+    base_commit: str | None = None  # the Hub commit the base was read at
+    pushed_to: str | None = None  # the Hub commit made by --push-to-hub
+    tokenizer_from: str | None = None
+    files_copied: list[str] = field(default_factory=list)
+    excluded: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)

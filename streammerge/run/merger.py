@@ -1,0 +1,135 @@
+"""One tensor of an open shard rewritten chunk by chunk: read raw rows, decode to float32, apply
+the deltas, encode (rounded once), hand the bytes to the output's I/O thread.
+
+Memory: the chunk buffers are the compute's (``compute.py``); adapter factors are loaded per
+tensor (fused-expert factors stay cached while their per-expert tensors alternate).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from ..codecs import codec_for
+from ..deltas import FirstPass, load
+from ..deltas.tokens import load_tokens
+from ..formats.checkpoint import pread_into
+from ..plan.types import Source, TensorPlan
+from .compute import Compute
+from .task import Target, tensor_kind
+
+if TYPE_CHECKING:
+    import torch
+
+    from ..adapters.types import LoraAdapter
+    from ..codecs import Codec
+    from .processor import Processor, Slot
+
+EXPERT_CACHE = 4  # A and B of gate_up and of down
+
+
+class TensorMerger:
+    """Rewrites tensors with the compute's buffers; the delta registry's ``Factors`` source."""
+
+    def __init__(self, compute: Compute) -> None:
+        self.compute = compute
+        self._cache: dict[tuple[int, str], torch.Tensor] = {}  # fused-expert factors
+        self._source_fds: dict[Path, int] = {}  # adapter files that supply base weights
+
+    # Factors (see streammerge.deltas)
+    def get(self, adapter: LoraAdapter, key: str) -> torch.Tensor:
+        return self.put(adapter.load(key))
+
+    def shared(self, adapter: LoraAdapter, key: str) -> torch.Tensor:
+        """The last EXPERT_CACHE tensors read stay (gate_up and down alternate)."""
+        entry = (id(adapter), key)
+        if entry not in self._cache:
+            while len(self._cache) >= EXPERT_CACHE:
+                self._cache.pop(next(iter(self._cache)))
+            self._cache[entry] = adapter.load(key)
+        return self._cache[entry]
+
+    def put(self, tensor: torch.Tensor) -> torch.Tensor:
+        assert self.compute.processor is not None
+        return self.compute.processor.to_device(tensor)
+
+    def rewrite(self, target: Target, shard: str, t: TensorPlan) -> None:
+        """Merge (or convert, or replace) one tensor; on CUDA out-of-memory the compute shrinks the
+        chunk (or moves to the CPU) and the tensor is merged again from its first row."""
+        self.compute.start()
+        while True:
+            try:
+                written = self._rewrite(target, shard, t)
+                break
+            except Exception as exc:
+                if not self.compute.retry_smaller(exc, t.name):
+                    raise
+        target.events.emit("tensor", target.name, name=t.name, kind=tensor_kind(t), bytes=written)
+
+    def _rewrite(self, target: Target, shard: str, t: TensorPlan) -> int:
+        proc = self.compute.processor
+        assert proc is not None
+        src, writer = target.opened(shard)
+        origin = t.origin(target.plan.base)
+        if t.source is not None:  # an adapter file holds this tensor's base weight
+            src = self._source_fd(origin.path)
+        decode, encode = codec_for(origin.info.dtype), codec_for(t.out_dtype)
+        deltas = [load(d, self) for d in t.deltas]
+        rows, cols = t.rows_cols
+        align = max(decode.row_alignment, encode.row_alignment)
+        step = max(align, proc.capacity // cols // align * align)
+        observers = [d for d in deltas if isinstance(d, FirstPass)]
+        if observers:  # e.g. column DoRA: every row of W + dW seen before the merge pass
+            for o in observers:
+                o.begin(cols, proc.device)
+            for row0, n, slot in self._chunks(proc, src, origin, decode, rows, cols, step):
+                try:
+                    proc.first_pass(slot, src=decode, row0=row0, rows=n, cols=cols, deltas=deltas, observers=observers)
+                finally:
+                    slot.free.set()
+            for o in observers:
+                o.end()
+        if t.tokens is not None:  # replaced rows go last, after every delta
+            deltas.append(load_tokens(t.tokens, self))
+        written = 0
+        for row0, n, slot in self._chunks(proc, src, origin, decode, rows, cols, step):
+            try:
+                target.io.check()
+                out = proc.merge_rows(slot, src=decode, out=encode, row0=row0, rows=n, cols=cols, deltas=deltas,
+                                      tensor=t.name)
+                target.io.submit(lambda at=row0 * cols * encode.itemsize, out=out: writer.write(t.name, at, out),
+                                 done=slot.free.set)
+            except BaseException:
+                slot.free.set()
+                raise
+            written += len(out)
+        return written
+
+    @staticmethod
+    def _chunks(proc: Processor, src: int, origin: Source, codec: Codec, rows: int, cols: int,
+                step: int) -> Iterator[tuple[int, int, Slot]]:
+        """Each chunk of ``step`` rows read into a free slot: (first row, rows, slot). The consumer
+        frees the slot (or hands it to the I/O thread, which frees it after the write)."""
+        for row0 in range(0, rows, step):
+            n = min(step, rows - row0)
+            slot = proc.acquire()
+            try:
+                offset = origin.data_start + origin.info.begin + row0 * cols * codec.itemsize
+                pread_into(src, offset, proc.raw_bytes(slot, n * cols, codec.itemsize), path=origin.path)
+            except BaseException:
+                slot.free.set()
+                raise
+            yield row0, n, slot
+
+    def _source_fd(self, path: Path) -> int:
+        if path not in self._source_fds:
+            self._source_fds[path] = os.open(path, os.O_RDONLY)
+        return self._source_fds[path]
+
+    def close(self) -> None:
+        for fd in self._source_fds.values():
+            os.close(fd)
+        self._source_fds.clear()
+        self._cache.clear()

@@ -1,0 +1,1 @@
+"""Where base shards come from: a local directory, or a Hub repo fetched shard by shard."""
