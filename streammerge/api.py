@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Union
 
+from .errors import OptionTypeError
 from .events import Events, Listener, ProgressBar
 from .inputs import AdapterSpec, Inputs, adapter_specs, open_inputs
 from .memory import peak_rss
@@ -82,17 +83,17 @@ def merge_many(base: PathLike, jobs: Sequence[tuple[AdapterArg | Sequence[Adapte
 
 def _path(name: str, value: Any) -> None:
     if not isinstance(value, (str, os.PathLike)):
-        raise TypeError(f"{name} must be a path or a repo id (str or os.PathLike), not {type(value).__name__}")
+        raise OptionTypeError(f"{name} must be a path or a repo id (str or os.PathLike), not {type(value).__name__}")
 
 
 def _jobs(base: Any, jobs: Any) -> list[tuple[list[AdapterSpec], Path | None]]:
     _path("base", base)
     if isinstance(jobs, (str, os.PathLike)) or not isinstance(jobs, Sequence) or not jobs:
-        raise TypeError("jobs must be a non-empty list of (adapters, output) pairs")
+        raise OptionTypeError("jobs must be a non-empty list of (adapters, output) pairs")
     out: list[tuple[list[AdapterSpec], Path | None]] = []
     for job in jobs:
         if not isinstance(job, (tuple, list)) or len(job) != 2:
-            raise TypeError(f"each job must be an (adapters, output) pair, got {job!r}")
+            raise OptionTypeError(f"each job must be an (adapters, output) pair, got {job!r}")
         adapters, output = job
         if output is not None:
             _path("output", output)
@@ -204,6 +205,7 @@ def _report(o: _Output, sink: SafetensorsSink, opts: MergeOptions, stats: Comput
         setattr(report, f"tensors_{kind}", getattr(report, f"tensors_{kind}") + 1)
         if kind == "merged" and t.source is not None:  # merged on top of a weight saved with the adapter
             report.tensors_replaced += 1
+            report.tensors_merged_on_replaced += 1
     report.adapter_modules = sum(len(a.modules) for a in plan.adapters)
     report.bytes_written = plan.output_size - sum(plan.shard_bytes(s) for s in sink.kept)
     report.files_copied, report.pushed_to = sink.files_copied, sink.pushed_to

@@ -30,6 +30,14 @@ class UsageError(StreamMergeError):
     exit_code = ExitCode.USAGE
 
 
+class OptionValueError(UsageError, ValueError):
+    """An option with a value it cannot take (the Python API's ValueError, the CLI's usage error)."""
+
+
+class OptionTypeError(UsageError, TypeError):
+    """An argument or option of the wrong type (the Python API's TypeError)."""
+
+
 class InputError(StreamMergeError):
     """A base checkpoint or adapter file is missing, corrupt or malformed."""
 

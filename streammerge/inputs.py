@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from .adapters import LoraAdapter, changes_something, read_adapter
-from .errors import PlanError
+from .errors import OptionTypeError, PlanError
 from .formats.checkpoint import BaseCheckpoint, open_base
 from .options import MergeOptions
 from .plan import build_plan
@@ -39,7 +39,7 @@ def adapter_specs(adapters: Any) -> list[AdapterSpec]:
     if isinstance(adapters, (str, os.PathLike, AdapterSpec)):
         adapters = [adapters]
     if not isinstance(adapters, Sequence) or not adapters:
-        raise TypeError(f"adapters must be a path, an AdapterSpec or a non-empty list of them, not {adapters!r}")
+        raise OptionTypeError(f"adapters must be a path, an AdapterSpec or a non-empty list of them, not {adapters!r}")
     specs = []
     for a in adapters:
         if isinstance(a, AdapterSpec):
@@ -47,7 +47,7 @@ def adapter_specs(adapters: Any) -> list[AdapterSpec]:
         elif isinstance(a, (str, os.PathLike)):
             specs.append(AdapterSpec(Path(a)))
         else:
-            raise TypeError(f"adapters: {a!r} is not a path or an AdapterSpec")
+            raise OptionTypeError(f"adapters: {a!r} is not a path or an AdapterSpec")
     return specs
 
 

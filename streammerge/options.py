@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .errors import OptionTypeError, OptionValueError
 from .memory import DEFAULT_MAX_MEM, parse_size
 
 DTYPE_CHOICES = ("auto", "bf16", "fp16", "fp32")
@@ -21,14 +22,14 @@ DTYPE_CHOICES = ("auto", "bf16", "fp16", "fp32")
 def _size(name: str, value: Any) -> int:
     """A size as bytes (int) or text (``"20GB"``); anything else is refused naming the argument."""
     if isinstance(value, bool) or not isinstance(value, (int, str)):
-        raise TypeError(f"{name} must be a number of bytes or a size like '20GB', not {type(value).__name__}")
+        raise OptionTypeError(f"{name} must be a number of bytes or a size like '20GB', not {type(value).__name__}")
     if isinstance(value, str):
         try:
             return parse_size(value)
         except ValueError as exc:
-            raise ValueError(f"{name}: {exc}") from None
+            raise OptionValueError(f"{name}: {exc}") from None
     if value <= 0:
-        raise ValueError(f"{name} must be positive, got {value}")
+        raise OptionValueError(f"{name} must be positive, got {value}")
     return value
 
 
@@ -38,7 +39,7 @@ def _strings(name: str, value: Any) -> tuple[str, ...]:
         return (value,)
     if isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value):
         return tuple(value)
-    raise TypeError(f"{name} must be a string or a list of strings, not {type(value).__name__}")
+    raise OptionTypeError(f"{name} must be a string or a list of strings, not {type(value).__name__}")
 
 
 def _regexes(name: str, value: Any) -> tuple[str, ...]:
@@ -47,13 +48,13 @@ def _regexes(name: str, value: Any) -> tuple[str, ...]:
         try:
             re.compile(pattern)
         except re.error as exc:
-            raise ValueError(f"{name} {pattern!r} is not a valid regex ({exc})") from None
+            raise OptionValueError(f"{name} {pattern!r} is not a valid regex ({exc})") from None
     return patterns
 
 
 def _optional_str(name: str, value: Any) -> str | None:
     if value is not None and not isinstance(value, str):
-        raise TypeError(f"{name} must be a string, not {type(value).__name__}")
+        raise OptionTypeError(f"{name} must be a string, not {type(value).__name__}")
     return value
 
 
@@ -61,7 +62,7 @@ def _path(name: str, value: Any) -> Path | None:
     if value is None:
         return None
     if not isinstance(value, (str, os.PathLike)):
-        raise TypeError(f"{name} must be a path, not {type(value).__name__}")
+        raise OptionTypeError(f"{name} must be a path, not {type(value).__name__}")
     return Path(value)
 
 
@@ -94,18 +95,18 @@ class MergeOptions:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(given) - known)
         if unknown:
-            raise TypeError(f"unknown option(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+            raise OptionTypeError(f"unknown option(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
         for flag in ("overwrite", "progress", "checksum", "allow_noop", "allow_duplicate", "strict", "low_disk",
                      "private"):
             if flag in given and not isinstance(given[flag], bool):
-                raise TypeError(f"{flag} must be True or False, not {given[flag]!r}")
+                raise OptionTypeError(f"{flag} must be True or False, not {given[flag]!r}")
         values = dict(given)
         if "max_mem" in values:
             values["max_mem"] = _size("max_mem", values["max_mem"])
         if "dtype" in values and values["dtype"] not in DTYPE_CHOICES:
-            raise ValueError(f"dtype {values['dtype']!r} is not one of {', '.join(DTYPE_CHOICES)}")
+            raise OptionValueError(f"dtype {values['dtype']!r} is not one of {', '.join(DTYPE_CHOICES)}")
         if "device" in values and not isinstance(values["device"], str):
-            raise TypeError(f"device must be a string such as 'cpu', 'cuda:0' or 'auto', not {values['device']!r}")
+            raise OptionTypeError(f"device must be a string such as 'cpu', 'cuda:0' or 'auto', not {values['device']!r}")
         for name, check in (("maps", _strings), ("include", _regexes), ("exclude", _regexes)):
             if name in values:
                 values[name] = check(name, values[name])

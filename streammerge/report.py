@@ -18,6 +18,7 @@ class MergeReport:
     tensors_merged: int = 0  # deltas or token rows applied (on a replaced base weight too)
     tensors_converted: int = 0  # only the dtype changed
     tensors_replaced: int = 0  # base weight taken from the adapter (merged on top or not)
+    tensors_merged_on_replaced: int = 0  # of those, merged on top (counted in tensors_merged too)
     tensors_copied: int = 0  # byte for byte
     tensors_excluded: int = 0  # left as in the base by --include / --exclude
     adapter_modules: int = 0

@@ -13,6 +13,7 @@ Memory stays bounded: data is read in blocks and rows, never whole tensors.
 
 from __future__ import annotations
 
+import math
 import os
 import random
 import time
@@ -123,6 +124,22 @@ def _compare_untouched(t: TensorPlan, base: BaseCheckpoint, out: BaseCheckpoint,
     report.tensors_compared += 1
 
 
+def _check_finite(t: TensorPlan, out: BaseCheckpoint, io: _Reader, report: VerifyReport) -> None:
+    """Every element of a rewritten tensor (merged, replaced or converted) must be finite: a merge
+    whose sum, or a conversion whose rounding, overflowed the output dtype wrote Inf."""
+    dst = _output(out, t.name)
+    item = DTYPE_SIZES[t.out_dtype]
+    step = max(1, BLOCK // item)
+    for start in range(0, t.info.numel, step):
+        n = min(step, t.info.numel - start)
+        block = _as_tensor(io.read(dst, start * item, n * item), t.out_dtype)
+        # NaN / Inf make the sum non-finite; a sum that merely overflows is told apart by min / max
+        # (neither allocates a block-sized mask, which would break verify's memory bound)
+        if not math.isfinite(float(block.sum())) and not all(math.isfinite(float(x)) for x in torch.aminmax(block)):
+            report.fail(f"{t.name}: NaN or Inf in the output within elements {start}..{start + n - 1}")
+            return
+
+
 def _sample_rows(t: TensorPlan, base: BaseCheckpoint, out: BaseCheckpoint, io: _Reader, report: VerifyReport,
                  *, rows_per_tensor: int, rng: random.Random) -> None:
     rows, cols = t.rows_cols
@@ -218,7 +235,7 @@ def verify(
         report.fail(f"{out_dir}: no {MANIFEST_NAME}: not a finished streammerge output (interrupted, or not ours)")
         return report
     options = manifest.get("options", {})
-    plan = load_inputs(base, adapters, dtype=options.get("dtype", "auto"), maps=options.get("maps", ()))
+    plan = load_inputs(base, adapters, **{k: options[k] for k in ("dtype", "maps", "include", "exclude") if k in options})
     try:
         out = open_base(out_dir)
     except StreamMergeError as exc:
@@ -242,8 +259,33 @@ def verify(
                 _sample_rows(t, plan.base, out, io, report, rows_per_tensor=rows_per_tensor, rng=rng)
             else:
                 _compare_untouched(t, plan.base, out, io, report)
+            if t.rewritten and t.out_dtype in TORCH_DTYPES:
+                _check_finite(t, out, io, report)
     finally:
         io.close()
     report.seconds = time.perf_counter() - started
     report.peak_rss = peak_rss()
     return report
+
+
+def recorded_inputs(output: str | os.PathLike[str]) -> tuple[str, list[AdapterSpec]]:
+    """The base and adapters (with weights) an output's manifest records."""
+    from .errors import InputError
+
+    manifest = read_manifest(Path(output))
+    if manifest is None:
+        raise InputError(f"{output}: no {MANIFEST_NAME}: not a finished streammerge output (interrupted, or not "
+                         "ours); pass --base and --adapter to check it anyway")
+    try:
+        base = manifest["base"]["path"]
+        adapters = [AdapterSpec(Path(a["path"]), float(a["weight"])) for a in manifest["adapters"]]
+    except (KeyError, TypeError, ValueError):
+        raise InputError(f"{output}/{MANIFEST_NAME}: does not record its base and adapters; pass --base and "
+                         "--adapter") from None
+    return base, adapters
+
+
+def verify_recorded(output: str | os.PathLike[str], *, rows_per_tensor: int = 8, seed: int = 0) -> VerifyReport:
+    """``verify`` with the base and adapters read from the output's manifest."""
+    base, adapters = recorded_inputs(output)
+    return verify(base, adapters, output, rows_per_tensor=rows_per_tensor, seed=seed)

@@ -176,3 +176,16 @@ def disk_names(model: Any, saved: Path) -> dict[str, str]:
         if len(hits) == 1:
             out[name] = hits[0]
     return out
+
+
+def reports(stdout: str) -> list[dict[str, Any]]:
+    """The reports of ``streammerge ... --json`` (one JSON object: {"exit_code": 0, "outputs": [...]})."""
+    doc = json.loads(stdout)
+    assert doc["exit_code"] == 0 and isinstance(doc["outputs"], list), doc
+    return doc["outputs"]
+
+
+def report(stdout: str) -> dict[str, Any]:
+    """The report of a merge into one output."""
+    (only,) = reports(stdout)
+    return only

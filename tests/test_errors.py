@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from oracle import report as oracle_report
 from oracle import bits, build_adapter, build_base, read_checkpoint, tree_digest
 from safetensors.torch import load_file, save_file
 
@@ -296,7 +297,7 @@ def test_interrupt_mid_merge_leaves_resumable_state(tmp_path: Path, inputs: tupl
 
     monkeypatch.setattr(kernels.Processor, "merge_rows", real)
     assert main(args) == 0
-    report = json.loads(capsys.readouterr().out)
+    report = oracle_report(capsys.readouterr().out)
     assert report["shards_resumed"] == len(records)
     assert main(["--base", str(base), "--adapter", str(adapter), "--output", str(tmp_path / "clean"), "-q"]) == 0
     assert tree_digest(out) == tree_digest(tmp_path / "clean") | {"streammerge.json": tree_digest(out)["streammerge.json"]}

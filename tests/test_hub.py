@@ -4,13 +4,13 @@ huggingface_hub lays it out: models--org--name/{blobs/<hash>, snapshots/<rev>/<f
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import shutil
 import subprocess
 import sys
 from pathlib import Path
 
+from oracle import report as oracle_report
 from oracle import PeftResult, assert_merged, build_adapter, build_base
 
 REV = "0123456789abcdef0123456789abcdef01234567"
@@ -52,7 +52,7 @@ def test_repo_ids_resolve_from_the_cache_offline(tmp_path: Path) -> None:
     work.mkdir()
     done = run(["--base", "org/tiny-llama", "--adapter", f"org/tiny-lora@{REV}", "-q", "--json"], home, work)
     assert done.returncode == 0, done.stderr
-    out = Path(json.loads(done.stdout)["output"])
+    out = Path(oracle_report(done.stdout)["output"])
     assert out == work / "tiny-llama-merged"  # not inside the cache
     assert_merged(out, base, peft.deltas)
     assert {p: p.read_bytes() for p in (home / "hub").rglob("*") if p.is_file()} == before  # cache untouched

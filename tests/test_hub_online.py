@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 from fakehub import COMMIT, FakeHub
+from oracle import report as oracle_report
 from oracle import assert_merged, build_adapter, build_base
 
 from streammerge.sources.fetch import FETCH_DIR, HOLD
@@ -59,7 +60,7 @@ def test_headers_first_then_shards_one_at_a_time_through_the_cache(tmp_path: Pat
         done = streammerge(["--base", "org/tiny-llama", "--adapter", "org/tiny-lora", "-q", "--json"],
                            hub=hub, home=home, cwd=work)
     assert done.returncode == 0, done.stderr
-    report = json.loads(done.stdout)
+    report = oracle_report(done.stdout)
     out = Path(report["output"])
     assert out == work / "tiny-llama-merged"
     assert_merged(out, repos["base"], repos["peft"].deltas)
@@ -230,7 +231,7 @@ def test_a_failed_download_keeps_the_merged_shards_for_a_rerun(tmp_path: Path, r
     assert failed.returncode == 3 and len(lines) == 1, failed.stderr
     assert third in lines[0] and "rerun the same command to resume" in lines[0]
     assert again.returncode == 0, again.stderr
-    report = json.loads(again.stdout)
+    report = oracle_report(again.stdout)
     assert report["shards_resumed"] >= 1 and len(fetched_again) == len(shard_names(repos["base"])) - report["shards_resumed"]
     assert_merged(out, repos["base"], repos["peft"].deltas)
 

@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
+from oracle import reports as oracle_reports
 from oracle import assert_merged, build_adapter, build_base, tree_digest
 
 import streammerge
@@ -36,7 +37,7 @@ def test_one_pass_writes_what_separate_runs_write(tmp_path: Path, inputs: dict,
     for peft, out in zip(adapters, outs):
         args += ["--adapter", str(peft.adapter), "--output", str(out)]
     assert main(args) == 0
-    reports = json.loads(capsys.readouterr().out)
+    reports = oracle_reports(capsys.readouterr().out)
     assert [r["output"] for r in reports] == [str(o) for o in outs]
     for peft, out, report in zip(adapters, outs, reports):
         assert assert_merged(out, base, peft.deltas) == report["tensors_merged"] > 0
@@ -101,7 +102,7 @@ def test_batch_file_with_a_weighted_sum_per_output(tmp_path: Path, inputs: dict,
     batch.write_text(json.dumps([{"output": str(tmp_path / "x"), "adapters": [str(a0.adapter)]},
                                  {"output": str(tmp_path / "y"), "adapters": [f"{a1.adapter}:0.5", f"{a2.adapter}:2"]}]))
     assert main(["--base", str(base), "--batch", str(batch), "-q", "--json"]) == 0
-    assert [r["output"] for r in json.loads(capsys.readouterr().out)] == [str(tmp_path / "x"), str(tmp_path / "y")]
+    assert [r["output"] for r in oracle_reports(capsys.readouterr().out)] == [str(tmp_path / "x"), str(tmp_path / "y")]
     assert_merged(tmp_path / "x", base, a0.deltas)
     weighted = {m: [(a, b, s * 0.5) for a, b, s in a1.deltas.get(m, [])] + [(a, b, s * 2.0) for a, b, s in a2.deltas.get(m, [])]
                 for m in set(a1.deltas) | set(a2.deltas)}

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import torch
 import transformers
+from oracle import report as oracle_report
 from oracle import bits, build_base, read_checkpoint
 
 from streammerge.cli import main
@@ -65,7 +66,7 @@ def test_resized_vocabulary(tmp_path: Path, capsys) -> None:
     assert plan["config_changes"] == {"vocab_size": 200} and plan["tokenizer_from"] == str(adapter)
     assert set(plan["replaced"]) == {"model.embed_tokens.weight", "lm_head.weight"}
     assert main(["--base", str(base), "--adapter", str(adapter), "--output", str(out), "-q", "--json"]) == 0
-    report = json.loads(capsys.readouterr().out)
+    report = oracle_report(capsys.readouterr().out)
     assert any("vocabulary resized to 200" in n for n in report["notes"])
     got = read_checkpoint(out)
     assert got["model.embed_tokens.weight"].shape == got["lm_head.weight"].shape == (200, 64)

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from oracle import report as oracle_report
 from oracle import tree_digest
 from safetensors.torch import save_file
 
@@ -85,7 +86,7 @@ def test_kill_9_then_resume_is_byte_identical(tmp_path: Path, inputs) -> None:
     assert not list(out.glob("*.safetensors"))  # nothing outside the staging area looks finished
     resumed = subprocess.run(command(base, adapter, out), capture_output=True, text=True)
     assert resumed.returncode == 0, resumed.stderr
-    report = json.loads(resumed.stdout)
+    report = oracle_report(resumed.stdout)
     assert 1 <= report["shards_resumed"] < 6
     assert without_manifest(tree_digest(out)) == without_manifest(clean)
     assert tree_digest(base) == before
@@ -101,7 +102,7 @@ def test_sigterm_exits_143_with_one_line_and_resumes(tmp_path: Path, inputs) -> 
     staged = [p.name for p in (out / STAGING).iterdir() if p.name != ".lock"]
     assert all(n.endswith(".done.json") or (n + ".done.json") in staged for n in staged)  # no partial file
     resumed = subprocess.run(command(base, adapter, out), capture_output=True, text=True)
-    assert resumed.returncode == 0 and json.loads(resumed.stdout)["shards_resumed"] >= 1
+    assert resumed.returncode == 0 and oracle_report(resumed.stdout)["shards_resumed"] >= 1
     assert without_manifest(tree_digest(out)) == without_manifest(clean)
 
 
@@ -110,7 +111,7 @@ def test_changed_options_or_inputs_invalidate_kept_shards(tmp_path: Path, inputs
     out = tmp_path / "out"
     start_and_stop_after_first_shard(command(base, adapter, out), out, signal.SIGKILL)
     changed = subprocess.run(command(base, adapter, out, "--dtype", "fp32"), capture_output=True, text=True)
-    assert changed.returncode == 0 and json.loads(changed.stdout)["shards_resumed"] == 0
+    assert changed.returncode == 0 and oracle_report(changed.stdout)["shards_resumed"] == 0
     # interrupted again, then the adapter changes: nothing is kept either
     out2 = tmp_path / "out2"
     start_and_stop_after_first_shard(command(base, adapter, out2), out2, signal.SIGKILL)
@@ -120,7 +121,7 @@ def test_changed_options_or_inputs_invalidate_kept_shards(tmp_path: Path, inputs
         (copy / f.name).write_bytes(f.read_bytes())
     os.utime(copy / "adapter_model.safetensors", ns=(1, 1))
     rerun = subprocess.run(command(base, copy, out2), capture_output=True, text=True)
-    assert rerun.returncode == 0 and json.loads(rerun.stdout)["shards_resumed"] == 0
+    assert rerun.returncode == 0 and oracle_report(rerun.stdout)["shards_resumed"] == 0
 
 
 def test_disk_full_is_one_line_and_resumable(tmp_path: Path, inputs, monkeypatch: pytest.MonkeyPatch,
@@ -146,7 +147,7 @@ def test_disk_full_is_one_line_and_resumable(tmp_path: Path, inputs, monkeypatch
     assert not (out / "streammerge.json").exists()
     monkeypatch.setattr(os, "pwrite", real)
     assert main(args) == 0
-    assert json.loads(capsys.readouterr().out)["shards_resumed"] >= 1
+    assert oracle_report(capsys.readouterr().out)["shards_resumed"] >= 1
     assert without_manifest(tree_digest(out)) == without_manifest(clean)
 
 

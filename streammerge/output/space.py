@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 from ..sources.fetch import HOLD
 from ..sources.hub import HubBase
-from .directory import check_free_space
+from ..plan.types import MergePlan
+from .directory import check_free_space, check_output
 from .files import aux_files
 from .sink import SafetensorsSink
 
@@ -39,3 +41,16 @@ def check_disk(sinks: list[SafetensorsSink], hub_base: HubBase | None, *, low_di
         add(cache, sum(missing))
     for path, n in needs.values():
         check_free_space(path, n, what="the merged checkpoint" + (" and the base shards to download" if missing else ""))
+
+
+def check_output_space(out: Path, plan: MergePlan, *, overwrite: bool) -> dict[str, object]:
+    """``plan --output``: the output directory checked as a merge would check it (allowed, empty or
+    --overwrite, enough free space for the checkpoint and its files)."""
+    check_output(out, base=plan.base.root, adapters=[a.path for a in plan.adapters], overwrite=overwrite)
+    base = plan.base.root
+    need = plan.output_size + sum((base / f).stat().st_size for f in aux_files(base))
+    probe = out if out.exists() else out.parent
+    while not probe.exists():
+        probe = probe.parent
+    check_free_space(probe, need)
+    return {"path": str(out), "free_bytes": shutil.disk_usage(probe).free, "needed_bytes": need}

@@ -160,26 +160,3 @@ class MergePlan:
     def _max_factor_bytes(self) -> int:
         return max((sum(d.factor_bytes for d in t.deltas) + (t.tokens.adapter.tensors[t.tokens.key].numel * 12
                     if t.tokens else 0) for t in self.touched), default=0)
-
-    def summary(self) -> dict[str, Any]:
-        """A JSON-able description: which module goes where, by which rule."""
-        return {
-            "base": str(self.base.root),
-            "adapters": [str(a.path) for a in self.adapters],
-            "out_dtype": self.out_dtype or "auto",
-            "tensors_merged": len(self.touched),
-            "tensors_total": sum(1 for _ in self.tensors()),
-            "output_bytes": self.output_size,
-            "modules": [
-                {"adapter": d.adapter.label, "module": d.lora.module, "tensor": t.name,
-                 "rule": d.rule, "r": d.lora.r, "scale": d.scale,
-                 "kind": d.method if d.expert < 0 else f"{d.method} {d.expert}"}
-                for t in self.touched for d in t.deltas
-            ],
-            "replaced": {t.name: f"{t.source.path}:{t.source.info.name} {list(t.source.info.shape)}"
-                         for t in self.tensors() if t.source is not None},
-            "token_rows": {t.name: list(t.tokens.ids) for t in self.tensors() if t.tokens is not None},
-            "added": sorted(set(self.weight_map) - set(self.base.weight_map)),
-            "config_changes": self.config_changes,
-            "tokenizer_from": str(self.tokenizer_from) if self.tokenizer_from else None,
-        }
