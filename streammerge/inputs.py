@@ -88,6 +88,9 @@ class Inputs:
                           exclude=opts.exclude, tokenizer=opts.tokenizer)
         if not opts.allow_noop:
             _refuse_noop(loaded)
+            if plan.excluded and not any(t.merged or t.source is not None for t in plan.tensors()):
+                raise PlanError(f"--include/--exclude leave nothing to merge ({len(plan.excluded)} excluded, e.g. "
+                                f"{plan.excluded[0]}); check the patterns, or pass --allow-noop")
         return plan, warnings
 
     @staticmethod

@@ -64,7 +64,7 @@ def test_repo_id_errors_are_one_line(tmp_path: Path) -> None:
     missing = run(["--base", "org/not-cached", "--adapter", "org/other", "--output", str(tmp_path / "o")], home, tmp_path)
     lines = missing.stderr.strip().splitlines()
     assert missing.returncode == 3 and len(lines) == 1
-    assert "base org/not-cached: not in the local cache" in lines[0]
+    assert "base org/not-cached: no such local directory, and as a Hub repo id: not in the local cache" in lines[0]
 
 
 def test_offline_with_a_shard_missing_from_the_cache_is_one_line(tmp_path: Path) -> None:

@@ -49,7 +49,8 @@ def _read_config(path: Path) -> dict[str, Any]:
 def read_adapter(path: Path, *, weight: float = 1.0) -> LoraAdapter:
     """Read and validate an adapter directory of any supported format."""
     if not path.is_dir():
-        raise InputError(f"adapter {path}: not a directory (pass the folder holding {CONFIG_NAME})")
+        what = "not a directory" if path.exists() else "no such directory"
+        raise InputError(f"adapter {path}: {what} (pass the folder holding {CONFIG_NAME})")
     config = _read_config(path)
     if not math.isfinite(weight):
         raise InputError(f"adapter {path}: weight {weight!r} is not a finite number")

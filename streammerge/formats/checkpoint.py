@@ -125,7 +125,8 @@ def open_base(root: Path, *, read_shard: Callable[[str], SafetensorsHeader] | No
     the repository's file names in ``remote_files``.
     """
     if not root.is_dir():
-        raise InputError(f"base {root}: not a directory (pass the folder holding config.json)")
+        what = "not a directory" if root.exists() else "no such directory"
+        raise InputError(f"base {root}: {what} (pass the folder holding config.json and the safetensors files)")
     index = root / INDEX_NAME
     if index.is_file():
         weight_map, metadata = _read_index(index)

@@ -143,6 +143,7 @@ def build_manifest(plan: MergePlan, records: dict[str, dict[str, Any]], options:
                       "modules": len(a.modules)} for a in plan.adapters],
         "options": options,
         "tensors_merged": sorted(t.name for t in plan.touched),
+        "excluded": plan.excluded,
         "shards": {s: {"size": r["size"], "sha256": r["sha256"]} for s, r in sorted(records.items())},
         "files": sorted(files),
     }

@@ -82,6 +82,11 @@ def hub_errors(where: str, revision: str | None = None) -> Iterator[None]:
         raise InputError(f"{where}: cannot fetch from the Hub ({type(exc).__name__}: {first})") from None
 
 
+def _tried_both(role: str, text: str) -> str:
+    """Where a Hub error happened, for a name that is no local directory but is a valid repo id."""
+    return f"{role} {text}: no such local directory, and as a Hub repo id"
+
+
 def resolve(text: str, *, role: str, local_dir: Path | None = None) -> Path:
     """A local directory as given, or the local snapshot of a whole Hub repo (adapters, verify).
     With ``local_dir`` the files go there instead of the cache (``--low-disk``)."""
@@ -96,7 +101,7 @@ def resolve_with_origin(text: str, *, role: str, local_dir: Path | None = None) 
     from huggingface_hub import HfApi, snapshot_download
 
     repo, revision = parsed
-    with hub_errors(f"{role} {text}", revision):
+    with hub_errors(_tried_both(role, text), revision):
         if local_dir is not None and not offline():  # pinned to a commit first: no ref is written in the cache
             commit = HfApi().repo_info(repo, revision=revision).sha or ""
             where = local_dir / repo.replace("/", "--")
@@ -124,7 +129,7 @@ def open_hub_base(text: str, *, small_files_dir: Path | None) -> HubBase:
     parsed = parse(text)
     assert parsed is not None
     repo, revision = parsed
-    where = f"base {text}"
+    where = _tried_both("base", text)
     api = HfApi()
     with hub_errors(where, revision):
         if offline() or small_files_dir is None:  # 1.+2. through the cache: the folder name is the commit
