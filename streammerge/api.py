@@ -12,6 +12,7 @@ Events (``events.py``) report progress to listeners: the progress bar, ``on_even
 
 from __future__ import annotations
 
+import functools
 import os
 import shutil
 import tempfile
@@ -123,7 +124,7 @@ def _merge_many(base: PathLike, jobs: list[tuple[list[AdapterSpec], Path | None]
         _check_distinct([o.out for o in outputs])
         compute = _compute(outputs, opts, runtime, uploader)
         sinks = [SafetensorsSink(o.plan, o.out, checksum=opts.checksum, options=opts.recorded(),
-                                 card=merge_card(o.plan, inputs, adapters, opts),
+                                 card=functools.partial(merge_card, o.plan, inputs, adapters, opts),
                                  uploader=uploader if i == 0 else None, low_disk=opts.low_disk)
                  for i, (o, (adapters, _)) in enumerate(zip(outputs, jobs))]
         source = (HubShards(inputs.hub_base, private=sinks[0].staging / FETCH_DIR if opts.low_disk else None)

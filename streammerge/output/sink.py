@@ -55,12 +55,13 @@ class Sink(Protocol):
 
 class SafetensorsSink:
     def __init__(self, plan: MergePlan, out: Path, *, checksum: bool, options: dict[str, Any],
-                 card: str | None = None, uploader: Uploader | None = None, low_disk: bool = False) -> None:
+                 card: Callable[[], str] | None = None, uploader: Uploader | None = None,
+                 low_disk: bool = False) -> None:
         self.plan, self.out = plan, out
         self.staging = out / STAGING
         self.checksum = checksum
         self.options = options  # recorded in the manifest
-        self.card = card  # README.md to write (None: the base's, if any, is copied)
+        self.card = card  # makes README.md, at the end (it imports huggingface_hub's card code: slow)
         self.uploader = uploader  # --push-to-hub: each shard once fsynced, recorded and hashed; one commit
         self.low_disk = low_disk  # with an uploader: nothing is kept locally
         self.pushed_to: str | None = None
@@ -147,7 +148,7 @@ class SafetensorsSink:
         if plan.tokenizer_from is not None:
             self._copy_tokenizer(plan.tokenizer_from)
         if self.card is not None:
-            (self.staging / CARD_NAME).write_text(self.card, encoding="utf-8")
+            (self.staging / CARD_NAME).write_text(self.card(), encoding="utf-8")
             self.files_copied = sorted(set(self.files_copied) | {CARD_NAME})
         if not plan.base.sharded:
             return []
