@@ -274,8 +274,7 @@ def main() -> None:
             elif "separate runs" in label:
                 notes[label] = "durable; the peak RSS column is the shell's, each run is as the 1-adapter row"
             elif label.startswith("streammerge"):
-                r = json.loads(stdout)
-                r = r[0] if isinstance(r, list) else r
+                r = json.loads(stdout)["outputs"][0]  # {"exit_code": 0, "outputs": [report, ...]}
                 notes[label] = (f"durable (fsync){'' if 'no-checksum' in label else ', sha256 of every shard'}; own peak {r['peak_rss'] / 2**20:.0f} MiB = baseline "
                                 f"{r['baseline_rss'] / 2**20:.0f} + {(r['peak_rss'] - r['baseline_rss']) / 2**20:.0f} MiB")
     shutil.rmtree(args.workdir / "out", ignore_errors=True)

@@ -37,7 +37,7 @@ from .run.compute import Compute, ComputeSummary, Runtime
 from .run.executor import LocalExecutor
 from .run.task import Target, tensor_kind
 from .run.workingset import WorkingSet
-from .sources import hub
+from .sources import hub, modelscope
 from .sources.fetch import FETCH_DIR, HubShards, LocalShards
 
 PathLike = Union[str, "os.PathLike[str]"]
@@ -164,7 +164,7 @@ def _output(inputs: Inputs, adapters: list[AdapterSpec], output: Path | None, op
 def _output_dir(base: str, output: Path | None) -> Path:
     if output is not None:
         return output
-    if hub.is_repo_id(base):  # never beside a snapshot inside the Hub cache
+    if hub.is_repo_id(base) or modelscope.is_modelscope_id(base):  # never beside a snapshot inside a cache
         return Path.cwd() / f"{base.split('@')[0].split('/')[-1]}-merged"
     return default_output(Path(base))
 

@@ -64,8 +64,8 @@ class JsonLines:
 
 
 class ProgressBar:
-    """One tqdm bar over the bytes of every output, on stderr and only on a terminal. Sizes are in
-    binary units (KiB, MiB, GiB) and so is the rate."""
+    """One tqdm bar over the bytes of every output, on stderr and only on a terminal. tqdm labels its
+    scaled units kB, MB, GB (and MB/s), so it scales by powers of 1000 to match its labels."""
 
     def __init__(self, *, enabled: bool) -> None:
         self.enabled = enabled
@@ -77,7 +77,7 @@ class ProgressBar:
         if event.kind == "plan":
             from tqdm import tqdm
 
-            self._bar = tqdm(total=event.data["bytes"], unit="B", unit_scale=True, unit_divisor=1024,
+            self._bar = tqdm(total=event.data["bytes"], unit="B", unit_scale=True, unit_divisor=1000,
                              desc="merging", file=sys.stderr, disable=not sys.stderr.isatty())
             self._bar.update(event.data.get("bytes_done", 0))
         elif event.kind == "tensor" and self._bar is not None:

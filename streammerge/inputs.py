@@ -21,7 +21,7 @@ from .options import MergeOptions
 from .plan import build_plan
 from .plan.keymap import Rule, parse_map
 from .plan.types import MergePlan
-from .sources import hub
+from .sources import hub, modelscope
 
 _CACHE_DIR = re.compile(r"models--([^/]+)--([^/]+)")  # a Hugging Face cache folder names its repo
 
@@ -95,7 +95,9 @@ class Inputs:
 
     @staticmethod
     def _read(spec: AdapterSpec, small_files_dir: Path | None) -> LoraAdapter:
-        path, origin = hub.resolve_with_origin(str(spec.path), role="adapter", local_dir=small_files_dir)
+        text = str(spec.path)
+        path, origin = (modelscope.resolve(text, role="adapter") if modelscope.is_modelscope_id(text) else
+                        hub.resolve_with_origin(text, role="adapter", local_dir=small_files_dir))
         return dataclasses.replace(read_adapter(path, weight=spec.weight), origin=origin)
 
     def _base_mismatches(self, adapters: list[LoraAdapter]) -> list[str]:
@@ -136,6 +138,9 @@ def open_inputs(base: str | os.PathLike[str], opts: MergeOptions | None = None, 
     headers are read remotely when not cached). ``small_files_dir``: where Hub files go instead of
     the user's cache (--low-disk)."""
     text = str(base)
+    if modelscope.is_modelscope_id(text):  # brought into its cache first (see sources/modelscope.py)
+        root, origin = modelscope.resolve(text, role="base", low_disk=bool(opts and opts.low_disk))
+        return Inputs(text, dataclasses.replace(open_base(root), origin=origin), None)
     hub_base = hub.open_hub_base(text, small_files_dir=small_files_dir) if hub.is_repo_id(text) else None
     return Inputs(text, hub_base.checkpoint if hub_base else open_base(Path(text)), hub_base)
 
@@ -143,6 +148,6 @@ def open_inputs(base: str | os.PathLike[str], opts: MergeOptions | None = None, 
 def load_inputs(base: str | os.PathLike[str], adapters: Any, *, dtype: str = "auto", maps: Sequence[str] = (),
                 allow_noop: bool = False, **options: Any) -> MergePlan:
     """The plan over a base whose shards are all local: a Hub repo is resolved whole first."""
-    local = hub.resolve(str(base), role="base")
+    local = str(base) if modelscope.is_modelscope_id(str(base)) else hub.resolve(str(base), role="base")
     opts = MergeOptions.build(dtype=dtype, maps=tuple(maps), allow_noop=allow_noop, **options)
     return open_inputs(local, opts).plan(adapter_specs(adapters), opts)[0]

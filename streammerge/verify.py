@@ -163,17 +163,7 @@ def _sample_rows(t: TensorPlan, base: BaseCheckpoint, out: BaseCheckpoint, io: _
     for row in picks:
         w = _as_tensor(io.read(src, row * cols * src_item, cols * src_item), src.info.dtype).double()
         got = _as_tensor(io.read(dst, row * cols * out_item, cols * out_item), t.out_dtype).double()
-        exact, size = w.clone(), w.abs()  # size: sum of |terms|, for the float32 error bound
-        for a, b, scale, transposed in factors:
-            if transposed == "vector":  # lora_bias: the bias is one row
-                exact += scale * b
-                size += abs(scale) * b.abs()
-            elif transposed:  # row of (B @ A).T = A[:, row] @ B.T
-                exact += scale * (a[:, row] @ b.t())
-                size += abs(scale) * (a[:, row].abs() @ b.abs().t())
-            else:  # (r,) @ (r, cols)
-                exact += scale * (b[row] @ a)
-                size += abs(scale) * (b[row].abs() @ a.abs())
+        exact, size = _additive(w, factors, row)
         arithmetic = (r_max + 2) * 2.0**-24 * size
         if column_scale is not None:  # column DoRA: the norms come from every row; float64 sums of squares
             exact = exact * column_scale
@@ -196,6 +186,23 @@ def _sample_rows(t: TensorPlan, base: BaseCheckpoint, out: BaseCheckpoint, io: _
                         f"(max error {float(err.max()):.3e})")
             return
     report.tensors_sampled += 1
+
+
+def _additive(w: torch.Tensor, factors: list[Any], row: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Row ``row`` of W + sum of the additive deltas in float64, and the sum of |terms| (for the
+    float32 error bound)."""
+    exact, size = w.clone(), w.abs()
+    for a, b, scale, transposed in factors:
+        if transposed == "vector":  # lora_bias: the bias is one row
+            exact += scale * b
+            size += abs(scale) * b.abs()
+        elif transposed:  # row of (B @ A).T = A[:, row] @ B.T
+            exact += scale * (a[:, row] @ b.t())
+            size += abs(scale) * (a[:, row].abs() @ b.abs().t())
+        else:  # (r,) @ (r, cols)
+            exact += scale * (b[row] @ a)
+            size += abs(scale) * (b[row].abs() @ a.abs())
+    return exact, size
 
 
 def _factors(d: Any) -> tuple[torch.Tensor, torch.Tensor]:

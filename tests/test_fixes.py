@@ -232,3 +232,14 @@ def test_untouched_tensors_stay_bit_identical_with_an_include_filter(tmp_path: P
     assert main(["--base", str(base), "--adapter", str(adapter), "--output", str(tmp_path / "none"), "--include",
                  "no_such_module", "-q"]) == ExitCode.PLAN
     assert "--include/--exclude leave nothing to merge" in one_line(capsys)
+
+
+def test_a_quantized_base_is_refused_by_its_scheme(tmp_path: Path, pristine: tuple[Path, Path],
+                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    base = Path(shutil.copytree(pristine[0], tmp_path / "base"))
+    config = json.loads((base / "config.json").read_text())
+    (base / "config.json").write_text(json.dumps({**config, "quantization_config": {"quant_method": "bitsandbytes"}}))
+    assert main(["--base", str(base), "--adapter", str(pristine[1]), "--output", str(tmp_path / "out"), "-q"]) \
+        == ExitCode.PLAN
+    line = one_line(capsys)
+    assert "quant_method 'bitsandbytes'" in line and "point --base at the 16-bit checkpoint" in line

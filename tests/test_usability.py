@@ -178,3 +178,22 @@ def test_the_text_report_says_what_was_resumed(tmp_path: Path, model, monkeypatc
     capsys.readouterr()
     assert main(args) == 0
     assert "(1 resumed from an earlier run)" in capsys.readouterr().out
+
+
+def test_the_bar_counts_in_the_units_it_shows(monkeypatch: pytest.MonkeyPatch) -> None:
+    """tqdm labels scaled bytes kB, MB, GB: 3,250,000 bytes must show as 3.25M, not 3.10M (MiB)."""
+    import io
+
+    from streammerge.events import Event, ProgressBar
+
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    screen = Terminal()
+    monkeypatch.setattr(sys, "stderr", screen)
+    bar = ProgressBar(enabled=True)
+    for event in (Event("plan", None, {"bytes": 3_250_000}), Event("tensor", "o", {"bytes": 3_250_000}),
+                  Event("finished", None, {})):
+        bar(event)
+    assert "3.25M/3.25M" in screen.getvalue() and "3.10M" not in screen.getvalue()

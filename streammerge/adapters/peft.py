@@ -220,14 +220,12 @@ def _with_extras(lora: LoraModule, factors: dict[str, TensorInfo], magnitude: Te
                  weights_path: Path) -> LoraModule:
     """A module's lora_B.bias and DoRA magnitude, each with one entry per output feature (B's rows)."""
     out = factors["lora_B"].shape[0]
-    for name, extra, field_name in (("a lora_B.bias", factors.get("lora_B.bias"), "bias_key"),
-                                    ("a DoRA magnitude", magnitude, "magnitude_key")):
-        if extra is None:
-            continue
-        if extra.shape != (out,):
+    for name, extra in (("a lora_B.bias", factors.get("lora_B.bias")), ("a DoRA magnitude", magnitude)):
+        if extra is not None and extra.shape != (out,):
             raise InputError(f"{weights_path}: {lora.module!r} has {name} of shape {list(extra.shape)}, expected [{out}]")
-        lora = dataclasses.replace(lora, **{field_name: extra.name})
-    return lora
+    bias = factors.get("lora_B.bias")
+    return dataclasses.replace(lora, bias_key=bias.name if bias else None,
+                               magnitude_key=magnitude.name if magnitude else None)
 
 
 def _modules(keys: _Keys, config: dict[str, Any], weights_path: Path) -> dict[str, LoraModule]:

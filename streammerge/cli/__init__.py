@@ -95,14 +95,10 @@ def _plan(args: argparse.Namespace) -> int:
 
 def _merge(args: argparse.Namespace) -> int:
     from ..api import merge_many
-    from ..events import JsonLines
+    from ..events import JsonLines, Listener
 
-    listeners: list[Any] = []
-    if args.progress == "json":
-        listeners.append(JsonLines())
-    elif not args.quiet:
-        listeners.append(PlanLine())
-    reports = merge_many(args.base, jobs(args), on_event=(lambda e: [f(e) for f in listeners]) if listeners else None,
+    listener: Listener | None = JsonLines() if args.progress == "json" else None if args.quiet else PlanLine()
+    reports = merge_many(args.base, jobs(args), on_event=listener,
                          device=args.device, max_mem=args.max_mem, overwrite=args.overwrite,
                          progress=args.progress == "auto" and not args.quiet, checksum=args.checksum,
                          allow_noop=args.allow_noop, low_disk=args.low_disk, push_to_hub=args.push_to_hub,

@@ -4,14 +4,16 @@ A codec answers: how to view raw bytes of whole rows (``rows``), how to widen th
 (``decode``) and round float32 back (``encode``, once), which side tensors it needs
 (``side_tensors``: scales, absmax ...) and the row alignment a chunk must respect. Registered by
 the tensor's dtype (plain floats) and, for quantized checkpoints, by the config's
-``quantization_config.quant_method``. Only plain dtypes exist so far: a quantized base is refused
-by the plan with what is supported.
+``quantization_config.quant_method`` (``QUANT_METHODS``). Only plain dtypes exist so far: a
+quantized base is refused by name (``check_scheme``) with what is supported.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Protocol
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, Protocol
 
+from ..errors import UnsupportedError
 from ..formats.header import FLOAT_DTYPES
 
 if TYPE_CHECKING:
@@ -19,8 +21,11 @@ if TYPE_CHECKING:
 
 
 class Codec(Protocol):
-    dtype: str
-    row_alignment: int
+    @property
+    def dtype(self) -> str: ...
+
+    @property
+    def row_alignment(self) -> int: ...
 
     @property
     def itemsize(self) -> int: ...
@@ -41,3 +46,31 @@ def codec_for(dtype: str) -> Codec:
     if dtype not in FLOAT_DTYPES:
         raise KeyError(dtype)
     return PlainCodec(dtype)
+
+
+# quantization_config.quant_method -> the codec of that scheme's weights, given the config and the
+# tensor's dtype. None yet: bitsandbytes 4-bit, FP8 and the others come as modules here.
+QUANT_METHODS: dict[str, Callable[[dict[str, Any], str], Codec]] = {}
+
+
+def quantization(config: dict[str, Any]) -> dict[str, Any] | None:
+    """The checkpoint's quantization config (top level or text_config), if any."""
+    text = config.get("text_config")
+    for cfg in (config, text if isinstance(text, dict) else {}):
+        q = cfg.get("quantization_config") or cfg.get("compression_config")
+        if isinstance(q, dict):
+            return q
+    return None
+
+
+def check_scheme(config: dict[str, Any], where: str) -> None:
+    """Refuse, by name, a quantized checkpoint whose scheme no codec reads."""
+    q = quantization(config)
+    if q is None:
+        return
+    method = q.get("quant_method", "unknown")
+    if method not in QUANT_METHODS:
+        supported = ", ".join(sorted(QUANT_METHODS)) or "none yet"
+        raise UnsupportedError(f"base {where} is quantized (quantization_config.quant_method {method!r}); "
+                               f"quantized schemes this version reads: {supported}; point --base at the 16-bit "
+                               "checkpoint the adapter was trained against")

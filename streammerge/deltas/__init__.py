@@ -57,7 +57,8 @@ class FirstPass(Applied, Protocol):
 
 
 class Method(Protocol):
-    first_pass: bool
+    @property
+    def first_pass(self) -> bool: ...
 
     def factor_keys(self, d: Delta) -> list[str]: ...
 

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from ..adapters.types import LoraAdapter, LoraModule
+from ..codecs import check_scheme
 from ..errors import InputError, PlanError, UnsupportedError
 from ..formats.checkpoint import BaseCheckpoint
 from ..formats.header import FLOAT_DTYPES, TensorInfo
@@ -283,6 +284,7 @@ def build_plan(
     tokenizer: Path | None = None,
 ) -> MergePlan:
     """Map, check and lay out the whole merge. Reads headers only."""
+    check_scheme(base.config, str(base.origin or base.root))
     target = None if dtype == "auto" else DTYPE_CHOICES[dtype]
     # A tied checkpoint has no output head on disk; an adapter may still target it (see _untie).
     tie = tied_head(base.weight_map) if base.ties_embeddings else None
@@ -306,15 +308,11 @@ def build_plan(
         if len(ds) > 1 and any(d.lora.magnitude_key for d in ds):
             raise UnsupportedError(f"{tensor}: a DoRA adapter cannot be merged together with another adapter "
                                    "on the same weight (DoRA rescales the sum); merge them one after another")
-    shards: dict[str, list[TensorPlan]] = {}
-    for shard, header in base.shards.items():
-        # Tensors a shard holds but the index does not list are left out, as loaders ignore them.
-        shards[shard] = [
-            TensorPlan(name, shard, infos.get(name, info), _out_dtype(info, target), deltas.get(name, []),
-                       sources.get(name), tokens.get(name))
-            for name, info in header.tensors.items()
-            if base.weight_map.get(name) == shard
-        ]
+    shards = {shard: [TensorPlan(name, shard, infos.get(name, info), _out_dtype(info, target), deltas.get(name, []),
+                                 sources.get(name), tokens.get(name))
+                      for name, info in header.tensors.items()
+                      if base.weight_map.get(name) == shard]  # unlisted tensors are left out, as loaders ignore them
+              for shard, header in base.shards.items()}
     resized_by = changes.pop("_tokenizer_from", None)
     tokenizer_from, why = choose_tokenizer(base.root, adapters, explicit=tokenizer,
                                            resized_by=Path(resized_by) if resized_by else None,

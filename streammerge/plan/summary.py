@@ -59,14 +59,14 @@ def groups(modules: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Modules that differ only in their layer (or expert) numbers, with the same adapter, rule,
     method, rank and scale, as one entry: the tensor name with each number as a range."""
     found: dict[tuple[Any, ...], list[list[int]]] = {}
+    counts: dict[tuple[Any, ...], int] = {}
     for m in modules:
         key = (m["adapter"], _INDEX.sub("#", m["tensor"]), m["rule"], m["method"], m["r"], m["scale"])
         numbers = [int(n) for n in _INDEX.findall(m["tensor"])]
         slots = found.setdefault(key, [[] for _ in numbers])
+        counts[key] = counts.get(key, 0) + 1
         for slot, n in zip(slots, numbers):
             slot.append(n)
-    out = []
-    for (adapter, template, rule, method, r, scale), numbers in found.items():
-        out.append({"adapter": adapter, "tensors": _pattern(template, numbers),
-                    "count": len(numbers[0]) if numbers else 1, "rule": rule, "method": method, "r": r, "scale": scale})
-    return out
+    return [{"adapter": adapter, "tensors": _pattern(template, slots), "count": counts[key], "rule": rule,
+             "method": method, "r": r, "scale": scale}
+            for key, slots in found.items() for adapter, template, rule, method, r, scale in [key]]
