@@ -78,6 +78,9 @@ def merge_many(base: PathLike, jobs: Sequence[tuple[AdapterArg | Sequence[Adapte
     except BaseException as exc:
         events.emit("failed", error=str(exc) or type(exc).__name__, exit_code=int(getattr(exc, "exit_code", 1)))
         raise
+    for r in reports:  # what the run noticed, as the report says it
+        for text in r.warnings + r.notes:
+            events.emit("note", r.output, text=text)
     events.emit("finished", reports=[r.to_dict() for r in reports])
     return reports
 
@@ -106,7 +109,7 @@ def _jobs(base: Any, jobs: Any) -> list[tuple[list[AdapterSpec], Path | None]]:
 class _Output:
     plan: MergePlan
     out: Path
-    inputs_notes: list[str]
+    warnings: list[str]
 
 
 def _merge_many(base: PathLike, jobs: list[tuple[list[AdapterSpec], Path | None]], opts: MergeOptions,
@@ -213,7 +216,7 @@ def _report(o: _Output, sink: SafetensorsSink, opts: MergeOptions, stats: Comput
     report.excluded = plan.excluded
     report.tensors_excluded = len(plan.excluded)
     report.tokenizer_from = str(plan.tokenizer_from) if plan.tokenizer_from else None
-    report.warnings = list(o.inputs_notes)
+    report.warnings = list(o.warnings)
     report.notes = compute.notes + ([sink.tokenizer_note] if sink.tokenizer_note else []) + sink.notes
     if isinstance(source, HubShards):
         report.shards_downloaded = len(source.fetched)

@@ -2,8 +2,8 @@
 cluster driver are all listeners.
 
 Kinds, in order: ``plan`` (outputs, shards, bytes), then per output and shard ``shard_started`` /
-``tensor`` (name, kind, bytes) / ``shard_done`` (bytes), ``note`` (text) at any time, and last
-``finished`` (the reports) or ``failed`` (error, exit_code). Listeners run on the thread that emits
+``tensor`` (name, kind, bytes) / ``shard_done`` (bytes), then ``note`` (text: each warning and note
+of the reports), and last ``finished`` (the reports) or ``failed`` (error, exit_code). Listeners run on the thread that emits
 (the merge thread, or an I/O thread for ``shard_done``) and must be quick.
 """
 

@@ -15,6 +15,8 @@ import pytest
 from oracle import build_adapter, build_base
 from oracle import report as oracle_report
 
+import streammerge
+
 modelscope = pytest.importorskip("modelscope", reason="modelscope is a test extra: pip install -e '.[test]'")
 
 
@@ -59,9 +61,7 @@ def test_base_and_adapter_from_the_modelscope_cache(tmp_path: Path) -> None:
     assert done.returncode == 0, done.stderr
     out = Path(oracle_report(done.stdout)["output"])
     assert out == work / "tiny-qwen-merged"  # not inside the cache
-    local = _run(["--base", str(base), "--adapter", str(tmp_path / "adapter"), "--output", str(tmp_path / "local"), "-q"],
-                 _env(cache, home), work)
-    assert local.returncode == 0, local.stderr
+    streammerge.merge(base, tmp_path / "adapter", output=tmp_path / "local", progress=False)  # the same, from directories
     assert _shards(out) == _shards(tmp_path / "local") and _shards(out)
     manifest = json.loads((out / "streammerge.json").read_text())
     assert manifest["base"]["path"] == "modelscope:org/tiny-qwen@master"

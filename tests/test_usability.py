@@ -33,7 +33,10 @@ def model(tmp_path_factory: pytest.TempPathFactory):
 def test_events_in_order_with_their_bytes(tmp_path: Path, model) -> None:
     base, peft = model
     seen: list[streammerge.Event] = []
-    report = streammerge.merge(base, peft.adapter, output=tmp_path / "out", progress=False, on_event=seen.append)
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "q4.gguf").write_bytes(b"mine")  # kept, and a note says so
+    report = streammerge.merge(base, peft.adapter, output=tmp_path / "out", progress=False, on_event=seen.append,
+                               overwrite=True)
     kinds = [e.kind for e in seen]
     assert kinds[0] == "plan" and kinds[-1] == "finished"
     assert kinds.count("shard_started") == kinds.count("shard_done") == report.shards
@@ -41,6 +44,8 @@ def test_events_in_order_with_their_bytes(tmp_path: Path, model) -> None:
     assert sum(e.data["bytes"] for e in tensors) == seen[0].data["bytes"] == report.bytes_written
     assert sum(e.data["kind"] == "merged" for e in tensors) == report.tensors_merged
     assert seen[-1].data["reports"][0]["output"] == str(tmp_path / "out")
+    notes = [e.data["text"] for e in seen if e.kind == "note"]
+    assert notes == report.notes and any("q4.gguf" in n for n in notes)
 
 
 def test_progress_json_lines_and_a_failed_event(tmp_path: Path, model) -> None:

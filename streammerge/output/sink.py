@@ -35,14 +35,28 @@ from .upload import Uploader
 
 
 
+class ShardOut(Protocol):
+    """Where one output shard's bytes go: merged ranges from the I/O thread, untouched tensors copied."""
+
+    def write(self, name: str, offset_in_tensor: int, data: memoryview) -> None: ...
+
+    def copy_range(self, src_fd: int, src_offset: int, name: str, nbytes: int) -> None: ...
+
+
 class Sink(Protocol):
+    """One output, as the executor sees it (see the module docstring for the order of the calls)."""
+
     out: Path
+    plan: MergePlan
+    kept: dict[str, dict[str, Any]]  # shards an earlier run finished, by prepare()
 
     def prepare(self, fingerprint: Callable[[str], str]) -> dict[str, dict[str, Any]]: ...
 
-    def open_shard(self, shard: str) -> ShardWriter: ...
+    def open_shard(self, shard: str) -> ShardOut: ...
 
     def commit_shard(self, shard: str) -> None: ...
+
+    def closed_shard(self, shard: str) -> None: ...
 
     def drain(self) -> None: ...
 

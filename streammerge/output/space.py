@@ -11,10 +11,10 @@ from ..sources.hub import HubBase
 from ..plan.types import MergePlan
 from .directory import check_free_space, check_output
 from .files import aux_files
-from .sink import SafetensorsSink
+from .sink import Sink
 
 
-def check_disk(sinks: list[SafetensorsSink], hub_base: HubBase | None, *, low_disk: bool) -> None:
+def check_disk(sinks: list[Sink], hub_base: HubBase | None, *, low_disk: bool) -> None:
     """Free space for the rest of every output, plus the base shards still to download: about two at
     a time with --low-disk (on the first output's disk), all of them in the cache otherwise."""
     needs: dict[int, tuple[Path, int]] = {}

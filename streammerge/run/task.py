@@ -10,12 +10,11 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from ..events import Events
-from ..formats.shardwriter import ShardWriter
 from ..plan.types import MergePlan, TensorPlan
 from .iothread import IOThread
 
 if TYPE_CHECKING:
-    from ..output.sink import SafetensorsSink
+    from ..output.sink import ShardOut, Sink
     from .merger import TensorMerger
 
 
@@ -32,14 +31,14 @@ class Target:
     """One output being written: its plan, its sink, and its own I/O thread (writes, kernel copies
     and fsyncs in submission order, so that writes to several outputs proceed in parallel)."""
 
-    def __init__(self, plan: MergePlan, sink: SafetensorsSink, events: Events) -> None:
+    def __init__(self, plan: MergePlan, sink: Sink, events: Events) -> None:
         self.plan, self.sink, self.events = plan, sink, events
         self.name = str(sink.out)
         self.io = IOThread()
         self.todo: list[str] = list(plan.shards)
-        self._open: dict[str, tuple[int, ShardWriter]] = {}  # shard -> (base shard fd, writer)
+        self._open: dict[str, tuple[int, ShardOut]] = {}  # shard -> (base shard fd, writer)
 
-    def opened(self, shard: str) -> tuple[int, ShardWriter]:
+    def opened(self, shard: str) -> tuple[int, ShardOut]:
         return self._open[shard]
 
     def open(self, shard: str) -> None:
