@@ -156,12 +156,12 @@ def _sample_rows(t: TensorPlan, base: BaseCheckpoint, out: BaseCheckpoint, io: _
     token_values = dict(zip(t.tokens.ids, t.tokens.adapter.load(t.tokens.key).double())) if t.tokens else {}
     picks = sorted(set(picks) | set(list(token_values)[:4]))
     src, dst = t.origin(base), _output(out, t.name)
-    src_item, out_item = DTYPE_SIZES[src.info.dtype], DTYPE_SIZES[t.out_dtype]
+    out_item = DTYPE_SIZES[t.out_dtype]
     column_m = next((d.adapter.load(d.lora.magnitude_key).double() for d in t.deltas
                      if d.lora.magnitude_key and d.transposed), None)
     column_scale = None if column_m is None else column_m / _column_norms(t, src, factors, io, rows, cols)
     for row in picks:
-        w = _as_tensor(io.read(src, row * cols * src_item, cols * src_item), src.info.dtype).double()
+        w = _base_rows(t, src, io, row, 1, cols)[0]
         got = _as_tensor(io.read(dst, row * cols * out_item, cols * out_item), t.out_dtype).double()
         exact, size = _additive(w, factors, row)
         arithmetic = (r_max + 2) * 2.0**-24 * size
@@ -210,14 +210,30 @@ def _factors(d: Any) -> tuple[torch.Tensor, torch.Tensor]:
     return select_expert(d, a, b) if d.expert >= 0 else (a, b)
 
 
+def _base_rows(t: TensorPlan, src: Source, io: _Reader, row0: int, k: int, cols: int) -> torch.Tensor:
+    """Rows ``[row0, row0 + k)`` of the base tensor in float64: as stored, or dequantized from a
+    quantized base by this module's own reading of the scheme (block FP8: ``q * s[i // bn, j // bk]``)."""
+    if t.quant is None or t.source is not None:
+        item = DTYPE_SIZES[src.info.dtype]
+        return _as_tensor(io.read(src, row0 * cols * item, k * cols * item), src.info.dtype).double().view(k, cols)
+    if t.quant.scheme != "fp8":
+        raise NotImplementedError(f"verify does not read the {t.quant.scheme!r} scheme")
+    bn, bk = t.quant.params
+    q = torch.frombuffer(io.read(src, row0 * cols, k * cols), dtype=torch.uint8).view(torch.float8_e4m3fn)
+    scale = t.quant.side["scale"]
+    grid = _as_tensor(io.read(scale, 0, scale.info.nbytes), scale.info.dtype).double().view(scale.info.shape)
+    rows = torch.arange(row0, row0 + k) // bn
+    columns = torch.arange(cols) // bk
+    return q.double().view(k, cols) * grid[rows][:, columns]
+
+
 def _column_norms(t: TensorPlan, src: Source, factors: list, io: _Reader, rows: int, cols: int) -> torch.Tensor:
     """||column of W + dW|| over all rows, in float64, reading BLOCK bytes of rows at a time."""
-    item = DTYPE_SIZES[src.info.dtype]
     step = max(1, BLOCK // (cols * 8))
     acc = torch.zeros(cols, dtype=torch.float64)
     for r0 in range(0, rows, step):
         k = min(step, rows - r0)
-        v = _as_tensor(io.read(src, r0 * cols * item, k * cols * item), src.info.dtype).double().view(k, cols)
+        v = _base_rows(t, src, io, r0, k, cols)
         for a, b, scale, transposed in factors:
             v += scale * (a[:, r0 : r0 + k].t() @ b.t() if transposed else b[r0 : r0 + k] @ a)
         acc += v.square().sum(dim=0)
@@ -262,7 +278,7 @@ def verify(
     io, rng = _Reader(), random.Random(seed)
     try:
         for t in plan_tensors.values():
-            if t.merged:
+            if t.merged or (t.quant is not None and t.source is None):  # dequantized: within one rounding
                 _sample_rows(t, plan.base, out, io, report, rows_per_tensor=rows_per_tensor, rng=rng)
             else:
                 _compare_untouched(t, plan.base, out, io, report)

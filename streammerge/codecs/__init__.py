@@ -10,7 +10,7 @@ quantized base is refused by name (``check_scheme``) with what is supported.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import importlib
 from typing import TYPE_CHECKING, Any, Protocol
 
 from ..errors import UnsupportedError
@@ -18,6 +18,9 @@ from ..formats.header import FLOAT_DTYPES
 
 if TYPE_CHECKING:
     import torch
+
+    from ..formats.checkpoint import BaseCheckpoint
+    from ..plan.types import Quant
 
 
 class Codec(Protocol):
@@ -34,7 +37,9 @@ class Codec(Protocol):
 
     def rows(self, raw: torch.Tensor, rows: int, cols: int) -> torch.Tensor: ...
 
-    def decode(self, stored: torch.Tensor, work: torch.Tensor) -> None: ...
+    def decode(self, stored: torch.Tensor, work: torch.Tensor, row0: int) -> None:
+        """Rows ``[row0, row0 + len(stored))`` of the tensor, widened into the float32 ``work``."""
+        ...
 
     def encode(self, work: torch.Tensor, out: torch.Tensor) -> None: ...
 
@@ -48,29 +53,46 @@ def codec_for(dtype: str) -> Codec:
     return PlainCodec(dtype)
 
 
-# quantization_config.quant_method -> the codec of that scheme's weights, given the config and the
-# tensor's dtype. None yet: bitsandbytes 4-bit, FP8 and the others come as modules here.
-QUANT_METHODS: dict[str, Callable[[dict[str, Any], str], Codec]] = {}
+class Scheme(Protocol):
+    """A quantized storage scheme: which tensors it holds (from headers) and their codec."""
+
+    name: str
+
+    def quantized(self, base: BaseCheckpoint, qconfig: dict[str, Any]) -> dict[str, Quant]: ...
+
+    def codec(self, quant: Quant, side: dict[str, torch.Tensor]) -> Codec: ...
+
+
+QUANTIZATION_KEYS = ("quantization_config", "compression_config")  # removed from a dequantized output's config
+
+# quantization_config.quant_method -> the module of its scheme, imported when a checkpoint uses it.
+QUANT_METHODS: dict[str, str] = {"fp8": "fp8_block"}
 
 
 def quantization(config: dict[str, Any]) -> dict[str, Any] | None:
     """The checkpoint's quantization config (top level or text_config), if any."""
     text = config.get("text_config")
     for cfg in (config, text if isinstance(text, dict) else {}):
-        q = cfg.get("quantization_config") or cfg.get("compression_config")
+        q = next((cfg[k] for k in QUANTIZATION_KEYS if isinstance(cfg.get(k), dict)), None)
         if isinstance(q, dict):
             return q
     return None
 
 
-def check_scheme(config: dict[str, Any], where: str) -> None:
-    """Refuse, by name, a quantized checkpoint whose scheme no codec reads."""
+def check_scheme(config: dict[str, Any], where: str) -> Scheme | None:
+    """The scheme of a quantized checkpoint (None: not quantized); refused by name when no codec reads it."""
     q = quantization(config)
     if q is None:
-        return
+        return None
     method = q.get("quant_method", "unknown")
     if method not in QUANT_METHODS:
         supported = ", ".join(sorted(QUANT_METHODS)) or "none yet"
         raise UnsupportedError(f"base {where} is quantized (quantization_config.quant_method {method!r}); "
                                f"quantized schemes this version reads: {supported}; point --base at the 16-bit "
                                "checkpoint the adapter was trained against")
+    return scheme(method)
+
+
+def scheme(method: str) -> Scheme:
+    found: Scheme = importlib.import_module(f"{__package__}.{QUANT_METHODS[method]}").SCHEME
+    return found

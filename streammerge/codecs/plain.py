@@ -3,14 +3,19 @@ float32 rounded once (round to nearest even) to the stored dtype."""
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from ..errors import UnsupportedError
-from ..formats.checkpoint import read_tensor_bytes
+from ..formats.checkpoint import pread_into, read_tensor_bytes
 from ..formats.header import SafetensorsHeader
+
+if TYPE_CHECKING:
+    from ..plan.types import Source
 
 TORCH_DTYPES: dict[str, torch.dtype] = {
     "F16": torch.float16,
@@ -38,7 +43,7 @@ class PlainCodec:
         """Raw bytes (uint8) of ``rows`` whole rows, as a (rows, cols) tensor of the stored dtype."""
         return raw.view(TORCH_DTYPES[self.dtype]).view(rows, cols)
 
-    def decode(self, stored: torch.Tensor, work: torch.Tensor) -> None:
+    def decode(self, stored: torch.Tensor, work: torch.Tensor, row0: int) -> None:
         """Rows of ``rows()`` into the float32 ``work`` of the same shape (exact)."""
         work.copy_(stored)
 
@@ -59,3 +64,18 @@ def read_tensor(path: Path, header: SafetensorsHeader, name: str) -> torch.Tenso
     if not buf:
         return torch.empty(info.shape, dtype=TORCH_DTYPES[info.dtype])
     return torch.frombuffer(buf, dtype=TORCH_DTYPES[info.dtype]).reshape(info.shape)
+
+
+def read_source(src: Source) -> torch.Tensor:
+    """A small tensor (a side tensor: scales) read whole from wherever it is, as float32."""
+    info = src.info
+    if info.dtype not in TORCH_DTYPES:
+        raise UnsupportedError(f"{src.path}: side tensor {info.name!r} is {info.dtype}, not a float tensor")
+    buf = bytearray(info.nbytes)
+    fd = os.open(src.path, os.O_RDONLY)
+    try:
+        pread_into(fd, src.data_start + info.begin, memoryview(buf), path=src.path)
+    finally:
+        os.close(fd)
+    return torch.frombuffer(buf, dtype=TORCH_DTYPES[info.dtype]).reshape(info.shape).float() if buf else \
+        torch.empty(info.shape, dtype=torch.float32)

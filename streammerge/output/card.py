@@ -52,7 +52,7 @@ def merge_card(plan: MergePlan, inputs: Inputs, adapters: Sequence[Any], opts: M
     return model_card(base=inputs.text, base_model=base_model,
                       base_revision=inputs.hub_base.commit if inputs.hub_base else None,
                       adapters=[(str(s.path), s.weight) for s in adapters],
-                      dtype=plan.out_dtype or opts.dtype, tensors_merged=len(plan.touched), shards=len(plan.shards),
+                      dtype=plan.config_dtype or opts.dtype, tensors_merged=len(plan.touched), shards=len(plan.shards),
                       kept=base_card_fields(plan.base.root))
 
 

@@ -48,15 +48,23 @@ def _set_everywhere(config: dict[str, Any], key: str, value: Any) -> None:
             _set_everywhere(sub, key, value)
 
 
-def copy_aux_files(base: Path, staging: Path, *, config_dtype: str | None,
-                   config_changes: dict[str, Any]) -> list[str]:
+def _drop_everywhere(config: dict[str, Any], key: str) -> None:
+    config.pop(key, None)
+    for sub in config.values():
+        if isinstance(sub, dict):
+            _drop_everywhere(sub, key)
+
+
+def copy_aux_files(base: Path, staging: Path, *, config_dtype: str | None, config_changes: dict[str, Any],
+                   config_removed: tuple[str, ...] = ()) -> list[str]:
     """Copy non-weight files into staging; rewrite config.json's dtype when the output dtype
-    changed, and set ``config_changes`` (e.g. tie_word_embeddings) at every level."""
+    changed, set ``config_changes`` (e.g. tie_word_embeddings) and remove ``config_removed`` (e.g.
+    quantization_config of a dequantized base) at every level."""
     copied = []
     for rel in aux_files(base):
         dst = staging / rel
         dst.parent.mkdir(parents=True, exist_ok=True)
-        if rel == Path("config.json") and (config_dtype is not None or config_changes):
+        if rel == Path("config.json") and (config_dtype is not None or config_changes or config_removed):
             try:
                 config = json.loads((base / rel).read_text(encoding="utf-8"))
             except (OSError, ValueError) as exc:
@@ -65,6 +73,8 @@ def copy_aux_files(base: Path, staging: Path, *, config_dtype: str | None,
                 _set_dtype(config, config_dtype)
             for key, value in config_changes.items():
                 _set_everywhere(config, key, value)
+            for key in config_removed:
+                _drop_everywhere(config, key)
             dst.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
         else:
             shutil.copyfile(base / rel, dst)  # follows links: a snapshot's blobs become real files

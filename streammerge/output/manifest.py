@@ -70,7 +70,10 @@ def shard_fingerprint(plan: MergePlan, shard: str, *, device: str, chunk: int) -
               for d in t.deltas],
              t.source and [_adapter_file_identity(plan, t.source.path), t.source.info.dtype, t.source.info.begin],
              t.tokens and [_adapter_file_identity(plan, t.tokens.adapter.weights_path), t.tokens.key,
-                           list(t.tokens.ids)]]
+                           list(t.tokens.ids)],
+             t.quant and [t.quant.scheme, list(t.quant.params),
+                          sorted((k, _file_identity(s.path), s.info.name, s.info.dtype, s.info.begin)
+                                 for k, s in t.quant.side.items())]]
             for t in plan.shards[shard]
         ],
     }

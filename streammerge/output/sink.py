@@ -25,6 +25,7 @@ from ..formats.checkpoint import INDEX_NAME
 from ..formats.shardwriter import ShardWriter
 from ..plan.types import CONFIG_DTYPE_NAMES, MergePlan
 from ..run.iothread import IOThread
+from ..codecs import QUANTIZATION_KEYS
 from .card import CARD_NAME
 from .checksum import Cancelled, add_checksum, drop_cached, sha256_while_written
 from .directory import STAGING, foreign_weights, lock_output, publish
@@ -157,8 +158,9 @@ class SafetensorsSink:
         staging area; returns what is published last before the manifest (the index)."""
         plan = self.plan
         self.files_copied = copy_aux_files(plan.base.root, self.staging,
-                                           config_dtype=CONFIG_DTYPE_NAMES.get(plan.out_dtype or ""),
-                                           config_changes=plan.config_changes)
+                                           config_dtype=CONFIG_DTYPE_NAMES.get(plan.config_dtype or ""),
+                                           config_changes=plan.config_changes,
+                                           config_removed=QUANTIZATION_KEYS if plan.dequantized else ())
         if plan.tokenizer_from is not None:
             self._copy_tokenizer(plan.tokenizer_from)
         if self.card is not None:

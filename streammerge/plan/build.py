@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from ..adapters.types import LoraAdapter, LoraModule
-from ..codecs import check_scheme
+from ..codecs import check_scheme, quantization
 from ..errors import InputError, PlanError, UnsupportedError
 from ..formats.checkpoint import BaseCheckpoint
 from ..formats.header import FLOAT_DTYPES, TensorInfo
@@ -181,6 +181,7 @@ class _Lookup:
     names: dict[str, str]
     infos: dict[str, TensorInfo]
     user_rules: tuple[Rule, ...]
+    quantized: frozenset[str] = frozenset()  # base weights a codec dequantizes (their stored dtype is no float)
 
     def resolve(self, module: str, param: str = "weight") -> Match | None:
         return resolve(module, self.names, user_rules=self.user_rules, param=param)
@@ -216,7 +217,7 @@ def _adapter_deltas(adapter: LoraAdapter, look: _Lookup, deltas: dict[str, list[
         transposed = lora.embedding or layout is not None
         delta = Delta(adapter, lora, rule, ("dora" if lora.magnitude_key else "lora") + ("_T" if transposed else ""))
         problem = _check_shapes(match.tensor, info, delta)
-        if problem is None and info.dtype not in FLOAT_DTYPES:
+        if problem is None and info.dtype not in FLOAT_DTYPES and match.tensor not in look.quantized:
             problem = f"{match.tensor} is {info.dtype}; only {'/'.join(FLOAT_DTYPES)} weights can be merged"
         if problem:
             bad.append(problem)
@@ -273,6 +274,17 @@ def _filter(deltas: dict[str, list[Delta]], sources: dict[str, Source], tokens: 
     return excluded
 
 
+def _dequantized_dtype(base: BaseCheckpoint, quant: dict[str, Any]) -> str:
+    """What dequantized weights become with --dtype auto: the dtype of the base's unquantized float
+    tensors (the most common one; bf16 if there are none)."""
+    counts: dict[str, int] = {}
+    for name in base.weight_map:
+        info = base.info(name)
+        if name not in quant and info.dtype in ("BF16", "F16"):
+            counts[info.dtype] = counts.get(info.dtype, 0) + info.numel
+    return max(counts, key=lambda d: counts[d]) if counts else "BF16"
+
+
 def build_plan(
     base: BaseCheckpoint,
     adapters: list[LoraAdapter],
@@ -284,8 +296,10 @@ def build_plan(
     tokenizer: Path | None = None,
 ) -> MergePlan:
     """Map, check and lay out the whole merge. Reads headers only."""
-    check_scheme(base.config, str(base.origin or base.root))
     target = None if dtype == "auto" else DTYPE_CHOICES[dtype]
+    scheme = check_scheme(base.config, str(base.origin or base.root))
+    quant = scheme.quantized(base, quantization(base.config) or {}) if scheme else {}
+    dequant_to = target or _dequantized_dtype(base, quant)
     # A tied checkpoint has no output head on disk; an adapter may still target it (see _untie).
     tie = tied_head(base.weight_map) if base.ties_embeddings else None
     tie = tie if tie and tie[1] not in base.weight_map else None
@@ -293,7 +307,7 @@ def build_plan(
     infos = {tie[1]: dataclasses.replace(base.info(tie[0]), name=tie[1])} if tie else {}
     changes: dict[str, Any] = {}
     sources = _replacement_sources(base, adapters, user_rules, names, infos, changes)
-    look = _Lookup(base, names, infos, user_rules)
+    look = _Lookup(base, names, infos, user_rules, frozenset(quant))
     deltas: dict[str, list[Delta]] = {}
     for adapter in adapters:
         _adapter_deltas(adapter, look, deltas)
@@ -308,16 +322,19 @@ def build_plan(
         if len(ds) > 1 and any(d.lora.magnitude_key for d in ds):
             raise UnsupportedError(f"{tensor}: a DoRA adapter cannot be merged together with another adapter "
                                    "on the same weight (DoRA rescales the sum); merge them one after another")
-    shards = {shard: [TensorPlan(name, shard, infos.get(name, info), _out_dtype(info, target), deltas.get(name, []),
-                                 sources.get(name), tokens.get(name))
-                      for name, info in header.tensors.items()
-                      if base.weight_map.get(name) == shard]  # unlisted tensors are left out, as loaders ignore them
+    dropped = {s.info.name for q in quant.values() for s in q.side.values()}
+    shards = {shard: [TensorPlan(name, shard, infos.get(name, info),
+                                 dequant_to if name in quant else _out_dtype(info, target), deltas.get(name, []),
+                                 sources.get(name), tokens.get(name), quant.get(name))
+                      for name, info in header.tensors.items()  # unlisted tensors are left out, as loaders do
+                      if base.weight_map.get(name) == shard and name not in dropped]
               for shard, header in base.shards.items()}
     resized_by = changes.pop("_tokenizer_from", None)
     tokenizer_from, why = choose_tokenizer(base.root, adapters, explicit=tokenizer,
                                            resized_by=Path(resized_by) if resized_by else None,
                                            vocab_size=changes.get("vocab_size"))
-    plan = MergePlan(base, adapters, shards, target, changes, tokenizer_from, why, excluded)
+    plan = MergePlan(base, adapters, shards, target, changes, tokenizer_from, why, excluded, dropped,
+                     scheme.name if quant and scheme else None, dequant_to if quant else target)
     if tie and (deltas.get(tie[0]) or deltas.get(tie[1])):
         _untie(plan, *tie, infos[tie[1]], deltas.get(tie[1], []), sources.get(tie[1]) or sources.get(tie[0]))
     return plan

@@ -71,6 +71,21 @@ class Source:
     info: TensorInfo
 
 
+@dataclass(frozen=True)
+class Quant:
+    """A quantized base tensor: its scheme (``codecs.QUANT_METHODS``), where its side tensors are
+    (scales ...) and the scheme's parameters (e.g. the block size)."""
+
+    scheme: str
+    side: dict[str, Source]
+    params: tuple[Any, ...] = ()
+
+    @property
+    def side_bytes(self) -> int:
+        """float32 bytes of the side tensors on the merge device."""
+        return 4 * sum(s.info.numel for s in self.side.values())
+
+
 @dataclass(frozen=True, eq=False)
 class TokenRows:
     """Rows ``ids`` of a weight replaced by the adapter's saved values (PEFT trainable tokens)."""
@@ -89,6 +104,7 @@ class TensorPlan:
     deltas: list[Delta] = field(default_factory=list)
     source: Source | None = None  # set when an adapter supplies the tensor's base weight
     tokens: TokenRows | None = None  # rows replaced last (trainable_token_indices)
+    quant: Quant | None = None  # a quantized base weight: dequantized on reading
 
     @property
     def rewritten(self) -> bool:
@@ -99,6 +115,11 @@ class TensorPlan:
     def merged(self) -> bool:
         """Row-wise work beyond a copy or conversion: LoRA deltas or token rows."""
         return bool(self.deltas) or self.tokens is not None
+
+    @property
+    def origin_dtype(self) -> str:
+        """The stored dtype of the tensor's input bytes (the adapter's, when it replaces the weight)."""
+        return self.source.info.dtype if self.source is not None else self.info.dtype
 
     def origin(self, base: BaseCheckpoint) -> Source:
         if self.source is not None:
@@ -112,7 +133,7 @@ class TensorPlan:
         a merged bias is one row."""
         if self.merged and len(self.info.shape) == 1:
             return 1, self.info.shape[0]
-        if self.merged:
+        if self.merged or self.quant is not None:  # (a quantized weight's scales go by row and column)
             return self.info.shape[0], self.info.shape[1]
         return self.info.numel, 1
 
@@ -127,11 +148,16 @@ class MergePlan:
     tokenizer_from: Path | None = None  # where the tokenizer files come from (None: the base's)
     tokenizer_why: str | None = None
     excluded: list[str] = field(default_factory=list)  # what --include / --exclude left out
+    dropped: set[str] = field(default_factory=set)  # base tensors not written (scales of a dequantized scheme)
+    dequantized: str | None = None  # the quantization scheme read and written out as out_dtype / config_dtype
+    config_dtype: str | None = None  # the dtype config.json gets (the output dtype, or that of dequantized weights)
 
     @property
     def weight_map(self) -> dict[str, str]:
-        """The output's tensor -> shard map: the base's, plus any tensor the merge adds."""
-        return {**self.base.weight_map, **{t.name: t.shard for t in self.tensors()}}
+        """The output's tensor -> shard map: the base's (less the side tensors of a dequantized
+        scheme), plus any tensor the merge adds."""
+        return {**{n: s for n, s in self.base.weight_map.items() if n not in self.dropped},
+                **{t.name: t.shard for t in self.tensors()}}
 
     def tensors(self) -> Iterator[TensorPlan]:
         for tensors in self.shards.values():
@@ -159,4 +185,5 @@ class MergePlan:
     @property
     def _max_factor_bytes(self) -> int:
         return max((sum(d.factor_bytes for d in t.deltas) + (t.tokens.adapter.tensors[t.tokens.key].numel * 12
-                    if t.tokens else 0) for t in self.touched), default=0)
+                    if t.tokens else 0) + (t.quant.side_bytes if t.quant else 0)
+                    for t in self.tensors() if t.rewritten), default=0)

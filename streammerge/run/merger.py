@@ -12,7 +12,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ..codecs import codec_for
+from ..codecs import codec_for, scheme
 from ..deltas import FirstPass, load
 from ..deltas.tokens import load_tokens
 from ..formats.checkpoint import pread_into
@@ -75,7 +75,7 @@ class TensorMerger:
         origin = t.origin(target.plan.base)
         if t.source is not None:  # an adapter file holds this tensor's base weight
             src = self._source_fd(origin.path)
-        decode, encode = codec_for(origin.info.dtype), codec_for(t.out_dtype)
+        decode, encode = self._decoder(t), codec_for(t.out_dtype)
         deltas = [load(d, self) for d in t.deltas]
         rows, cols = t.rows_cols
         align = max(decode.row_alignment, encode.row_alignment)
@@ -106,6 +106,16 @@ class TensorMerger:
                 raise
             written += len(out)
         return written
+
+    def _decoder(self, t: TensorPlan) -> Codec:
+        """The codec the tensor's input bytes are read with: its dtype's, or its quantization scheme's
+        (with the side tensors, e.g. the scales, loaded on the merge device)."""
+        if t.quant is None or t.source is not None:
+            return codec_for(t.origin_dtype)
+        from ..codecs.plain import read_source  # (torch: loaded by now, never at import)
+
+        side = {k: self.put(read_source(s)) for k, s in t.quant.side.items()}
+        return scheme(t.quant.scheme).codec(t.quant, side)
 
     @staticmethod
     def _chunks(proc: Processor, src: int, origin: Source, codec: Codec, rows: int, cols: int,

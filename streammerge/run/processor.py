@@ -88,7 +88,7 @@ class Processor:
         out_bytes = rows * cols * out.itemsize
         io = slot.tensor if self.dev_io is None else self.dev_io
         stored = out.rows(io[:out_bytes], rows, cols)
-        for b0, work in self._blocks(slot, src, rows, cols):
+        for b0, work in self._blocks(slot, src, row0, rows, cols):
             for d in deltas:
                 d.apply(work, row0 + b0, work.shape[0])
             block = stored[b0 : b0 + work.shape[0]]
@@ -101,13 +101,13 @@ class Processor:
     def first_pass(self, slot: Slot, *, src: Codec, row0: int, rows: int, cols: int, deltas: Sequence[Applied],
                    observers: Sequence[FirstPass]) -> None:
         """Rows of ``W + dW`` (float32, as merged) shown to the deltas that need every row first."""
-        for b0, work in self._blocks(slot, src, rows, cols):
+        for b0, work in self._blocks(slot, src, row0, rows, cols):
             for d in deltas:
                 d.apply(work, row0 + b0, work.shape[0])
             for o in observers:
                 o.observe(work)
 
-    def _blocks(self, slot: Slot, src: Codec, rows: int, cols: int) -> Iterator[tuple[int, torch.Tensor]]:
+    def _blocks(self, slot: Slot, src: Codec, row0: int, rows: int, cols: int) -> Iterator[tuple[int, torch.Tensor]]:
         """The chunk's raw rows widened to float32, block by block: (first row, work (k, cols)).
 
         Raw bytes sit at the end of the slot (see ``raw_bytes``); on CUDA they go to the device first
@@ -123,7 +123,7 @@ class Processor:
         for b0 in range(0, rows, step):
             k = min(step, rows - b0)
             work = self.work[: k * cols].view(k, cols)
-            src.decode(raw[b0 : b0 + k], work)
+            src.decode(raw[b0 : b0 + k], work, row0 + b0)
             yield b0, work
 
     @staticmethod

@@ -1,0 +1,136 @@
+"""Block FP8 bases (DeepSeek-V3 / Qwen3-FP8 layout: F8_E4M3 weights, ``weight_scale_inv`` per 128x128
+block) merged into 16-bit outputs.
+
+The fixture quantizes a tiny real Llama (saved by transformers) itself, with dimensions that are
+not multiples of 128 (hidden 192, intermediate 320, k/v 96: partial edge blocks both ways), some
+scales in bf16 and one scale in another shard than its weight. The oracle is a float64
+dequantization written here (``q * s[i // 128, j // 128]``), not the code under test and not
+transformers' FP8 dequantizer (which infers the block size from the grid and is wrong for partial
+blocks).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+import transformers
+from oracle import bits, build_adapter, exact_and_bound, logits, read_checkpoint
+from safetensors.torch import save_file
+
+from streammerge.cli import main
+
+BLOCK = 128
+QCONFIG = {"quant_method": "fp8", "weight_block_size": [BLOCK, BLOCK], "activation_scheme": "dynamic", "fmt": "e4m3"}
+
+
+def quantize(w: torch.Tensor, scale_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per block: s = amax / 448 (1 where the block is zero), q = e4m3(w / s)."""
+    n, k = w.shape
+    s = torch.ones(math.ceil(n / BLOCK), math.ceil(k / BLOCK), dtype=torch.float64)
+    for i in range(s.shape[0]):
+        for j in range(s.shape[1]):
+            amax = w[i * BLOCK:(i + 1) * BLOCK, j * BLOCK:(j + 1) * BLOCK].double().abs().max()
+            s[i, j] = amax / 448 if amax > 0 else 1.0
+    s = s.to(scale_dtype)
+    q = (w.double() / expand(s.double(), n, k)).clamp(-448, 448).to(torch.float8_e4m3fn)
+    return q, s
+
+
+def expand(s: torch.Tensor, n: int, k: int) -> torch.Tensor:
+    """The scale of every element: s[i // 128, j // 128]."""
+    return s.repeat_interleave(BLOCK, 0)[:n].repeat_interleave(BLOCK, 1)[:, :k]
+
+
+def dequant64(q: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    return q.double() * expand(s.double(), *q.shape)
+
+
+@pytest.fixture(scope="module")
+def fp8(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    root = tmp_path_factory.mktemp("fp8")
+    config = transformers.LlamaConfig(vocab_size=160, hidden_size=192, intermediate_size=320, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False)
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(config).to(torch.bfloat16)
+    model.save_pretrained(root / "bf16")
+    peft = build_adapter(root / "bf16", root / "adapter", dtype="bf16", r=4, lora_alpha=8,
+                         target_modules=["q_proj", "v_proj", "down_proj"])
+    state = read_checkpoint(root / "bf16")
+    shards: dict[str, dict[str, torch.Tensor]] = {"model-00001-of-00002.safetensors": {},
+                                                  "model-00002-of-00002.safetensors": {}}
+    names, dequantized = sorted(state), {}
+    for i, name in enumerate(names):
+        shard = list(shards)[0 if i < len(names) // 2 else 1]
+        w = state[name]
+        if name.endswith("proj.weight"):
+            q, s = quantize(w, torch.bfloat16 if "mlp" in name else torch.float32)
+            shards[shard][name] = q
+            # one scale lives in the other shard (checkpoints do this)
+            other = list(shards)[1] if name == "model.layers.0.self_attn.q_proj.weight" else shard
+            shards[other][name + "_scale_inv"] = s
+            dequantized[name] = dequant64(q, s)
+        else:
+            shards[shard][name] = w
+    base = root / "base"
+    base.mkdir()
+    for shard, tensors in shards.items():
+        save_file(tensors, base / shard, metadata={"format": "pt"})
+    weight_map = {n: s for s, tensors in shards.items() for n in tensors}
+    total = sum(t.numel() * t.element_size() for tensors in shards.values() for t in tensors.values())
+    (base / "model.safetensors.index.json").write_text(json.dumps({"metadata": {"total_size": total},
+                                                                   "weight_map": weight_map}))
+    cfg = json.loads((root / "bf16" / "config.json").read_text())
+    (base / "config.json").write_text(json.dumps({**cfg, "quantization_config": QCONFIG}))
+    return {"base": base, "peft": peft, "state": state, "dequantized": dequantized, "config": config}
+
+
+def test_block_fp8_merges_into_bf16(tmp_path: Path, fp8: dict) -> None:
+    out = tmp_path / "out"
+    assert main(["--base", str(fp8["base"]), "--adapter", str(fp8["peft"].adapter), "--output", str(out), "-q",
+                 "--max-mem", "40MB"]) == 0
+    got, base = read_checkpoint(out), read_checkpoint(fp8["base"])
+    assert set(got) == {n for n in base if not n.endswith("_scale_inv")}  # side tensors gone, names kept
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    assert set(index["weight_map"]) == set(got)
+    assert index["metadata"]["total_size"] == sum(t.numel() * t.element_size() for t in got.values())
+    config = json.loads((out / "config.json").read_text())
+    assert "quantization_config" not in config and config.get("torch_dtype", config.get("dtype")) == "bfloat16"
+    deltas = fp8["peft"].deltas
+    for name, tensor in got.items():
+        module = name.removesuffix(".weight")
+        if name in fp8["dequantized"]:
+            assert tensor.dtype == torch.bfloat16
+            w64 = fp8["dequantized"][name]
+            exact, bound = exact_and_bound(w64, deltas.get(module, []), torch.bfloat16)
+            err = (tensor.double() - exact).abs()
+            assert (err <= bound).all(), f"{name}: {float((err / bound).max()):.3g} of the bound"
+        else:  # never quantized (embeddings, norms, lm_head): byte for byte
+            assert torch.equal(bits(tensor), bits(base[name])), name
+    assert main(["verify", str(out)]) == 0
+
+
+def test_the_output_loads_without_a_quantization_library(tmp_path: Path, fp8: dict) -> None:
+    out = tmp_path / "out"
+    assert main(["--base", str(fp8["base"]), "--adapter", str(fp8["peft"].adapter), "--output", str(out), "-q"]) == 0
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.bfloat16)
+    reference = transformers.LlamaForCausalLM(fp8["config"]).to(torch.bfloat16)
+    exact = {name: (exact_and_bound(w, fp8["peft"].deltas.get(name.removesuffix(".weight"), []), torch.float32)[0]
+                    if name in fp8["dequantized"] else w)
+             for name, w in {**fp8["state"], **fp8["dequantized"]}.items()}
+    reference.load_state_dict({k: v.to(torch.bfloat16) for k, v in exact.items()})
+    assert torch.allclose(logits(loaded), logits(reference), atol=3e-2, rtol=3e-2)
+
+
+def test_an_fp8_base_without_a_block_size_is_refused(tmp_path: Path, fp8: dict, capsys) -> None:
+    import shutil
+
+    base = Path(shutil.copytree(fp8["base"], tmp_path / "base"))
+    config = json.loads((base / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "fp8", "activation_scheme": "dynamic"}
+    (base / "config.json").write_text(json.dumps(config))
+    assert main(["--base", str(base), "--adapter", str(fp8["peft"].adapter), "--output", str(tmp_path / "o"), "-q"]) == 4
+    assert "without weight_block_size" in capsys.readouterr().err and not (tmp_path / "o").exists()
