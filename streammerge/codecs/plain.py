@@ -3,7 +3,6 @@ float32 rounded once (round to nearest even) to the stored dtype."""
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -11,7 +10,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from ..errors import UnsupportedError
-from ..formats.checkpoint import pread_into, read_tensor_bytes
+from ..formats.checkpoint import read_bytes, read_tensor_bytes
 from ..formats.header import SafetensorsHeader
 
 if TYPE_CHECKING:
@@ -71,11 +70,6 @@ def read_source(src: Source) -> torch.Tensor:
     info = src.info
     if info.dtype not in TORCH_DTYPES:
         raise UnsupportedError(f"{src.path}: side tensor {info.name!r} is {info.dtype}, not a float tensor")
-    buf = bytearray(info.nbytes)
-    fd = os.open(src.path, os.O_RDONLY)
-    try:
-        pread_into(fd, src.data_start + info.begin, memoryview(buf), path=src.path)
-    finally:
-        os.close(fd)
+    buf = read_bytes(src.path, src.data_start + info.begin, info.nbytes)
     return torch.frombuffer(buf, dtype=TORCH_DTYPES[info.dtype]).reshape(info.shape).float() if buf else \
         torch.empty(info.shape, dtype=torch.float32)

@@ -173,13 +173,18 @@ def pread_into(fd: int, offset: int, view: memoryview, *, path: Path) -> None:
         done += n
 
 
-def read_tensor_bytes(header: SafetensorsHeader, name: str) -> bytearray:
-    """One tensor's bytes, read whole (for small tensors: adapter factors)."""
-    info = header.tensors[name]
-    buf = bytearray(info.nbytes)
-    fd = os.open(header.path, os.O_RDONLY)
+def read_bytes(path: Path, offset: int, nbytes: int) -> bytearray:
+    """``nbytes`` of a file from ``offset``, read whole (small tensors: adapter factors, scales)."""
+    buf = bytearray(nbytes)
+    fd = os.open(path, os.O_RDONLY)
     try:
-        pread_into(fd, header.data_start + info.begin, memoryview(buf), path=header.path)
+        pread_into(fd, offset, memoryview(buf), path=path)
     finally:
         os.close(fd)
     return buf
+
+
+def read_tensor_bytes(header: SafetensorsHeader, name: str) -> bytearray:
+    """One tensor's bytes, read whole."""
+    info = header.tensors[name]
+    return read_bytes(header.path, header.data_start + info.begin, info.nbytes)

@@ -13,13 +13,13 @@ from pathlib import Path
 from typing import Any
 
 from ..adapters.types import LoraAdapter, LoraModule
-from ..codecs import check_scheme, quantization
+from ..codecs import Scheme, check_scheme, quantization
 from ..errors import InputError, PlanError, UnsupportedError
 from ..formats.checkpoint import BaseCheckpoint
 from ..formats.header import FLOAT_DTYPES, TensorInfo
 from .keymap import EXPERTS, VOCAB_TENSORS, Match, Rule, resolve, stored_transposed, tied_head
 from .tokenizer import choose_tokenizer
-from .types import DTYPE_CHOICES, Delta, MergePlan, Source, TensorPlan, TokenRows
+from .types import DTYPE_CHOICES, Delta, MergePlan, Quant, Source, TensorPlan, TokenRows
 
 _SHOW = 5  # keys quoted in an error message before "... and N more"
 
@@ -274,6 +274,12 @@ def _filter(deltas: dict[str, list[Delta]], sources: dict[str, Source], tokens: 
     return excluded
 
 
+def _quantized(base: BaseCheckpoint) -> tuple[Scheme | None, dict[str, Quant]]:
+    """The base's quantization scheme (None: not quantized) and its quantized weights."""
+    scheme = check_scheme(base.config, str(base.origin or base.root))
+    return scheme, (scheme.quantized(base, quantization(base.config) or {}) if scheme else {})
+
+
 def _dequantized_dtype(base: BaseCheckpoint, quant: dict[str, Any]) -> str:
     """What dequantized weights become with --dtype auto: the dtype of the base's unquantized float
     tensors (the most common one; bf16 if there are none)."""
@@ -297,8 +303,7 @@ def build_plan(
 ) -> MergePlan:
     """Map, check and lay out the whole merge. Reads headers only."""
     target = None if dtype == "auto" else DTYPE_CHOICES[dtype]
-    scheme = check_scheme(base.config, str(base.origin or base.root))
-    quant = scheme.quantized(base, quantization(base.config) or {}) if scheme else {}
+    scheme, quant = _quantized(base)
     dequant_to = target or _dequantized_dtype(base, quant)
     # A tied checkpoint has no output head on disk; an adapter may still target it (see _untie).
     tie = tied_head(base.weight_map) if base.ties_embeddings else None
@@ -322,7 +327,7 @@ def build_plan(
         if len(ds) > 1 and any(d.lora.magnitude_key for d in ds):
             raise UnsupportedError(f"{tensor}: a DoRA adapter cannot be merged together with another adapter "
                                    "on the same weight (DoRA rescales the sum); merge them one after another")
-    dropped = {s.info.name for q in quant.values() for s in q.side.values()}
+    dropped = {s.info.name for q in quant.values() for s in q.side.values()}  # side tensors are not written
     shards = {shard: [TensorPlan(name, shard, infos.get(name, info),
                                  dequant_to if name in quant else _out_dtype(info, target), deltas.get(name, []),
                                  sources.get(name), tokens.get(name), quant.get(name))
