@@ -31,6 +31,7 @@ from .output.card import merge_card
 from .output.directory import check_output, default_output
 from .output.sink import SafetensorsSink
 from .output.upload import Uploader
+from .plan.summary import quantized
 from .plan.types import MergePlan
 from .report import MergeReport
 from .run.compute import Compute, ComputeSummary, Runtime
@@ -216,6 +217,7 @@ def _report(o: _Output, sink: SafetensorsSink, opts: MergeOptions, stats: Comput
     report.excluded = plan.excluded
     report.tensors_excluded = len(plan.excluded)
     report.tokenizer_from = str(plan.tokenizer_from) if plan.tokenizer_from else None
+    report.quantized = quantized(plan)
     report.warnings = list(o.warnings)
     report.notes = compute.notes + ([sink.tokenizer_note] if sink.tokenizer_note else []) + sink.notes
     if isinstance(source, HubShards):

@@ -216,12 +216,13 @@ def _base_rows(t: TensorPlan, src: Source, io: _Reader, row0: int, k: int, cols:
     if t.quant is None or t.source is not None:
         item = DTYPE_SIZES[src.info.dtype]
         return _as_tensor(io.read(src, row0 * cols * item, k * cols * item), src.info.dtype).double().view(k, cols)
-    if t.quant.scheme != "fp8":
+    if t.quant.scheme not in ("fp8", "compressed-tensors"):  # both: a scale per (bn, bk) block of an e4m3 weight
         raise NotImplementedError(f"verify does not read the {t.quant.scheme!r} scheme")
     bn, bk = t.quant.params
     q = torch.frombuffer(io.read(src, row0 * cols, k * cols), dtype=torch.uint8).view(torch.float8_e4m3fn)
     scale = t.quant.side["scale"]
-    grid = _as_tensor(io.read(scale, 0, scale.info.nbytes), scale.info.dtype).double().view(scale.info.shape)
+    grid = _as_tensor(io.read(scale, 0, scale.info.nbytes), scale.info.dtype).double()
+    grid = grid.view(-(-(t.info.shape[0]) // bn), -(-cols // bk))  # [ceil(N/bn), ceil(K/bk)], whatever its stored shape
     rows = torch.arange(row0, row0 + k) // bn
     columns = torch.arange(cols) // bk
     return q.double().view(k, cols) * grid[rows][:, columns]

@@ -113,6 +113,16 @@ def test_block_fp8_merges_into_bf16(tmp_path: Path, fp8: dict) -> None:
     assert main(["verify", str(out)]) == 0
 
 
+def test_plan_and_report_name_the_scheme(tmp_path: Path, fp8: dict, capsys) -> None:
+    args = ["--base", str(fp8["base"]), "--adapter", str(fp8["peft"].adapter)]
+    assert main(["plan", *args]) == 0
+    assert "quantized base (fp8): 14 weights dequantized to BF16" in capsys.readouterr().out
+    assert main([*args, "--output", str(tmp_path / "out"), "-q", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)["outputs"][0]
+    assert report["quantized"]["scheme"] == "fp8" and report["quantized"]["tensors"] == 14
+    assert report["quantized"]["bytes_out"] > report["quantized"]["bytes_in"]  # 16-bit out of 8-bit in
+
+
 def test_the_output_loads_without_a_quantization_library(tmp_path: Path, fp8: dict) -> None:
     out = tmp_path / "out"
     assert main(["--base", str(fp8["base"]), "--adapter", str(fp8["peft"].adapter), "--output", str(out), "-q"]) == 0
@@ -134,3 +144,85 @@ def test_an_fp8_base_without_a_block_size_is_refused(tmp_path: Path, fp8: dict, 
     (base / "config.json").write_text(json.dumps(config))
     assert main(["--base", str(base), "--adapter", str(fp8["peft"].adapter), "--output", str(tmp_path / "o"), "-q"]) == 4
     assert "without weight_block_size" in capsys.readouterr().err and not (tmp_path / "o").exists()
+
+
+# compressed-tensors (llm-compressor's format): checkpoints written by the compressed-tensors
+# library itself, held against its own dequantizer
+def _minmax(w: torch.Tensor, args) -> tuple[torch.Tensor, torch.Tensor]:
+    """The observer's statistics for a weight: whole tensor, per output channel, or per block."""
+    strategy = str(getattr(args.strategy, "value", args.strategy))
+    if strategy == "tensor":
+        return w.amin().reshape(1), w.amax().reshape(1)
+    if strategy == "channel":
+        return w.amin(dim=1, keepdim=True), w.amax(dim=1, keepdim=True)
+    bn, bk = args.block_structure
+    grid = (math.ceil(w.shape[0] / bn), math.ceil(w.shape[1] / bk))
+    lo, hi = torch.empty(grid), torch.empty(grid)
+    for i in range(grid[0]):
+        for j in range(grid[1]):
+            block = w[i * bn:(i + 1) * bn, j * bk:(j + 1) * bk]
+            lo[i, j], hi[i, j] = block.amin(), block.amax()
+    return lo, hi
+
+
+@pytest.fixture(scope="module")
+def compressed(tmp_path_factory: pytest.TempPathFactory, fp8: dict) -> dict:
+    pytest.importorskip("compressed_tensors", reason="compressed-tensors is a test extra: pip install -e '.[test]'")
+    from compressed_tensors.compressors import ModelCompressor
+    from compressed_tensors.quantization import QuantizationConfig, apply_quantization_config, preset_name_to_scheme
+    from compressed_tensors.quantization.utils import calculate_qparams
+
+    root = tmp_path_factory.mktemp("compressed")
+    made = {}
+    for preset in ("FP8", "FP8_DYNAMIC", "FP8_BLOCK"):  # per tensor (+ input_scale), per channel, 128x128 blocks
+        model = transformers.AutoModelForCausalLM.from_pretrained(fp8["base"].parent / "bf16", dtype=torch.bfloat16)
+        config = QuantizationConfig(config_groups={"group_0": preset_name_to_scheme(preset, ["Linear"])},
+                                    ignore=["lm_head"])
+        apply_quantization_config(model, config)
+        for module in model.modules():
+            if hasattr(module, "weight_scale"):
+                args = module.quantization_scheme.weights
+                scale, zero = calculate_qparams(*_minmax(module.weight.detach().float(), args), args)
+                module.weight_scale.data = scale.to(module.weight_scale.dtype).reshape(module.weight_scale.shape)
+                module.weight_zero_point.data = zero.to(module.weight_zero_point.dtype).reshape(
+                    module.weight_zero_point.shape)
+        compressor = ModelCompressor.from_pretrained_model(model)
+        compressor.compress_model(model)
+        model.save_pretrained(root / preset)
+        compressor.update_config(root / preset)
+        made[preset] = root / preset
+    return made
+
+
+@pytest.mark.parametrize("preset", ["FP8", "FP8_DYNAMIC", "FP8_BLOCK"])
+def test_compressed_tensors_fp8_merges_into_bf16(tmp_path: Path, fp8: dict, compressed: dict, preset: str) -> None:
+    from compressed_tensors.quantization import QuantizationArgs
+    from compressed_tensors.quantization.lifecycle.forward import dequantize
+
+    base, out = compressed[preset], tmp_path / "out"
+    assert main(["--base", str(base), "--adapter", str(fp8["peft"].adapter), "--output", str(out), "-q",
+                 "--max-mem", "40MB"]) == 0
+    qconfig = json.loads((base / "config.json").read_text())["quantization_config"]
+    args = QuantizationArgs(**qconfig["config_groups"]["group_0"]["weights"])
+    got, ref = read_checkpoint(out), read_checkpoint(base)
+    assert set(got) == {n for n in ref if not n.endswith(("_scale", "input_scale"))}
+    assert "quantization_config" not in json.loads((out / "config.json").read_text())
+    merged = 0
+    for name, tensor in got.items():
+        if ref[name].dtype != torch.float8_e4m3fn:  # never quantized (lm_head, embeddings, norms)
+            assert torch.equal(bits(tensor), bits(ref[name])), name
+            continue
+        q, scale = ref[name], ref[name + "_scale"]
+        deltas = fp8["peft"].deltas.get(name.removesuffix(".weight"))
+        if deltas is None:  # untouched: the library's own dequantization, bit for bit
+            assert torch.equal(bits(tensor), bits(dequantize(q, scale, args=args).to(torch.bfloat16))), name
+            continue
+        n, k = q.shape
+        block = (n, k) if scale.numel() == 1 else (1, k) if list(scale.shape) == [n, 1] else tuple(args.block_structure)
+        w64 = q.double() * scale.double().reshape(math.ceil(n / block[0]), math.ceil(k / block[1])).repeat_interleave(
+            block[0], 0)[:n].repeat_interleave(block[1], 1)[:, :k]
+        exact, bound = exact_and_bound(w64, deltas, torch.bfloat16)
+        assert ((tensor.double() - exact).abs() <= bound).all(), name
+        merged += 1
+    assert merged == 6  # q, v and down projections of both layers
+    assert main(["verify", str(out)]) == 0

@@ -33,6 +33,9 @@ def _print_report(report: dict[str, Any]) -> None:
     if report.get("base_commit"):
         print(f"base read from the Hub at commit {report['base_commit']}: {report['shards_downloaded']} shard(s) "
               "downloaded by this run")
+    if report.get("quantized"):
+        q = report["quantized"]
+        print(f"quantized base ({q['scheme']}): {q['tensors']} weights dequantized to {q['dtype']}")
     if report.get("pushed_to"):
         print(f"pushed: {report['pushed_to']}")
     if report.get("excluded"):
@@ -67,6 +70,10 @@ def print_plan(summary: dict[str, Any], *, verbose: bool) -> None:
         print(f"tokenizer from: {summary['tokenizer_from']} ({summary['tokenizer_why']})")
     for warning in summary.get("warnings", []):
         print(f"warning: {warning}")
+    if summary.get("quantized"):
+        q = summary["quantized"]
+        print(f"quantized base ({q['scheme']}): {q['tensors']} weights dequantized to {q['dtype']}; "
+              f"{format_size(q['bytes_in'])} in, {format_size(q['bytes_out'])} out")
     memory = summary["memory"]
     print(f"{summary['tensors_merged']} of {summary['tensors_total']} output tensors change; "
           f"output {format_size(summary['output_bytes'])}, dtype {summary['out_dtype']}; working set "

@@ -66,7 +66,7 @@ class Scheme(Protocol):
 QUANTIZATION_KEYS = ("quantization_config", "compression_config")  # removed from a dequantized output's config
 
 # quantization_config.quant_method -> the module of its scheme, imported when a checkpoint uses it.
-QUANT_METHODS: dict[str, str] = {"fp8": "fp8_block"}
+QUANT_METHODS: dict[str, str] = {"fp8": "fp8_block", "compressed-tensors": "compressed_tensors"}
 
 
 def quantization(config: dict[str, Any]) -> dict[str, Any] | None:

@@ -327,7 +327,7 @@ def build_plan(
         if len(ds) > 1 and any(d.lora.magnitude_key for d in ds):
             raise UnsupportedError(f"{tensor}: a DoRA adapter cannot be merged together with another adapter "
                                    "on the same weight (DoRA rescales the sum); merge them one after another")
-    dropped = {s.info.name for q in quant.values() for s in q.side.values()}  # side tensors are not written
+    dropped = {n for q in quant.values() for n in (*(s.info.name for s in q.side.values()), *q.dropped)}
     shards = {shard: [TensorPlan(name, shard, infos.get(name, info),
                                  dequant_to if name in quant else _out_dtype(info, target), deltas.get(name, []),
                                  sources.get(name), tokens.get(name), quant.get(name))

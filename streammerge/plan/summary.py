@@ -34,7 +34,17 @@ def summary(plan: MergePlan) -> dict[str, Any]:
         "config_changes": plan.config_changes,
         "tokenizer_from": str(plan.tokenizer_from) if plan.tokenizer_from else None,
         "tokenizer_why": plan.tokenizer_why,
+        "quantized": quantized(plan),
     }
+
+
+def quantized(plan: MergePlan) -> dict[str, Any] | None:
+    """A quantized base: its scheme, how many weights it dequantizes, to what, and the bytes in and out."""
+    if plan.dequantized is None:
+        return None
+    tensors = [t for t in plan.tensors() if t.quant is not None]
+    return {"scheme": plan.dequantized, "tensors": len(tensors), "dtype": plan.config_dtype,
+            "bytes_in": plan.base.total_size, "bytes_out": plan.output_size}
 
 
 def ranges(values: list[int]) -> str:

@@ -79,6 +79,7 @@ class Quant:
     scheme: str
     side: dict[str, Source]
     params: tuple[Any, ...] = ()
+    dropped: tuple[str, ...] = ()  # other tensors of the scheme not written out (e.g. input_scale)
 
     @property
     def side_bytes(self) -> int:
