@@ -164,7 +164,8 @@ def _sample_rows(t: TensorPlan, base: BaseCheckpoint, out: BaseCheckpoint, io: _
         w = _base_rows(t, src, io, row, 1, cols)[0]
         got = _as_tensor(io.read(dst, row * cols * out_item, cols * out_item), t.out_dtype).double()
         exact, size = _additive(w, factors, row)
-        arithmetic = (r_max + 2) * 2.0**-24 * size
+        # (+ 4: a dequantization's own float32 roundings: scale products, a double-quantized absmax)
+        arithmetic = (r_max + 2 + (4 if t.quant else 0)) * 2.0**-24 * size
         if column_scale is not None:  # column DoRA: the norms come from every row; float64 sums of squares
             exact = exact * column_scale
             arithmetic = arithmetic * column_scale.abs() + (rows + 4) * 2.0**-24 * exact.abs()
@@ -216,6 +217,8 @@ def _base_rows(t: TensorPlan, src: Source, io: _Reader, row0: int, k: int, cols:
     if t.quant is None or t.source is not None:
         item = DTYPE_SIZES[src.info.dtype]
         return _as_tensor(io.read(src, row0 * cols * item, k * cols * item), src.info.dtype).double().view(k, cols)
+    if t.quant.scheme == "bitsandbytes":
+        return _bnb4_rows(t, src, io, row0 * cols, k * cols).view(k, cols)
     if t.quant.scheme not in ("fp8", "compressed-tensors"):  # both: a scale per (bn, bk) block of an e4m3 weight
         raise NotImplementedError(f"verify does not read the {t.quant.scheme!r} scheme")
     bn, bk = t.quant.params
@@ -226,6 +229,28 @@ def _base_rows(t: TensorPlan, src: Source, io: _Reader, row0: int, k: int, cols:
     rows = torch.arange(row0, row0 + k) // bn
     columns = torch.arange(cols) // bk
     return q.double().view(k, cols) * grid[rows][:, columns]
+
+
+def _side(t: TensorPlan, io: _Reader, key: str) -> torch.Tensor:
+    s = t.quant.side[key] if t.quant else None
+    assert s is not None
+    buf = io.read(s, 0, s.info.nbytes)
+    return (torch.frombuffer(buf, dtype=torch.uint8) if s.info.dtype == "U8" else _as_tensor(buf, s.info.dtype)).double()
+
+
+def _bnb4_rows(t: TensorPlan, src: Source, io: _Reader, start: int, n: int) -> torch.Tensor:
+    """Flat elements ``[start, start + n)`` of a bitsandbytes 4-bit weight, in float64: the nibbles
+    (high first) through quant_map, times their flat block's absmax (undone from its double
+    quantization when nested)."""
+    assert t.quant is not None
+    _, blocksize, nested_blocksize, nested_offset = t.quant.params
+    packed = torch.frombuffer(io.read(src, start // 2, n // 2), dtype=torch.uint8)
+    codes = torch.stack([packed >> 4, packed & 15], dim=1).view(-1).long()
+    absmax = _side(t, io, "absmax")
+    if "nested_absmax" in t.quant.side:
+        nested = torch.arange(absmax.numel()) // nested_blocksize
+        absmax = _side(t, io, "nested_quant_map")[absmax.long()] * _side(t, io, "nested_absmax")[nested] + nested_offset
+    return _side(t, io, "quant_map")[codes] * absmax[torch.arange(start, start + n) // blocksize]
 
 
 def _column_norms(t: TensorPlan, src: Source, factors: list, io: _Reader, rows: int, cols: int) -> torch.Tensor:

@@ -238,8 +238,8 @@ def test_a_quantized_base_is_refused_by_its_scheme(tmp_path: Path, pristine: tup
                                                    capsys: pytest.CaptureFixture[str]) -> None:
     base = Path(shutil.copytree(pristine[0], tmp_path / "base"))
     config = json.loads((base / "config.json").read_text())
-    (base / "config.json").write_text(json.dumps({**config, "quantization_config": {"quant_method": "bitsandbytes"}}))
+    (base / "config.json").write_text(json.dumps({**config, "quantization_config": {"quant_method": "gptq"}}))
     assert main(["--base", str(base), "--adapter", str(pristine[1]), "--output", str(tmp_path / "out"), "-q"]) \
         == ExitCode.PLAN
     line = one_line(capsys)
-    assert "quant_method 'bitsandbytes'" in line and "point --base at the 16-bit checkpoint" in line
+    assert "quant_method 'gptq'" in line and "reads: bitsandbytes, compressed-tensors, fp8" in line

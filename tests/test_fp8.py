@@ -88,7 +88,10 @@ def fp8(tmp_path_factory: pytest.TempPathFactory) -> dict:
     return {"base": base, "peft": peft, "state": state, "dequantized": dequantized, "config": config}
 
 
-def test_block_fp8_merges_into_bf16(tmp_path: Path, fp8: dict) -> None:
+def test_block_fp8_merges_into_bf16(tmp_path: Path, fp8: dict, monkeypatch: pytest.MonkeyPatch) -> None:
+    from streammerge.run import workingset
+
+    monkeypatch.setattr(workingset, "MAX_CHUNK", 1000)  # chunks of a few rows: they start inside blocks
     out = tmp_path / "out"
     assert main(["--base", str(fp8["base"]), "--adapter", str(fp8["peft"].adapter), "--output", str(out), "-q",
                  "--max-mem", "40MB"]) == 0
@@ -195,7 +198,10 @@ def compressed(tmp_path_factory: pytest.TempPathFactory, fp8: dict) -> dict:
 
 
 @pytest.mark.parametrize("preset", ["FP8", "FP8_DYNAMIC", "FP8_BLOCK"])
-def test_compressed_tensors_fp8_merges_into_bf16(tmp_path: Path, fp8: dict, compressed: dict, preset: str) -> None:
+def test_compressed_tensors_fp8_merges_into_bf16(tmp_path: Path, fp8: dict, compressed: dict, preset: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    from streammerge.run import workingset
+
+    monkeypatch.setattr(workingset, "MAX_CHUNK", 1000)  # chunks of a few rows: they start inside blocks
     from compressed_tensors.quantization import QuantizationArgs
     from compressed_tensors.quantization.lifecycle.forward import dequantize
 

@@ -31,7 +31,13 @@ class Codec(Protocol):
     def row_alignment(self) -> int: ...
 
     @property
-    def itemsize(self) -> int: ...
+    def itemsize(self) -> int:
+        """Bytes an element takes at most (for the working set)."""
+        ...
+
+    def nbytes(self, elements: int) -> int:
+        """Stored bytes of ``elements`` consecutive elements (whole rows: sub-byte schemes pack them)."""
+        ...
 
     def side_tensors(self, tensor: str) -> tuple[str, ...]: ...
 
@@ -58,6 +64,10 @@ class Scheme(Protocol):
 
     name: str
 
+    def out_dtype(self, qconfig: dict[str, Any]) -> str | None:
+        """What dequantized weights become by default (None: the dtype of the unquantized tensors)."""
+        ...
+
     def quantized(self, base: BaseCheckpoint, qconfig: dict[str, Any]) -> dict[str, Quant]: ...
 
     def codec(self, quant: Quant, side: dict[str, torch.Tensor]) -> Codec: ...
@@ -66,7 +76,8 @@ class Scheme(Protocol):
 QUANTIZATION_KEYS = ("quantization_config", "compression_config")  # removed from a dequantized output's config
 
 # quantization_config.quant_method -> the module of its scheme, imported when a checkpoint uses it.
-QUANT_METHODS: dict[str, str] = {"fp8": "fp8_block", "compressed-tensors": "compressed_tensors"}
+QUANT_METHODS: dict[str, str] = {"fp8": "fp8_block", "compressed-tensors": "compressed_tensors",
+                                 "bitsandbytes": "bnb4"}
 
 
 def quantization(config: dict[str, Any]) -> dict[str, Any] | None:

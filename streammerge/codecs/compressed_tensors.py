@@ -50,6 +50,9 @@ def _block(shape: tuple[int, ...], grid: tuple[int, ...], groups: list[dict[str,
 class CompressedTensors:
     name: str = "compressed-tensors"
 
+    def out_dtype(self, qconfig: dict[str, Any]) -> str | None:
+        return None
+
     def _groups(self, base: BaseCheckpoint, qconfig: dict[str, Any]) -> list[dict[str, Any]]:
         groups = qconfig.get("config_groups") or {}
         formats = {g.get("format") or qconfig.get("format") for g in groups.values() if isinstance(g, dict)}

@@ -41,6 +41,9 @@ class BlockFP8Codec:
     def __init__(self, scale: torch.Tensor, block: tuple[int, int]) -> None:
         self.scale, self.block = scale, block
 
+    def nbytes(self, elements: int) -> int:
+        return elements
+
     def side_tensors(self, tensor: str) -> tuple[str, ...]:
         return (tensor + SCALE_SUFFIX,)
 
@@ -69,6 +72,9 @@ class BlockFP8Codec:
 @dataclass(frozen=True)
 class Fp8Block:
     name: str = "fp8"
+
+    def out_dtype(self, qconfig: dict[str, Any]) -> str | None:
+        return None
 
     def quantized(self, base: BaseCheckpoint, qconfig: dict[str, Any]) -> dict[str, Quant]:
         """Every F8_E4M3 weight with its ``_scale_inv``, its scale grid checked against the block size."""

@@ -35,6 +35,9 @@ class PlainCodec:
     def itemsize(self) -> int:
         return TORCH_DTYPES[self.dtype].itemsize
 
+    def nbytes(self, elements: int) -> int:
+        return elements * self.itemsize
+
     def side_tensors(self, tensor: str) -> tuple[str, ...]:
         return ()
 
@@ -68,8 +71,9 @@ def read_tensor(path: Path, header: SafetensorsHeader, name: str) -> torch.Tenso
 def read_source(src: Source) -> torch.Tensor:
     """A small tensor (a side tensor: scales) read whole from wherever it is, as float32."""
     info = src.info
-    if info.dtype not in TORCH_DTYPES:
-        raise UnsupportedError(f"{src.path}: side tensor {info.name!r} is {info.dtype}, not a float tensor")
+    dtype = {**TORCH_DTYPES, "U8": torch.uint8}.get(info.dtype)  # (U8: codes, e.g. a double-quantized absmax)
+    if dtype is None:
+        raise UnsupportedError(f"{src.path}: side tensor {info.name!r} is {info.dtype}, not a float or U8 tensor")
     buf = read_bytes(src.path, src.data_start + info.begin, info.nbytes)
-    return torch.frombuffer(buf, dtype=TORCH_DTYPES[info.dtype]).reshape(info.shape).float() if buf else \
+    return torch.frombuffer(buf, dtype=dtype).reshape(info.shape).float() if buf else \
         torch.empty(info.shape, dtype=torch.float32)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -274,6 +275,18 @@ def _filter(deltas: dict[str, list[Delta]], sources: dict[str, Source], tokens: 
     return excluded
 
 
+def _layout(base: BaseCheckpoint, infos: dict[str, TensorInfo], out_dtype: Callable[[str, TensorInfo], str],
+            deltas: dict[str, list[Delta]], sources: dict[str, Source], tokens: dict[str, TokenRows],
+            quant: dict[str, Quant], dropped: set[str]) -> dict[str, list[TensorPlan]]:
+    """Each output shard's tensors in the base's data order (tensors a shard holds but the index does
+    not list are left out, as loaders ignore them; so are the side tensors of a dequantized scheme)."""
+    return {shard: [TensorPlan(name, shard, infos.get(name, info), out_dtype(name, info), deltas.get(name, []),
+                               sources.get(name), tokens.get(name), quant.get(name))
+                    for name, info in header.tensors.items()
+                    if base.weight_map.get(name) == shard and name not in dropped]
+            for shard, header in base.shards.items()}
+
+
 def _quantized(base: BaseCheckpoint) -> tuple[Scheme | None, dict[str, Quant]]:
     """The base's quantization scheme (None: not quantized) and its quantized weights."""
     scheme = check_scheme(base.config, str(base.origin or base.root))
@@ -304,12 +317,14 @@ def build_plan(
     """Map, check and lay out the whole merge. Reads headers only."""
     target = None if dtype == "auto" else DTYPE_CHOICES[dtype]
     scheme, quant = _quantized(base)
-    dequant_to = target or _dequantized_dtype(base, quant)
+    default = scheme.out_dtype(quantization(base.config) or {}) if scheme else None
+    dequant_to = target or default or _dequantized_dtype(base, quant)
     # A tied checkpoint has no output head on disk; an adapter may still target it (see _untie).
     tie = tied_head(base.weight_map) if base.ties_embeddings else None
     tie = tie if tie and tie[1] not in base.weight_map else None
     names = dict(base.weight_map, **({tie[1]: base.weight_map[tie[0]]} if tie else {}))
     infos = {tie[1]: dataclasses.replace(base.info(tie[0]), name=tie[1])} if tie else {}
+    infos.update({n: dataclasses.replace(base.info(n), shape=q.shape) for n, q in quant.items() if q.shape})
     changes: dict[str, Any] = {}
     sources = _replacement_sources(base, adapters, user_rules, names, infos, changes)
     look = _Lookup(base, names, infos, user_rules, frozenset(quant))
@@ -328,12 +343,8 @@ def build_plan(
             raise UnsupportedError(f"{tensor}: a DoRA adapter cannot be merged together with another adapter "
                                    "on the same weight (DoRA rescales the sum); merge them one after another")
     dropped = {n for q in quant.values() for n in (*(s.info.name for s in q.side.values()), *q.dropped)}
-    shards = {shard: [TensorPlan(name, shard, infos.get(name, info),
-                                 dequant_to if name in quant else _out_dtype(info, target), deltas.get(name, []),
-                                 sources.get(name), tokens.get(name), quant.get(name))
-                      for name, info in header.tensors.items()  # unlisted tensors are left out, as loaders do
-                      if base.weight_map.get(name) == shard and name not in dropped]
-              for shard, header in base.shards.items()}
+    shards = _layout(base, infos, lambda n, info: dequant_to if n in quant else _out_dtype(info, target),
+                     deltas, sources, tokens, quant, dropped)
     resized_by = changes.pop("_tokenizer_from", None)
     tokenizer_from, why = choose_tokenizer(base.root, adapters, explicit=tokenizer,
                                            resized_by=Path(resized_by) if resized_by else None,

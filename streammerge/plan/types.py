@@ -80,6 +80,7 @@ class Quant:
     side: dict[str, Source]
     params: tuple[Any, ...] = ()
     dropped: tuple[str, ...] = ()  # other tensors of the scheme not written out (e.g. input_scale)
+    shape: tuple[int, ...] | None = None  # the weight's real shape when it is stored packed (4-bit)
 
     @property
     def side_bytes(self) -> int:

@@ -126,8 +126,8 @@ class TensorMerger:
             n = min(step, rows - row0)
             slot = proc.acquire()
             try:
-                offset = origin.data_start + origin.info.begin + row0 * cols * codec.itemsize
-                pread_into(src, offset, proc.raw_bytes(slot, n * cols, codec.itemsize), path=origin.path)
+                offset = origin.data_start + origin.info.begin + codec.nbytes(row0 * cols)
+                pread_into(src, offset, proc.raw_bytes(slot, n * cols, codec.nbytes(n * cols)), path=origin.path)
             except BaseException:
                 slot.free.set()
                 raise

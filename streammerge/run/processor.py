@@ -68,12 +68,12 @@ class Processor:
     def to_device(self, t: torch.Tensor) -> torch.Tensor:
         return t.to(self.device, non_blocking=False).contiguous()
 
-    def raw_bytes(self, slot: Slot, elements: int, src_itemsize: int) -> memoryview:
-        """Where the caller reads a chunk's raw bytes: the END of the slot's first ``elements * k``
-        bytes. Outputs are written from the start, block after block; an output block never reaches
-        raw bytes not yet consumed, whichever of the two itemsizes is larger."""
+    def raw_bytes(self, slot: Slot, elements: int, nbytes: int) -> memoryview:
+        """Where the caller reads a chunk's ``nbytes`` raw bytes (``elements`` elements): the END of the
+        slot's first ``elements * k`` bytes. Outputs are written from the start, block after block; an
+        output block never reaches raw bytes not yet consumed, whichever of the two sizes is larger."""
         end = elements * self.io_itemsize
-        return slot.bytes[end - elements * src_itemsize : end]
+        return slot.bytes[end - nbytes : end]
 
     def merge_rows(self, slot: Slot, *, src: Codec, out: Codec, row0: int, rows: int, cols: int,
                    deltas: Sequence[Applied], tensor: str) -> memoryview:
@@ -114,7 +114,7 @@ class Processor:
         and the chunk is one block; on the CPU blocks hold about BLOCK_ELEMENTS, whole rows.
         """
         n = rows * cols
-        raw_at, raw_end = n * self.io_itemsize - n * src.itemsize, n * self.io_itemsize
+        raw_at, raw_end = n * self.io_itemsize - src.nbytes(n), n * self.io_itemsize
         io = slot.tensor if self.dev_io is None else self.dev_io
         if self.dev_io is not None:
             io[raw_at:raw_end].copy_(slot.tensor[raw_at:raw_end], non_blocking=True)
