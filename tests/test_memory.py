@@ -52,16 +52,8 @@ def synthetic(root: Path) -> tuple[Path, Path]:
     return base, adapter
 
 
-@pytest.mark.parametrize("outputs", [1, 3])
-def test_peak_rss_stays_under_budget(tmp_path: Path, outputs: int) -> None:
-    """One output, and three outputs in one pass (they share one set of buffers)."""
-    base, adapter = synthetic(tmp_path)
-    size = sum(p.stat().st_size for p in base.glob("*.safetensors"))
-    assert size > 5 * BUDGET
-    outs = [tmp_path / f"out{i}" for i in range(outputs)]
-    pairs = [x for o in outs for x in ("--adapter", str(adapter), "--output", str(o))]
-    cmd = [sys.executable, "-m", "streammerge", "--base", str(base), *pairs, "--device", "cpu", "--max-mem", "64MB",
-           "--json", "-q"]
+def run_sampled(cmd: list[str]) -> tuple[str, int]:
+    """Run ``cmd``; its stdout and the largest RSS seen from outside (psutil, every 5 ms)."""
     child = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     sampled = 0
     proc = psutil.Process(child.pid)
@@ -73,6 +65,20 @@ def test_peak_rss_stays_under_budget(tmp_path: Path, outputs: int) -> None:
         time.sleep(0.005)
     stdout, stderr = child.communicate()
     assert child.returncode == 0, stderr
+    return stdout, sampled
+
+
+@pytest.mark.parametrize("outputs", [1, 3])
+def test_peak_rss_stays_under_budget(tmp_path: Path, outputs: int) -> None:
+    """One output, and three outputs in one pass (they share one set of buffers)."""
+    base, adapter = synthetic(tmp_path)
+    size = sum(p.stat().st_size for p in base.glob("*.safetensors"))
+    assert size > 5 * BUDGET
+    outs = [tmp_path / f"out{i}" for i in range(outputs)]
+    pairs = [x for o in outs for x in ("--adapter", str(adapter), "--output", str(o))]
+    cmd = [sys.executable, "-m", "streammerge", "--base", str(base), *pairs, "--device", "cpu", "--max-mem", "64MB",
+           "--json", "-q"]
+    stdout, sampled = run_sampled(cmd)
     reports = oracle_reports(stdout)
     assert len(reports) == outputs and all(r["tensors_merged"] == 3 and r["tensors_copied"] == 4 for r in reports)
     report, out = reports[-1], outs[-1]
@@ -113,3 +119,34 @@ def test_chunk_is_the_budgets_share_capped() -> None:
     assert _capped(10**6, 58_720_256, 4096) == 10**6  # a small budget: its own share
     assert _capped(10**9, 10**5, 4096) == 10**5  # never more than the largest merged tensor
     assert _capped(MAX_CHUNK * 4, MAX_CHUNK * 8, MAX_CHUNK * 2) == MAX_CHUNK * 2  # one row at least
+
+
+def test_a_block_fp8_base_stays_under_budget(tmp_path: Path) -> None:
+    """A quantized base: an F8_E4M3 weight of 64 MiB (128 MiB once dequantized to bf16), its scales,
+    merged at --max-mem 64MB; the scales and the chunk buffers are the working set."""
+    base, adapter = tmp_path / "base", tmp_path / "adapter"
+    base.mkdir()
+    adapter.mkdir()
+    gen = torch.Generator().manual_seed(0)
+    q = (torch.randn(8192, 8192, generator=gen) * 100).clamp(-448, 448).to(torch.float8_e4m3fn)
+    scale = torch.rand(64, 64, generator=gen) * 1e-3 + 1e-4
+    save_file({"big.weight": q, "big.weight_scale_inv": scale, "norm.weight": torch.ones(8192, dtype=torch.bfloat16)},
+              base / "model.safetensors", metadata={"format": "pt"})
+    (base / "config.json").write_text(json.dumps({"quantization_config": {"quant_method": "fp8",
+                                                                           "weight_block_size": [128, 128]}}))
+    a, b = torch.randn(16, 8192, generator=gen) * 0.01, torch.randn(8192, 16, generator=gen) * 0.01
+    save_file({"base_model.model.big.lora_A.weight": a, "base_model.model.big.lora_B.weight": b},
+              adapter / "adapter_model.safetensors")
+    (adapter / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 16, "lora_alpha": 32}))
+    out = tmp_path / "out"
+    stdout, sampled = run_sampled([sys.executable, "-m", "streammerge", "--base", str(base), "--adapter", str(adapter),
+                                   "--output", str(out), "--device", "cpu", "--max-mem", "64MB", "--json", "-q"])
+    (report,) = oracle_reports(stdout)
+    baseline, peak = report["baseline_rss"], report["peak_rss"]
+    assert report["quantized"]["tensors"] == 1 and report["chunk_elements"] < 8192 * 8192
+    assert peak <= baseline + BUDGET, f"peak {peak} > baseline {baseline} + budget {BUDGET}"
+    assert sampled <= baseline + BUDGET, f"sampled {sampled} > baseline {baseline} + budget {BUDGET}"
+    rows = slice(0, 8192, 331)  # rows across the chunks, against q * s[i // 128, j // 128] + 2 B A in float64
+    w = q[rows].double() * scale.double()[torch.arange(8192)[rows] // 128][:, torch.arange(8192) // 128]
+    exact, bound = exact_and_bound(w, [(a.double(), b[rows].double(), 2.0)], torch.bfloat16)
+    assert ((read_checkpoint(out)["big.weight"][rows].double() - exact).abs() <= bound).all()
