@@ -52,6 +52,12 @@ def synthetic(root: Path) -> tuple[Path, Path]:
     return base, adapter
 
 
+@pytest.fixture(scope="module")
+def big(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """The synthetic checkpoint, written once for the module's tests (they only read it)."""
+    return synthetic(tmp_path_factory.mktemp("big"))
+
+
 def run_sampled(cmd: list[str]) -> tuple[str, int]:
     """Run ``cmd``; its stdout and the largest RSS seen from outside (psutil, every 5 ms)."""
     child = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -69,9 +75,9 @@ def run_sampled(cmd: list[str]) -> tuple[str, int]:
 
 
 @pytest.mark.parametrize("outputs", [1, 3])
-def test_peak_rss_stays_under_budget(tmp_path: Path, outputs: int) -> None:
+def test_peak_rss_stays_under_budget(tmp_path: Path, big: tuple[Path, Path], outputs: int) -> None:
     """One output, and three outputs in one pass (they share one set of buffers)."""
-    base, adapter = synthetic(tmp_path)
+    base, adapter = big
     size = sum(p.stat().st_size for p in base.glob("*.safetensors"))
     assert size > 5 * BUDGET
     outs = [tmp_path / f"out{i}" for i in range(outputs)]
@@ -97,9 +103,9 @@ def test_peak_rss_stays_under_budget(tmp_path: Path, outputs: int) -> None:
     assert ((got[rows].double() - exact).abs() <= bound).all()
 
 
-def test_verify_stays_small(tmp_path: Path) -> None:
+def test_verify_stays_small(tmp_path: Path, big: tuple[Path, Path]) -> None:
     """verify reads blocks and rows, never whole tensors: its peak stays small on the same checkpoint."""
-    base, adapter = synthetic(tmp_path)
+    base, adapter = big
     out = tmp_path / "out"
     merge = [sys.executable, "-m", "streammerge", "--base", str(base), "--adapter", str(adapter), "--output", str(out),
              "--device", "cpu", "--max-mem", "64MB", "-q"]
