@@ -105,7 +105,8 @@ def merge_parser(prog: str = "streammerge") -> argparse.ArgumentParser:
     p.add_argument("--no-checksum", dest="checksum", action="store_false",
                    help="skip the sha256 of each output shard in the manifest (saves CPU time)")
     p.add_argument("--progress", choices=("auto", "json", "none"), default="auto",
-                   help="auto: a bar on a terminal; json: every event as a JSON line on stderr; none")
+                   help="auto: a bar on a terminal; json: every event as a JSON line on stderr; none: no bar (the "
+                   "plan line stays; -q drops it)")
     group = p.add_argument_group("Hugging Face Hub (--base/--adapter may also be ORG/NAME[@REVISION])")
     group.add_argument("--low-disk", action="store_true",
                        help="fetch each base shard into a private folder and delete it once merged (disk: the "
