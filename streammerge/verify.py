@@ -17,7 +17,7 @@ import math
 import os
 import random
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -213,22 +213,28 @@ def _factors(d: Any) -> tuple[torch.Tensor, torch.Tensor]:
 
 def _base_rows(t: TensorPlan, src: Source, io: _Reader, row0: int, k: int, cols: int) -> torch.Tensor:
     """Rows ``[row0, row0 + k)`` of the base tensor in float64: as stored, or dequantized from a
-    quantized base by this module's own reading of the scheme (block FP8: ``q * s[i // bn, j // bk]``)."""
+    quantized base by this module's own reading of its scheme (``_DEQUANTIZE``)."""
     if t.quant is None or t.source is not None:
         item = DTYPE_SIZES[src.info.dtype]
         return _as_tensor(io.read(src, row0 * cols * item, k * cols * item), src.info.dtype).double().view(k, cols)
-    if t.quant.scheme == "bitsandbytes":
-        return _bnb4_rows(t, src, io, row0 * cols, k * cols).view(k, cols)
-    if t.quant.scheme not in ("fp8", "compressed-tensors"):  # both: a scale per (bn, bk) block of an e4m3 weight
+    if t.quant.scheme not in _DEQUANTIZE:
         raise NotImplementedError(f"verify does not read the {t.quant.scheme!r} scheme")
+    return _DEQUANTIZE[t.quant.scheme](t, src, io, row0, k, cols)
+
+
+def _scaled_fp8_rows(t: TensorPlan, src: Source, io: _Reader, row0: int, k: int, cols: int) -> torch.Tensor:
+    """An e4m3 weight with a scale per (bn, bk) block: ``q * s[i // bn, j // bk]``."""
+    assert t.quant is not None
     bn, bk = t.quant.params
     q = torch.frombuffer(io.read(src, row0 * cols, k * cols), dtype=torch.uint8).view(torch.float8_e4m3fn)
     scale = t.quant.side["scale"]
     grid = _as_tensor(io.read(scale, 0, scale.info.nbytes), scale.info.dtype).double()
     grid = grid.view(-(-(t.info.shape[0]) // bn), -(-cols // bk))  # [ceil(N/bn), ceil(K/bk)], whatever its stored shape
-    rows = torch.arange(row0, row0 + k) // bn
-    columns = torch.arange(cols) // bk
-    return q.double().view(k, cols) * grid[rows][:, columns]
+    return q.double().view(k, cols) * grid[torch.arange(row0, row0 + k) // bn][:, torch.arange(cols) // bk]
+
+
+def _bnb4_block_rows(t: TensorPlan, src: Source, io: _Reader, row0: int, k: int, cols: int) -> torch.Tensor:
+    return _bnb4_rows(t, src, io, row0 * cols, k * cols).view(k, cols)
 
 
 def _side(t: TensorPlan, io: _Reader, key: str) -> torch.Tensor:
@@ -251,6 +257,11 @@ def _bnb4_rows(t: TensorPlan, src: Source, io: _Reader, start: int, n: int) -> t
         nested = torch.arange(absmax.numel()) // nested_blocksize
         absmax = _side(t, io, "nested_quant_map")[absmax.long()] * _side(t, io, "nested_absmax")[nested] + nested_offset
     return _side(t, io, "quant_map")[codes] * absmax[torch.arange(start, start + n) // blocksize]
+
+
+# quantization scheme -> how verify reads its weights (its own code, not the merge's codecs)
+_DEQUANTIZE: dict[str, Callable[[TensorPlan, Source, _Reader, int, int, int], torch.Tensor]] = {
+    "fp8": _scaled_fp8_rows, "compressed-tensors": _scaled_fp8_rows, "bitsandbytes": _bnb4_block_rows}
 
 
 def _column_norms(t: TensorPlan, src: Source, factors: list, io: _Reader, rows: int, cols: int) -> torch.Tensor:
