@@ -156,3 +156,40 @@ def test_a_block_fp8_base_stays_under_budget(tmp_path: Path) -> None:
     w = q[rows].double() * scale.double()[torch.arange(8192)[rows] // 128][:, torch.arange(8192) // 128]
     exact, bound = exact_and_bound(w, [(a.double(), b[rows].double(), 2.0)], torch.bfloat16)
     assert ((read_checkpoint(out)["big.weight"][rows].double() - exact).abs() <= bound).all()
+
+
+def test_a_4bit_base_stays_under_budget(tmp_path: Path) -> None:
+    """A bitsandbytes nf4 weight of 8192 x 8192 (32 MiB stored, 128 MiB once dequantized to bf16) with
+    double quantization, merged at --max-mem 64MB: its absmax (one float per 64 elements, 4 MiB as
+    float32) and the chunk buffers are the working set."""
+    functional = pytest.importorskip("bitsandbytes.functional")
+    base, adapter = tmp_path / "base", tmp_path / "adapter"
+    base.mkdir()
+    adapter.mkdir()
+    gen = torch.Generator().manual_seed(0)
+    w = (torch.randn(8192, 8192, generator=gen) * 0.02).to(torch.bfloat16)
+    q, state = functional.quantize_4bit(w, blocksize=64, quant_type="nf4", compress_statistics=True,
+                                        quant_storage=torch.uint8)
+    packed = {f"big.weight.{k}": v for k, v in state.as_dict(packed=True).items()}
+    save_file({"big.weight": q, **packed, "norm.weight": torch.ones(8192, dtype=torch.bfloat16)},
+              base / "model.safetensors", metadata={"format": "pt"})
+    (base / "config.json").write_text(json.dumps({"quantization_config": {
+        "quant_method": "bitsandbytes", "load_in_4bit": True, "bnb_4bit_quant_type": "nf4",
+        "bnb_4bit_use_double_quant": True, "bnb_4bit_compute_dtype": "bfloat16"}}))
+    a, b = torch.randn(16, 8192, generator=gen) * 0.01, torch.randn(8192, 16, generator=gen) * 0.01
+    save_file({"base_model.model.big.lora_A.weight": a, "base_model.model.big.lora_B.weight": b},
+              adapter / "adapter_model.safetensors")
+    (adapter / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 16, "lora_alpha": 32}))
+    out = tmp_path / "out"
+    stdout, sampled = run_sampled([sys.executable, "-m", "streammerge", "--base", str(base), "--adapter", str(adapter),
+                                   "--output", str(out), "--device", "cpu", "--max-mem", "64MB", "--json", "-q"])
+    (report,) = oracle_reports(stdout)
+    baseline, peak = report["baseline_rss"], report["peak_rss"]
+    assert report["quantized"]["scheme"] == "bitsandbytes" and report["chunk_elements"] < 8192 * 8192
+    assert peak <= baseline + BUDGET, f"peak {peak} > baseline {baseline} + budget {BUDGET}"
+    assert sampled <= baseline + BUDGET, f"sampled {sampled} > baseline {baseline} + budget {BUDGET}"
+    rows = slice(0, 8192, 331)  # against bitsandbytes' own dequantization + 2 B A, one rounding
+    reference = functional.dequantize_4bit(q, state)[rows].double()
+    exact, bound = exact_and_bound(reference, [(a.double(), b[rows].double(), 2.0)], torch.bfloat16)
+    slack = reference.abs() * 2.0**-8  # the reference is itself rounded to bf16 once: half an ulp of it
+    assert ((read_checkpoint(out)["big.weight"][rows].double() - exact).abs() <= bound + slack).all()
