@@ -119,7 +119,9 @@ def test_block_fp8_merges_into_bf16(tmp_path: Path, fp8: dict, monkeypatch: pyte
 def test_plan_and_report_name_the_scheme(tmp_path: Path, fp8: dict, capsys) -> None:
     args = ["--base", str(fp8["base"]), "--adapter", str(fp8["peft"].adapter)]
     assert main(["plan", *args]) == 0
-    assert "quantized base (fp8): 14 weights dequantized to BF16" in capsys.readouterr().out
+    shown = capsys.readouterr().out
+    assert "quantized base (fp8): 14 weights dequantized to BF16" in shown
+    assert "model.layers.{0-1}.self_attn.q_proj.weight  x2  [fp8 [128, 128]]" in shown  # per tensor family
     assert main([*args, "--output", str(tmp_path / "out"), "-q", "--json"]) == 0
     report = json.loads(capsys.readouterr().out)["outputs"][0]
     assert report["quantized"]["scheme"] == "fp8" and report["quantized"]["tensors"] == 14

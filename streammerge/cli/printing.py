@@ -74,6 +74,8 @@ def print_plan(summary: dict[str, Any], *, verbose: bool) -> None:
         q = summary["quantized"]
         print(f"quantized base ({q['scheme']}): {q['tensors']} weights dequantized to {q['dtype']}; "
               f"{format_size(q['bytes_in'])} in, {format_size(q['bytes_out'])} out")
+        for f in q["families"]:
+            print(f"  {f['tensors']}  x{f['count']}  [{f['scheme']} {f['params']}]")
     memory = summary["memory"]
     print(f"{summary['tensors_merged']} of {summary['tensors_total']} output tensors change; "
           f"output {format_size(summary['output_bytes'])}, dtype {summary['out_dtype']}; working set "

@@ -44,7 +44,7 @@ def quantized(plan: MergePlan) -> dict[str, Any] | None:
         return None
     tensors = [t for t in plan.tensors() if t.quant is not None]
     return {"scheme": plan.dequantized, "tensors": len(tensors), "dtype": plan.config_dtype,
-            "bytes_in": plan.base.total_size, "bytes_out": plan.output_size}
+            "bytes_in": plan.base.total_size, "bytes_out": plan.output_size, "families": families(tensors)}
 
 
 def ranges(values: list[int]) -> str:
@@ -65,18 +65,33 @@ def _pattern(template: str, numbers: list[list[int]]) -> str:
     return parts[0] + "".join((f"{{{s}}}" if "," in s or "-" in s else s) + p for s, p in zip(shown, parts[1:]))
 
 
-def groups(modules: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Modules that differ only in their layer (or expert) numbers, with the same adapter, rule,
-    method, rank and scale, as one entry: the tensor name with each number as a range."""
-    found: dict[tuple[Any, ...], list[list[int]]] = {}
-    counts: dict[tuple[Any, ...], int] = {}
-    for m in modules:
-        key = (m["adapter"], _INDEX.sub("#", m["tensor"]), m["rule"], m["method"], m["r"], m["scale"])
-        numbers = [int(n) for n in _INDEX.findall(m["tensor"])]
+def _by_layers(entries: list[tuple[str, tuple[Any, ...]]]) -> list[tuple[str, int, tuple[Any, ...]]]:
+    """(name, what else must match) -> (the name with each layer or expert number as a range, how
+    many, what else matched), for names that differ only in their numbers."""
+    found: dict[tuple[str, tuple[Any, ...]], list[list[int]]] = {}
+    counts: dict[tuple[str, tuple[Any, ...]], int] = {}
+    for name, extra in entries:
+        key = (_INDEX.sub("#", name), extra)
+        numbers = [int(n) for n in _INDEX.findall(name)]
         slots = found.setdefault(key, [[] for _ in numbers])
         counts[key] = counts.get(key, 0) + 1
         for slot, n in zip(slots, numbers):
             slot.append(n)
-    return [{"adapter": adapter, "tensors": _pattern(template, slots), "count": counts[key], "rule": rule,
-             "method": method, "r": r, "scale": scale}
-            for key, slots in found.items() for adapter, template, rule, method, r, scale in [key]]
+    return [(_pattern(template, slots), counts[(template, extra)], extra) for (template, extra), slots in found.items()]
+
+
+def groups(modules: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Modules that differ only in their layer (or expert) numbers, with the same adapter, rule,
+    method, rank and scale, as one entry."""
+    entries = [(m["tensor"], (m["adapter"], m["rule"], m["method"], m["r"], m["scale"])) for m in modules]
+    return [{"adapter": adapter, "tensors": pattern, "count": count, "rule": rule, "method": method, "r": r,
+             "scale": scale} for pattern, count, (adapter, rule, method, r, scale) in _by_layers(entries)]
+
+
+def families(tensors: list[Any]) -> list[dict[str, Any]]:
+    """Quantized tensors that differ only in their layer numbers, with the same scheme and structural
+    parameters (block sizes; not per-tensor values such as a double quantization's offset)."""
+    entries = [(t.name, (t.quant.scheme, tuple(p for p in t.quant.params if not isinstance(p, float))))
+               for t in tensors]
+    return [{"tensors": pattern, "count": count, "scheme": scheme, "params": list(params)}
+            for pattern, count, (scheme, params) in _by_layers(entries)]
