@@ -218,8 +218,9 @@ def _report(o: _Output, sink: SafetensorsSink, opts: MergeOptions, stats: Comput
     report.tensors_excluded = len(plan.excluded)
     report.tokenizer_from = str(plan.tokenizer_from) if plan.tokenizer_from else None
     report.quantized = quantized(plan)
+    report.base_kind = f"quantized ({plan.dequantized})" if plan.dequantized else "16-bit"
     report.warnings = list(o.warnings)
-    report.notes = compute.notes + ([sink.tokenizer_note] if sink.tokenizer_note else []) + sink.notes
+    report.notes = plan.notes + compute.notes + ([sink.tokenizer_note] if sink.tokenizer_note else []) + sink.notes
     if isinstance(source, HubShards):
         report.shards_downloaded = len(source.fetched)
     if inputs.hub_base is not None:

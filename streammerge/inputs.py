@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from .adapters import LoraAdapter, changes_something, read_adapter
+from .codecs import quantization
 from .errors import OptionTypeError, PlanError
 from .formats.checkpoint import BaseCheckpoint, open_base
 from .options import MergeOptions
@@ -24,6 +25,16 @@ from .plan.types import MergePlan
 from .sources import hub, modelscope
 
 _CACHE_DIR = re.compile(r"models--([^/]+)--([^/]+)")  # a Hugging Face cache folder names its repo
+# How quantized variants of a model are named on the Hub (unsloth's "-bnb-4bit", "-FP8", "-AWQ" ...).
+_QUANTIZED_NAME = re.compile(r"[-_.](bnb[-_.]?4bit|[48]bit|fp8|awq|gptq|int[48]|nf4)$", re.I)
+
+
+def _variant_of(a: str, b: str) -> bool:
+    """Two repo ids for one model, one of them a quantized variant of the other: the same name (the
+    org may differ) once a quantization suffix is taken off."""
+    name_a, name_b = a.rsplit("/", 1)[-1], b.rsplit("/", 1)[-1]
+    quantized = [bool(_QUANTIZED_NAME.search(n)) for n in (name_a, name_b)]
+    return quantized[0] != quantized[1] and _QUANTIZED_NAME.sub("", name_a) == _QUANTIZED_NAME.sub("", name_b)
 
 
 @dataclass(frozen=True)
@@ -80,12 +91,13 @@ class Inputs:
         loaded = [self._read(spec, small_files_dir) for spec in specs]
         if not opts.allow_duplicate:
             _refuse_duplicates(loaded)
-        warnings = self._base_mismatches(loaded)
+        warnings, notes = self._base_mismatches(loaded)
         if warnings and opts.strict:
             raise PlanError(f"{warnings[0]} (--strict)")
         user_rules: tuple[Rule, ...] = tuple(parse_map(m) for m in opts.maps)
         plan = build_plan(self.checkpoint, loaded, dtype=opts.dtype, user_rules=user_rules, include=opts.include,
                           exclude=opts.exclude, tokenizer=opts.tokenizer)
+        plan.notes.extend(notes)
         if not opts.allow_noop:
             _refuse_noop(loaded)
             if plan.excluded and not any(t.merged or t.source is not None for t in plan.tensors()):
@@ -100,17 +112,28 @@ class Inputs:
                         hub.resolve_with_origin(text, role="adapter", local_dir=small_files_dir))
         return dataclasses.replace(read_adapter(path, weight=spec.weight), origin=origin)
 
-    def _base_mismatches(self, adapters: list[LoraAdapter]) -> list[str]:
+    def _base_mismatches(self, adapters: list[LoraAdapter]) -> tuple[list[str], list[str]]:
+        """(warnings: an adapter made for another model; notes: one made on the quantized variant of
+        this base, or on the 16-bit original of this quantized base, which QLoRA merges both ways)."""
         base = self.base_repo
-        out = []
+        shown = self.hub_base.repo if self.hub_base else self.checkpoint.config.get("_name_or_path")
+        kind = "16-bit" if quantization(self.checkpoint.config) is None else "quantized"
+        warnings: list[str] = []
+        notes: list[str] = []
         for a in adapters:
             named = a.config.get("base_model_name_or_path")
             trained = _repo_of(named)
-            if base and trained and trained != base:
-                out.append(f"adapter {a.path} was trained on {named} (its base_model_name_or_path) but the base is "
-                           f"{self.hub_base.repo if self.hub_base else self.checkpoint.config.get('_name_or_path')}; "
-                           "check that this is the model it was made for")
-        return out
+            if not (base and trained and trained != base):
+                continue
+            if _variant_of(trained, base):
+                other = "quantized" if kind == "16-bit" else "16-bit"
+                notes.append(f"adapter {a.path} was trained on {named}, the {other} variant of the base {shown}: "
+                             f"merged into the {kind} base"
+                             + (" (the usual QLoRA export)" if kind == "16-bit" else ", dequantized exactly"))
+            else:
+                warnings.append(f"adapter {a.path} was trained on {named} (its base_model_name_or_path) but the base "
+                                f"is {shown}; check that this is the model it was made for")
+        return warnings, notes
 
 
 def _refuse_duplicates(adapters: list[LoraAdapter]) -> None:

@@ -32,6 +32,7 @@ class MergeReport:
     base_commit: str | None = None  # the Hub commit the base was read at
     pushed_to: str | None = None  # the Hub commit made by --push-to-hub
     tokenizer_from: str | None = None
+    base_kind: str = "16-bit"  # or "quantized (scheme)"
     quantized: dict[str, Any] | None = None  # a quantized base: scheme, weights dequantized, dtype, bytes
     files_copied: list[str] = field(default_factory=list)
     excluded: list[str] = field(default_factory=list)

@@ -243,3 +243,27 @@ def test_a_quantized_base_is_refused_by_its_scheme(tmp_path: Path, pristine: tup
         == ExitCode.PLAN
     line = one_line(capsys)
     assert "quant_method 'gptq'" in line and "reads: bitsandbytes, compressed-tensors, fp8" in line
+
+
+def test_a_qlora_adapter_of_the_4bit_variant_merges_into_the_16bit_base(
+        tmp_path: Path, pristine: tuple[Path, Path], capsys: pytest.CaptureFixture[str]) -> None:
+    """Trained on unsloth's 4-bit variant, merged into the 16-bit original (what unsloth and axolotl do):
+    a note that says so, not a mismatch (so --strict merges it); another model is still refused."""
+    base, adapter = (Path(shutil.copytree(p, tmp_path / p.name)) for p in pristine)
+    config = json.loads((base / "config.json").read_text())
+    (base / "config.json").write_text(json.dumps({**config, "_name_or_path": "org/Tiny-Llama"}))
+    adapter_config = json.loads((adapter / "adapter_config.json").read_text())
+    (adapter / "adapter_config.json").write_text(json.dumps(
+        {**adapter_config, "base_model_name_or_path": "unsloth/tiny-llama-bnb-4bit"}))
+    args = ["--base", str(base), "--adapter", str(adapter)]
+    assert main(["plan", *args]) == 0
+    shown = capsys.readouterr().out
+    assert "note: adapter" in shown and "the quantized variant of the base org/Tiny-Llama" in shown
+    assert main([*args, "--output", str(tmp_path / "out"), "--strict", "-q", "--json"]) == 0
+    report = oracle_report(capsys.readouterr().out)
+    assert report["warnings"] == [] and any("the usual QLoRA export" in n for n in report["notes"])
+    assert report["base_kind"] == "16-bit"
+    (adapter / "adapter_config.json").write_text(json.dumps(
+        {**adapter_config, "base_model_name_or_path": "unsloth/other-model-bnb-4bit"}))
+    assert main([*args, "--output", str(tmp_path / "o2"), "--strict", "-q"]) == ExitCode.PLAN
+    assert "was trained on unsloth/other-model-bnb-4bit" in one_line(capsys)

@@ -125,6 +125,7 @@ def test_plan_and_report_name_the_scheme(tmp_path: Path, fp8: dict, capsys) -> N
     assert main([*args, "--output", str(tmp_path / "out"), "-q", "--json"]) == 0
     report = json.loads(capsys.readouterr().out)["outputs"][0]
     assert report["quantized"]["scheme"] == "fp8" and report["quantized"]["tensors"] == 14
+    assert report["base_kind"] == "quantized (fp8)"
     assert report["quantized"]["bytes_out"] > report["quantized"]["bytes_in"]  # 16-bit out of 8-bit in
 
 

@@ -70,6 +70,8 @@ def print_plan(summary: dict[str, Any], *, verbose: bool) -> None:
         print(f"tokenizer from: {summary['tokenizer_from']} ({summary['tokenizer_why']})")
     for warning in summary.get("warnings", []):
         print(f"warning: {warning}")
+    for note in summary.get("notes", []):
+        print(f"note: {note}")
     if summary.get("quantized"):
         q = summary["quantized"]
         print(f"quantized base ({q['scheme']}): {q['tensors']} weights dequantized to {q['dtype']}; "

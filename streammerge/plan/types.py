@@ -153,6 +153,7 @@ class MergePlan:
     dropped: set[str] = field(default_factory=set)  # base tensors not written (scales of a dequantized scheme)
     dequantized: str | None = None  # the quantization scheme read and written out as out_dtype / config_dtype
     config_dtype: str | None = None  # the dtype config.json gets (the output dtype, or that of dequantized weights)
+    notes: list[str] = field(default_factory=list)  # what the plan decided that the user should know
 
     @property
     def weight_map(self) -> dict[str, str]:
