@@ -17,9 +17,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, TextIO
 
-KINDS = ("plan", "shard_started", "tensor", "shard_done", "note", "finished", "failed")
-
-
 @dataclass(frozen=True)
 class Event:
     kind: str

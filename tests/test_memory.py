@@ -127,19 +127,18 @@ def test_chunk_is_the_budgets_share_capped() -> None:
     assert _capped(MAX_CHUNK * 4, MAX_CHUNK * 8, MAX_CHUNK * 2) == MAX_CHUNK * 2  # one row at least
 
 
-def test_a_block_fp8_base_stays_under_budget(tmp_path: Path) -> None:
-    """A quantized base: an F8_E4M3 weight of 64 MiB (128 MiB once dequantized to bf16), its scales,
-    merged at --max-mem 64MB; the scales and the chunk buffers are the working set."""
+def merge_quantized(tmp_path: Path, tensors: dict[str, torch.Tensor], qconfig: dict) -> tuple[dict, Path, torch.Tensor,
+                                                                                            torch.Tensor]:
+    """An 8192-wide quantized base of ``tensors`` (+ a norm) and an r=16 LoRA on ``big``, merged at
+    --max-mem 64MB in a subprocess; the merge's peak and the sampled RSS checked against the budget.
+    Returns the report, the output, and the LoRA's A and B (scale 2)."""
     base, adapter = tmp_path / "base", tmp_path / "adapter"
     base.mkdir()
     adapter.mkdir()
-    gen = torch.Generator().manual_seed(0)
-    q = (torch.randn(8192, 8192, generator=gen) * 100).clamp(-448, 448).to(torch.float8_e4m3fn)
-    scale = torch.rand(64, 64, generator=gen) * 1e-3 + 1e-4
-    save_file({"big.weight": q, "big.weight_scale_inv": scale, "norm.weight": torch.ones(8192, dtype=torch.bfloat16)},
-              base / "model.safetensors", metadata={"format": "pt"})
-    (base / "config.json").write_text(json.dumps({"quantization_config": {"quant_method": "fp8",
-                                                                           "weight_block_size": [128, 128]}}))
+    save_file({**tensors, "norm.weight": torch.ones(8192, dtype=torch.bfloat16)}, base / "model.safetensors",
+              metadata={"format": "pt"})
+    (base / "config.json").write_text(json.dumps({"quantization_config": qconfig}))
+    gen = torch.Generator().manual_seed(1)
     a, b = torch.randn(16, 8192, generator=gen) * 0.01, torch.randn(8192, 16, generator=gen) * 0.01
     save_file({"base_model.model.big.lora_A.weight": a, "base_model.model.big.lora_B.weight": b},
               adapter / "adapter_model.safetensors")
@@ -152,6 +151,18 @@ def test_a_block_fp8_base_stays_under_budget(tmp_path: Path) -> None:
     assert report["quantized"]["tensors"] == 1 and report["chunk_elements"] < 8192 * 8192
     assert peak <= baseline + BUDGET, f"peak {peak} > baseline {baseline} + budget {BUDGET}"
     assert sampled <= baseline + BUDGET, f"sampled {sampled} > baseline {baseline} + budget {BUDGET}"
+    return report, out, a, b
+
+
+def test_a_block_fp8_base_stays_under_budget(tmp_path: Path) -> None:
+    """A quantized base: an F8_E4M3 weight of 64 MiB (128 MiB once dequantized to bf16), its scales,
+    merged at --max-mem 64MB; the scales and the chunk buffers are the working set."""
+    gen = torch.Generator().manual_seed(0)
+    q = (torch.randn(8192, 8192, generator=gen) * 100).clamp(-448, 448).to(torch.float8_e4m3fn)
+    scale = torch.rand(64, 64, generator=gen) * 1e-3 + 1e-4
+    report, out, a, b = merge_quantized(tmp_path, {"big.weight": q, "big.weight_scale_inv": scale},
+                                        {"quant_method": "fp8", "weight_block_size": [128, 128]})
+    assert report["quantized"]["scheme"] == "fp8"
     rows = slice(0, 8192, 331)  # rows across the chunks, against q * s[i // 128, j // 128] + 2 B A in float64
     w = q[rows].double() * scale.double()[torch.arange(8192)[rows] // 128][:, torch.arange(8192) // 128]
     exact, bound = exact_and_bound(w, [(a.double(), b[rows].double(), 2.0)], torch.bfloat16)
@@ -163,31 +174,15 @@ def test_a_4bit_base_stays_under_budget(tmp_path: Path) -> None:
     double quantization, merged at --max-mem 64MB: its absmax (one float per 64 elements, 4 MiB as
     float32) and the chunk buffers are the working set."""
     functional = pytest.importorskip("bitsandbytes.functional")
-    base, adapter = tmp_path / "base", tmp_path / "adapter"
-    base.mkdir()
-    adapter.mkdir()
     gen = torch.Generator().manual_seed(0)
     w = (torch.randn(8192, 8192, generator=gen) * 0.02).to(torch.bfloat16)
     q, state = functional.quantize_4bit(w, blocksize=64, quant_type="nf4", compress_statistics=True,
                                         quant_storage=torch.uint8)
     packed = {f"big.weight.{k}": v for k, v in state.as_dict(packed=True).items()}
-    save_file({"big.weight": q, **packed, "norm.weight": torch.ones(8192, dtype=torch.bfloat16)},
-              base / "model.safetensors", metadata={"format": "pt"})
-    (base / "config.json").write_text(json.dumps({"quantization_config": {
+    report, out, a, b = merge_quantized(tmp_path, {"big.weight": q, **packed}, {
         "quant_method": "bitsandbytes", "load_in_4bit": True, "bnb_4bit_quant_type": "nf4",
-        "bnb_4bit_use_double_quant": True, "bnb_4bit_compute_dtype": "bfloat16"}}))
-    a, b = torch.randn(16, 8192, generator=gen) * 0.01, torch.randn(8192, 16, generator=gen) * 0.01
-    save_file({"base_model.model.big.lora_A.weight": a, "base_model.model.big.lora_B.weight": b},
-              adapter / "adapter_model.safetensors")
-    (adapter / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 16, "lora_alpha": 32}))
-    out = tmp_path / "out"
-    stdout, sampled = run_sampled([sys.executable, "-m", "streammerge", "--base", str(base), "--adapter", str(adapter),
-                                   "--output", str(out), "--device", "cpu", "--max-mem", "64MB", "--json", "-q"])
-    (report,) = oracle_reports(stdout)
-    baseline, peak = report["baseline_rss"], report["peak_rss"]
-    assert report["quantized"]["scheme"] == "bitsandbytes" and report["chunk_elements"] < 8192 * 8192
-    assert peak <= baseline + BUDGET, f"peak {peak} > baseline {baseline} + budget {BUDGET}"
-    assert sampled <= baseline + BUDGET, f"sampled {sampled} > baseline {baseline} + budget {BUDGET}"
+        "bnb_4bit_use_double_quant": True, "bnb_4bit_compute_dtype": "bfloat16"})
+    assert report["quantized"]["scheme"] == "bitsandbytes"
     rows = slice(0, 8192, 331)  # against bitsandbytes' own dequantization + 2 B A, one rounding
     reference = functional.dequantize_4bit(q, state)[rows].double()
     exact, bound = exact_and_bound(reference, [(a.double(), b[rows].double(), 2.0)], torch.bfloat16)

@@ -1,8 +1,9 @@
 """Codecs: stored bytes <-> float32 rows, one module per storage scheme, chosen by a table.
 
 A codec answers: how to view raw bytes of whole rows (``rows``), how to widen them to float32
-(``decode``) and round float32 back (``encode``, once), which side tensors it needs
-(``side_tensors``: scales, absmax ...) and the row alignment a chunk must respect. Registered by
+(``decode``) and round float32 back (``encode``, once), how many bytes elements take (``nbytes``)
+and the row alignment a chunk must respect; a quantized scheme (``Scheme``) finds its weights' side
+tensors (scales, absmax ...) from the headers and builds their codec. Registered by
 the tensor's dtype (plain floats) and, for quantized checkpoints, by the config's
 ``quantization_config.quant_method`` (``QUANT_METHODS``). Only plain dtypes exist so far: a
 quantized base is refused by name (``check_scheme``) with what is supported.
@@ -38,8 +39,6 @@ class Codec(Protocol):
     def nbytes(self, elements: int) -> int:
         """Stored bytes of ``elements`` consecutive elements (whole rows: sub-byte schemes pack them)."""
         ...
-
-    def side_tensors(self, tensor: str) -> tuple[str, ...]: ...
 
     def rows(self, raw: torch.Tensor, rows: int, cols: int) -> torch.Tensor: ...
 

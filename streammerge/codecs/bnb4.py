@@ -50,9 +50,6 @@ class Bnb4Codec:
     def nbytes(self, elements: int) -> int:
         return elements // 2  # whole rows of an even width: two codes a byte
 
-    def side_tensors(self, tensor: str) -> tuple[str, ...]:
-        return tuple(f"{tensor}.{s}" for s in SIDE)
-
     def rows(self, raw: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
         return raw.view(rows, cols // 2)
 

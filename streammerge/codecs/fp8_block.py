@@ -44,9 +44,6 @@ class BlockFP8Codec:
     def nbytes(self, elements: int) -> int:
         return elements
 
-    def side_tensors(self, tensor: str) -> tuple[str, ...]:
-        return (tensor + SCALE_SUFFIX,)
-
     def rows(self, raw: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
         import torch
 

@@ -38,9 +38,6 @@ class PlainCodec:
     def nbytes(self, elements: int) -> int:
         return elements * self.itemsize
 
-    def side_tensors(self, tensor: str) -> tuple[str, ...]:
-        return ()
-
     def rows(self, raw: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
         """Raw bytes (uint8) of ``rows`` whole rows, as a (rows, cols) tensor of the stored dtype."""
         return raw.view(TORCH_DTYPES[self.dtype]).view(rows, cols)

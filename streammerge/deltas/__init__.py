@@ -40,8 +40,6 @@ class Factors(Protocol):
 
 
 class Applied(Protocol):
-    first_pass: bool
-
     def apply(self, work: torch.Tensor, row0: int, rows: int) -> None: ...
 
 

@@ -35,8 +35,6 @@ class RowDora(Rows):
 
 
 class ColumnDora(Columns):
-    first_pass = True
-
     def __init__(self, a: torch.Tensor, b: torch.Tensor, scale: float, magnitude: torch.Tensor) -> None:
         super().__init__(a, b, scale)
         self.magnitude = magnitude  # (cols,)

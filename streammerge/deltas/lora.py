@@ -25,8 +25,6 @@ if TYPE_CHECKING:
 class Rows:
     """``W[rows] += s * B[rows] @ A``."""
 
-    first_pass = False
-
     def __init__(self, a: torch.Tensor, b: torch.Tensor, scale: float) -> None:
         self.a, self.b, self.scale = a, b, scale  # A (r, in), B (out, r)
 
@@ -43,8 +41,6 @@ class Columns(Rows):
 
 class BiasRow:
     """``bias += s * lora_B.bias``."""
-
-    first_pass = False
 
     def __init__(self, b: torch.Tensor, scale: float) -> None:
         self.b, self.scale = b, scale

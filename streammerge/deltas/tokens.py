@@ -13,8 +13,6 @@ if TYPE_CHECKING:
 
 
 class Tokens:
-    first_pass = False
-
     def __init__(self, ids: torch.Tensor, values: torch.Tensor) -> None:
         self.ids, self.values = ids, values  # (k,), (k, cols)
 
