@@ -33,7 +33,7 @@ from .output.sink import SafetensorsSink
 from .output.upload import Uploader
 from .plan.summary import quantized
 from .plan.types import MergePlan
-from .report import MergeReport
+from .report import MergeReport, Survival
 from .run.compute import Compute, ComputeSummary, Runtime
 from .run.executor import LocalExecutor
 from .run.task import Target, tensor_kind
@@ -134,6 +134,8 @@ def _merge_many(base: PathLike, jobs: list[tuple[list[AdapterSpec], Path | None]
         source = (HubShards(inputs.hub_base, private=sinks[0].staging / FETCH_DIR if opts.low_disk else None)
                   if inputs.hub_base else LocalShards())
         executor = LocalExecutor(compute, events, source=source, hub_base=inputs.hub_base, low_disk=opts.low_disk)
+        survival = Survival()
+        events.listen(survival)
         executor.run([Target(o.plan, sink, events) for o, sink in zip(outputs, sinks)])
     finally:
         if uploader is not None:
@@ -142,8 +144,12 @@ def _merge_many(base: PathLike, jobs: list[tuple[list[AdapterSpec], Path | None]
             shutil.rmtree(scratch, ignore_errors=True)
     assert executor.stats is not None
     seconds = time.perf_counter() - started
-    return [_report(o, sink, opts, executor.stats, compute, inputs, seconds, source)
-            for o, sink in zip(outputs, sinks)]
+    reports = [_report(o, sink, opts, executor.stats, compute, inputs, seconds, source)
+               for o, sink in zip(outputs, sinks)]
+    for report in reports:
+        report.requantized = survival.by_output.get(report.output, {})
+        report.warnings += [w for w in [survival.warning(report.output)] if w]
+    return reports
 
 
 def _uploader(opts: MergeOptions, jobs: list[Any], hub_api: Any) -> Uploader | None:
@@ -218,7 +224,8 @@ def _report(o: _Output, sink: SafetensorsSink, opts: MergeOptions, stats: Comput
     report.tensors_excluded = len(plan.excluded)
     report.tokenizer_from = str(plan.tokenizer_from) if plan.tokenizer_from else None
     report.quantized = quantized(plan)
-    report.base_kind = f"quantized ({plan.dequantized})" if plan.dequantized else "16-bit"
+    scheme = plan.dequantized or plan.requantized
+    report.base_kind = f"quantized ({scheme})" if scheme else "16-bit"
     report.warnings = list(o.warnings)
     report.notes = plan.notes + compute.notes + ([sink.tokenizer_note] if sink.tokenizer_note else []) + sink.notes
     if isinstance(source, HubShards):

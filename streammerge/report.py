@@ -4,7 +4,12 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .events import Event
+
+SURVIVAL_WARN = 0.5  # a re-quantized weight keeping less of its delta's direction than this is warned about
 
 
 @dataclass
@@ -34,6 +39,7 @@ class MergeReport:
     tokenizer_from: str | None = None
     base_kind: str = "16-bit"  # or "quantized (scheme)"
     quantized: dict[str, Any] | None = None  # a quantized base: scheme, weights dequantized, dtype, bytes
+    requantized: dict[str, float] = field(default_factory=dict)  # --dtype fp8: tensor -> share of its delta kept
     files_copied: list[str] = field(default_factory=list)
     excluded: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
@@ -41,3 +47,23 @@ class MergeReport:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+class Survival:
+    """Events listener: each re-quantized tensor's share of its delta kept (``survives``), per output."""
+
+    def __init__(self) -> None:
+        self.by_output: dict[str | None, dict[str, float]] = {}
+
+    def __call__(self, event: Event) -> None:
+        if event.kind == "tensor" and "survives" in event.data:
+            self.by_output.setdefault(event.output, {})[event.data["name"]] = float(event.data["survives"])
+
+    def warning(self, output: str) -> str | None:
+        """One line for the tensors that kept less than SURVIVAL_WARN of their delta, if any."""
+        low = sorted((v, k) for k, v in self.by_output.get(output, {}).items() if v < SURVIVAL_WARN)
+        if not low:
+            return None
+        shown = ", ".join(f"{k} {v:.0%}" for v, k in low[:3]) + (" ..." if len(low) > 3 else "")
+        return (f"re-quantized to FP8, {len(low)} merged weight(s) kept under {SURVIVAL_WARN:.0%} of their delta "
+                f"({shown}); a 16-bit --dtype (bf16) keeps all of it")

@@ -13,21 +13,23 @@ Memory stays bounded: data is read in blocks and rows, never whole tensors.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import random
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from .baserows import Reader, as_tensor, base_rows
 from .codecs.plain import TORCH_DTYPES
 from .deltas.lora import select_expert
 from .errors import StreamMergeError
-from .formats.checkpoint import INDEX_NAME, BaseCheckpoint, open_base, pread_into
+from .formats.checkpoint import INDEX_NAME, BaseCheckpoint, open_base
 from .formats.header import DTYPE_SIZES
 from .inputs import AdapterSpec, load_inputs
 from .memory import current_rss, peak_rss, reset_peak_rss
@@ -62,29 +64,6 @@ class VerifyReport:
         return asdict(self)
 
 
-class _Reader:
-    """pread of tensor rows and blocks, with one open descriptor per file."""
-
-    def __init__(self) -> None:
-        self._fds: dict[Path, int] = {}
-
-    def read(self, src: Source, offset: int, nbytes: int) -> bytearray:
-        fd = self._fds.get(src.path)
-        if fd is None:
-            fd = self._fds[src.path] = os.open(src.path, os.O_RDONLY)
-        buf = bytearray(nbytes)
-        pread_into(fd, src.data_start + src.info.begin + offset, memoryview(buf), path=src.path)
-        return buf
-
-    def close(self) -> None:
-        for fd in self._fds.values():
-            os.close(fd)
-
-
-def _as_tensor(buf: bytearray, dtype: str) -> torch.Tensor:
-    return torch.frombuffer(buf, dtype=TORCH_DTYPES[dtype]) if buf else torch.empty(0, dtype=TORCH_DTYPES[dtype])
-
-
 def _check_structure(plan_tensors: dict[str, TensorPlan], base: BaseCheckpoint, out: BaseCheckpoint,
                      report: VerifyReport) -> None:
     missing, extra = set(plan_tensors) - set(out.weight_map), set(out.weight_map) - set(plan_tensors)
@@ -107,7 +86,7 @@ def _output(out: BaseCheckpoint, name: str) -> Source:
     return Source(header.path, header.data_start, header.tensors[name])
 
 
-def _compare_untouched(t: TensorPlan, base: BaseCheckpoint, out: BaseCheckpoint, io: _Reader, report: VerifyReport) -> None:
+def _compare_untouched(t: TensorPlan, base: BaseCheckpoint, out: BaseCheckpoint, io: Reader, report: VerifyReport) -> None:
     src, dst = t.origin(base), _output(out, t.name)
     src_item, out_item = DTYPE_SIZES[src.info.dtype], DTYPE_SIZES[t.out_dtype]
     step = max(1, BLOCK // max(src_item, out_item))  # elements per block
@@ -116,7 +95,7 @@ def _compare_untouched(t: TensorPlan, base: BaseCheckpoint, out: BaseCheckpoint,
         want = io.read(src, start * src_item, n * src_item)
         got = io.read(dst, start * out_item, n * out_item)
         if t.out_dtype != src.info.dtype:  # converted: the same single rounding, compared bit for bit
-            converted = _as_tensor(want, src.info.dtype).to(TORCH_DTYPES[t.out_dtype])
+            converted = as_tensor(want, src.info.dtype).to(TORCH_DTYPES[t.out_dtype])
             want = bytearray(converted.view(torch.uint8).numpy().tobytes())
         if want != got:
             report.fail(f"{t.name}: differs from the base within elements {start}..{start + n - 1}")
@@ -124,7 +103,7 @@ def _compare_untouched(t: TensorPlan, base: BaseCheckpoint, out: BaseCheckpoint,
     report.tensors_compared += 1
 
 
-def _check_finite(t: TensorPlan, out: BaseCheckpoint, io: _Reader, report: VerifyReport) -> None:
+def _check_finite(t: TensorPlan, out: BaseCheckpoint, io: Reader, report: VerifyReport) -> None:
     """Every element of a rewritten tensor (merged, replaced or converted) must be finite: a merge
     whose sum, or a conversion whose rounding, overflowed the output dtype wrote Inf."""
     dst = _output(out, t.name)
@@ -132,7 +111,7 @@ def _check_finite(t: TensorPlan, out: BaseCheckpoint, io: _Reader, report: Verif
     step = max(1, BLOCK // item)
     for start in range(0, t.info.numel, step):
         n = min(step, t.info.numel - start)
-        block = _as_tensor(io.read(dst, start * item, n * item), t.out_dtype)
+        block = as_tensor(io.read(dst, start * item, n * item), t.out_dtype)
         # NaN / Inf make the sum non-finite; a sum that merely overflows is told apart by min / max
         # (neither allocates a block-sized mask, which would break verify's memory bound)
         if not math.isfinite(float(block.sum())) and not all(math.isfinite(float(x)) for x in torch.aminmax(block)):
@@ -140,7 +119,7 @@ def _check_finite(t: TensorPlan, out: BaseCheckpoint, io: _Reader, report: Verif
             return
 
 
-def _sample_rows(t: TensorPlan, base: BaseCheckpoint, out: BaseCheckpoint, io: _Reader, report: VerifyReport,
+def _sample_rows(t: TensorPlan, base: BaseCheckpoint, out: BaseCheckpoint, io: Reader, report: VerifyReport,
                  *, rows_per_tensor: int, rng: random.Random) -> None:
     rows, cols = t.rows_cols
     picks = sorted({0, rows - 1} | {rng.randrange(rows) for _ in range(max(0, rows_per_tensor - 2))})
@@ -161,8 +140,8 @@ def _sample_rows(t: TensorPlan, base: BaseCheckpoint, out: BaseCheckpoint, io: _
                      if d.lora.magnitude_key and d.transposed), None)
     column_scale = None if column_m is None else column_m / _column_norms(t, src, factors, io, rows, cols)
     for row in picks:
-        w = _base_rows(t, src, io, row, 1, cols)[0]
-        got = _as_tensor(io.read(dst, row * cols * out_item, cols * out_item), t.out_dtype).double()
+        w = base_rows(t, src, io, row, 1, cols)[0]
+        got = as_tensor(io.read(dst, row * cols * out_item, cols * out_item), t.out_dtype).double()
         exact, size = _additive(w, factors, row)
         # (+ 4: a dequantization's own float32 roundings: scale products, a double-quantized absmax)
         arithmetic = (r_max + 2 + (4 if t.quant else 0)) * 2.0**-24 * size
@@ -189,6 +168,41 @@ def _sample_rows(t: TensorPlan, base: BaseCheckpoint, out: BaseCheckpoint, io: _
     report.tensors_sampled += 1
 
 
+def _sample_requantized(t: TensorPlan, base: BaseCheckpoint, out: BaseCheckpoint, io: Reader, report: VerifyReport,
+                        *, rows_per_tensor: int, rng: random.Random) -> None:
+    """Sampled rows of a re-quantized FP8 weight (``codecs.fp8_out``), read back with the scales written
+    beside them: no value clipped (|x| <= 448 s) and each within half an e4m3 step (3 mantissa bits;
+    2^-9 s below 2^-6 s) of the float64 merge x, plus the float32 arithmetic bound."""
+    assert t.quant is not None and t.requant is not None
+    rows, cols = t.rows_cols
+    written = TensorPlan(t.name, t.shard, t.info, t.out_dtype,
+                         quant=dataclasses.replace(t.quant, side={"scale": _output(out, t.requant.scale)}))
+    factors = [(*(f.double() for f in _factors(d)), d.scale, d.transposed) for d in t.deltas]
+    r_max = max(_factors(d)[0].shape[0] for d in t.deltas)
+    bn, bk = t.requant.block
+    for row in sorted({0, rows - 1} | {rng.randrange(rows) for _ in range(max(0, rows_per_tensor - 2))}):
+        exact, size = _additive(base_rows(t, t.origin(base), io, row, 1, cols)[0], factors, row)
+        got = base_rows(written, _output(out, t.name), io, row, 1, cols)[0]  # the codes times their scales
+        scale = _scale_row(written, io, row, cols, bn, bk)
+        _, e = torch.frexp(exact / scale)
+        step = torch.ldexp(torch.ones_like(exact), (e - 5).clamp_min(-10)) * scale  # half an e4m3 step
+        bound = step + (r_max + 6) * 2.0**-24 * size
+        ratio = float(((got - exact).abs() / bound).max())
+        report.max_error_ratio, report.rows_sampled = max(report.max_error_ratio, ratio), report.rows_sampled + 1
+        if not ratio <= 1.0 or bool((exact.abs() > 448 * scale * (1 + 2.0**-20) + bound).any()):
+            report.fail(f"{t.name}: row {row} re-quantized off by up to {ratio:.3g}x half an FP8 step, or clipped")
+            return
+    report.tensors_sampled += 1
+
+
+def _scale_row(t: TensorPlan, io: Reader, row: int, cols: int, bn: int, bk: int) -> torch.Tensor:
+    """The written scale of every element of ``row`` (float64)."""
+    assert t.quant is not None
+    side = t.quant.side["scale"]
+    grid = as_tensor(io.read(side, 0, side.info.nbytes), side.info.dtype).double().view(-1, -(-cols // bk))
+    return grid[row // bn][torch.arange(cols) // bk]
+
+
 def _additive(w: torch.Tensor, factors: list[Any], row: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Row ``row`` of W + sum of the additive deltas in float64, and the sum of |terms| (for the
     float32 error bound)."""
@@ -211,66 +225,13 @@ def _factors(d: Any) -> tuple[torch.Tensor, torch.Tensor]:
     return select_expert(d, a, b) if d.expert >= 0 else (a, b)
 
 
-def _base_rows(t: TensorPlan, src: Source, io: _Reader, row0: int, k: int, cols: int) -> torch.Tensor:
-    """Rows ``[row0, row0 + k)`` of the base tensor in float64: as stored, or dequantized from a
-    quantized base by this module's own reading of its scheme (``_DEQUANTIZE``)."""
-    if t.quant is None or t.source is not None:
-        item = DTYPE_SIZES[src.info.dtype]
-        return _as_tensor(io.read(src, row0 * cols * item, k * cols * item), src.info.dtype).double().view(k, cols)
-    if t.quant.scheme not in _DEQUANTIZE:
-        raise NotImplementedError(f"verify does not read the {t.quant.scheme!r} scheme")
-    return _DEQUANTIZE[t.quant.scheme](t, src, io, row0, k, cols)
-
-
-def _scaled_fp8_rows(t: TensorPlan, src: Source, io: _Reader, row0: int, k: int, cols: int) -> torch.Tensor:
-    """An e4m3 weight with a scale per (bn, bk) block: ``q * s[i // bn, j // bk]``."""
-    assert t.quant is not None
-    bn, bk = t.quant.params
-    q = torch.frombuffer(io.read(src, row0 * cols, k * cols), dtype=torch.uint8).view(torch.float8_e4m3fn)
-    scale = t.quant.side["scale"]
-    grid = _as_tensor(io.read(scale, 0, scale.info.nbytes), scale.info.dtype).double()
-    grid = grid.view(-(-(t.info.shape[0]) // bn), -(-cols // bk))  # [ceil(N/bn), ceil(K/bk)], whatever its stored shape
-    return q.double().view(k, cols) * grid[torch.arange(row0, row0 + k) // bn][:, torch.arange(cols) // bk]
-
-
-def _bnb4_block_rows(t: TensorPlan, src: Source, io: _Reader, row0: int, k: int, cols: int) -> torch.Tensor:
-    return _bnb4_rows(t, src, io, row0 * cols, k * cols).view(k, cols)
-
-
-def _side(t: TensorPlan, io: _Reader, key: str) -> torch.Tensor:
-    s = t.quant.side[key] if t.quant else None
-    assert s is not None
-    buf = io.read(s, 0, s.info.nbytes)
-    return (torch.frombuffer(buf, dtype=torch.uint8) if s.info.dtype == "U8" else _as_tensor(buf, s.info.dtype)).double()
-
-
-def _bnb4_rows(t: TensorPlan, src: Source, io: _Reader, start: int, n: int) -> torch.Tensor:
-    """Flat elements ``[start, start + n)`` of a bitsandbytes 4-bit weight, in float64: the nibbles
-    (high first) through quant_map, times their flat block's absmax (undone from its double
-    quantization when nested)."""
-    assert t.quant is not None
-    _, blocksize, nested_blocksize, nested_offset = t.quant.params
-    packed = torch.frombuffer(io.read(src, start // 2, n // 2), dtype=torch.uint8)
-    codes = torch.stack([packed >> 4, packed & 15], dim=1).view(-1).long()
-    absmax = _side(t, io, "absmax")
-    if "nested_absmax" in t.quant.side:
-        nested = torch.arange(absmax.numel()) // nested_blocksize
-        absmax = _side(t, io, "nested_quant_map")[absmax.long()] * _side(t, io, "nested_absmax")[nested] + nested_offset
-    return _side(t, io, "quant_map")[codes] * absmax[torch.arange(start, start + n) // blocksize]
-
-
-# quantization scheme -> how verify reads its weights (its own code, not the merge's codecs)
-_DEQUANTIZE: dict[str, Callable[[TensorPlan, Source, _Reader, int, int, int], torch.Tensor]] = {
-    "fp8": _scaled_fp8_rows, "compressed-tensors": _scaled_fp8_rows, "bitsandbytes": _bnb4_block_rows}
-
-
-def _column_norms(t: TensorPlan, src: Source, factors: list, io: _Reader, rows: int, cols: int) -> torch.Tensor:
+def _column_norms(t: TensorPlan, src: Source, factors: list, io: Reader, rows: int, cols: int) -> torch.Tensor:
     """||column of W + dW|| over all rows, in float64, reading BLOCK bytes of rows at a time."""
     step = max(1, BLOCK // (cols * 8))
     acc = torch.zeros(cols, dtype=torch.float64)
     for r0 in range(0, rows, step):
         k = min(step, rows - r0)
-        v = _base_rows(t, src, io, r0, k, cols)
+        v = base_rows(t, src, io, r0, k, cols)
         for a, b, scale, transposed in factors:
             v += scale * (a[:, r0 : r0 + k].t() @ b.t() if transposed else b[r0 : r0 + k] @ a)
         acc += v.square().sum(dim=0)
@@ -312,20 +273,29 @@ def verify(
     if not report.ok:  # a broken layout makes the element checks meaningless
         report.seconds = time.perf_counter() - started
         return report
-    io, rng = _Reader(), random.Random(seed)
+    _check_elements(plan_tensors, plan.base, out, report, rows_per_tensor=rows_per_tensor, seed=seed)
+    report.seconds = time.perf_counter() - started
+    report.peak_rss = peak_rss()
+    return report
+
+
+def _check_elements(plan_tensors: dict[str, TensorPlan], base: BaseCheckpoint, out: BaseCheckpoint,
+                    report: VerifyReport, *, rows_per_tensor: int, seed: int) -> None:
+    io, rng = Reader(), random.Random(seed)
     try:
         for t in plan_tensors.values():
-            if t.merged or (t.quant is not None and t.source is None):  # dequantized: within one rounding
-                _sample_rows(t, plan.base, out, io, report, rows_per_tensor=rows_per_tensor, rng=rng)
+            if t.requant is not None:  # written back as FP8: within half a code of the exact merge
+                _sample_requantized(t, base, out, io, report, rows_per_tensor=rows_per_tensor, rng=rng)
+            elif t.merged or t.dequantized:  # within one rounding
+                _sample_rows(t, base, out, io, report, rows_per_tensor=rows_per_tensor, rng=rng)
+            elif t.written_by is not None:  # a scale tensor: checked with its weight's codes
+                continue
             else:
-                _compare_untouched(t, plan.base, out, io, report)
+                _compare_untouched(t, base, out, io, report)
             if t.rewritten and t.out_dtype in TORCH_DTYPES:
                 _check_finite(t, out, io, report)
     finally:
         io.close()
-    report.seconds = time.perf_counter() - started
-    report.peak_rss = peak_rss()
-    return report
 
 
 def recorded_inputs(output: str | os.PathLike[str]) -> tuple[str, list[AdapterSpec]]:

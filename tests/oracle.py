@@ -86,6 +86,19 @@ def build_adapter(base: Path, root: Path, *, dtype: str, seed: int = 1, save_bin
     return PeftResult(root, deltas, merged)
 
 
+def odd_llama(root: Path, *, hidden: int, intermediate: int, dtype: str, targets: list[str]) -> tuple[Any, PeftResult]:
+    """A tiny real Llama whose dimensions are not multiples of the quantization blocks (k/v: hidden/2),
+    saved in ``root / dtype``, and a random LoRA on ``targets`` (r=4, alpha 8): quantized-base fixtures."""
+    import transformers
+
+    config = transformers.LlamaConfig(vocab_size=160, hidden_size=hidden, intermediate_size=intermediate,
+                                      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                      tie_word_embeddings=False)
+    torch.manual_seed(0)
+    transformers.LlamaForCausalLM(config).to(DTYPES[dtype]).save_pretrained(root / dtype)
+    return config, build_adapter(root / dtype, root / "adapter", dtype=dtype, r=4, lora_alpha=8, target_modules=targets)
+
+
 def read_checkpoint(root: Path) -> dict[str, torch.Tensor]:
     """Every tensor of a saved checkpoint, read with the safetensors library itself."""
     index = root / "model.safetensors.index.json"

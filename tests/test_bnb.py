@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 import transformers
-from oracle import bits, build_adapter, exact_and_bound, logits, read_checkpoint
+from oracle import bits, exact_and_bound, logits, odd_llama, read_checkpoint
 
 from streammerge.cli import main
 
@@ -25,16 +25,12 @@ STATE = ".quant_state.bitsandbytes__"
 @pytest.fixture(scope="module")
 def qlora(tmp_path_factory: pytest.TempPathFactory) -> dict:
     root = tmp_path_factory.mktemp("bnb")
-    config = transformers.LlamaConfig(vocab_size=160, hidden_size=200, intermediate_size=328, num_hidden_layers=2,
-                                      num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False)
-    torch.manual_seed(0)
-    transformers.LlamaForCausalLM(config).to(torch.bfloat16).save_pretrained(root / "bf16")
-    peft = build_adapter(root / "bf16", root / "adapter", dtype="bf16", r=4, lora_alpha=8,
-                         target_modules=["q_proj", "down_proj"])
+    config, peft = odd_llama(root, hidden=200, intermediate=328, dtype="bf16", targets=["q_proj", "down_proj"])
     bases = {}
-    for kind, double in (("nf4", True), ("fp4", False)):
-        q = transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=kind, bnb_4bit_use_double_quant=double,
-                                            bnb_4bit_compute_dtype=torch.bfloat16)
+    for kind, double, storage in (("nf4", True, torch.uint8), ("fp4", False, torch.uint8),
+                                  ("nf4-bf16-storage", True, torch.bfloat16)):
+        q = transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=kind[:3], bnb_4bit_use_double_quant=double,
+                                            bnb_4bit_compute_dtype=torch.bfloat16, bnb_4bit_quant_storage=storage)
         model = transformers.AutoModelForCausalLM.from_pretrained(root / "bf16", quantization_config=q,
                                                                   device_map="cpu", dtype=torch.bfloat16)
         model.save_pretrained(root / kind)
@@ -57,7 +53,7 @@ def dequantized64(saved: dict[str, torch.Tensor], name: str) -> torch.Tensor:
     double quantization when nested)."""
     state = next(k for k in saved if k.startswith(name + STATE))
     meta = json.loads(bytes(saved[state].tolist()))
-    packed = saved[name].view(-1)
+    packed = saved[name].view(-1).view(torch.uint8)  # (codes stored as bf16 are the same bytes)
     codes = torch.stack([packed >> 4, packed & 15], dim=1).view(-1).long()
     absmax = saved[name + ".absmax"].double()
     if name + ".nested_absmax" in saved:
@@ -68,7 +64,7 @@ def dequantized64(saved: dict[str, torch.Tensor], name: str) -> torch.Tensor:
     return flat.view(*meta["shape"])
 
 
-@pytest.mark.parametrize("kind", ["nf4", "fp4"])
+@pytest.mark.parametrize("kind", ["nf4", "fp4", "nf4-bf16-storage"])
 def test_a_4bit_base_merges_into_bf16(tmp_path: Path, qlora: dict, kind: str, monkeypatch: pytest.MonkeyPatch) -> None:
     from streammerge.run import workingset
 

@@ -130,7 +130,7 @@ def test_api_takes_one_path_and_sizes_as_text(tmp_path: Path, pristine: tuple[Pa
 @pytest.mark.parametrize("kwargs, error, needle", [
     ({"max_mem": [1]}, TypeError, "max_mem must be a number of bytes or a size"),
     ({"max_mem": "lots"}, ValueError, "max_mem: cannot read size 'lots'"),
-    ({"dtype": "fp8"}, ValueError, "dtype 'fp8' is not one of"),
+    ({"dtype": "int4"}, ValueError, "dtype 'int4' is not one of"),
     ({"overwrite": "yes"}, TypeError, "overwrite must be True or False"),
     ({"include": ["("]}, ValueError, "include '(' is not a valid regex"),
     ({"colour": "red"}, TypeError, "unknown option(s) colour"),
@@ -238,11 +238,11 @@ def test_a_quantized_base_is_refused_by_its_scheme(tmp_path: Path, pristine: tup
                                                    capsys: pytest.CaptureFixture[str]) -> None:
     base = Path(shutil.copytree(pristine[0], tmp_path / "base"))
     config = json.loads((base / "config.json").read_text())
-    (base / "config.json").write_text(json.dumps({**config, "quantization_config": {"quant_method": "gptq"}}))
+    (base / "config.json").write_text(json.dumps({**config, "quantization_config": {"quant_method": "hqq"}}))
     assert main(["--base", str(base), "--adapter", str(pristine[1]), "--output", str(tmp_path / "out"), "-q"]) \
         == ExitCode.PLAN
     line = one_line(capsys)
-    assert "quant_method 'gptq'" in line and "reads: bitsandbytes, compressed-tensors, fp8" in line
+    assert "quant_method 'hqq'" in line and "reads: awq, bitsandbytes, compressed-tensors, fp8, gptq" in line
 
 
 def test_a_qlora_adapter_of_the_4bit_variant_merges_into_the_16bit_base(

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 import transformers
-from oracle import bits, build_adapter, exact_and_bound, logits, read_checkpoint
+from oracle import bits, exact_and_bound, logits, odd_llama, read_checkpoint
 from safetensors.torch import save_file
 
 from streammerge.cli import main
@@ -52,13 +52,7 @@ def dequant64(q: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
 @pytest.fixture(scope="module")
 def fp8(tmp_path_factory: pytest.TempPathFactory) -> dict:
     root = tmp_path_factory.mktemp("fp8")
-    config = transformers.LlamaConfig(vocab_size=160, hidden_size=192, intermediate_size=320, num_hidden_layers=2,
-                                      num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False)
-    torch.manual_seed(0)
-    model = transformers.LlamaForCausalLM(config).to(torch.bfloat16)
-    model.save_pretrained(root / "bf16")
-    peft = build_adapter(root / "bf16", root / "adapter", dtype="bf16", r=4, lora_alpha=8,
-                         target_modules=["q_proj", "v_proj", "down_proj"])
+    config, peft = odd_llama(root, hidden=192, intermediate=320, dtype="bf16", targets=["q_proj", "v_proj", "down_proj"])
     state = read_checkpoint(root / "bf16")
     shards: dict[str, dict[str, torch.Tensor]] = {"model-00001-of-00002.safetensors": {},
                                                   "model-00002-of-00002.safetensors": {}}
@@ -235,3 +229,128 @@ def test_compressed_tensors_fp8_merges_into_bf16(tmp_path: Path, fp8: dict, comp
         merged += 1
     assert merged == 6  # q, v and down projections of both layers
     assert main(["verify", str(out)]) == 0
+
+
+# --dtype fp8: the base's own scheme written back (names, grid, scale dtype, config as they are)
+def e4m3_unambiguous(v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """e4m3(v) (round to nearest even, after clamping to +-448), and where a relative nudge of 1e-5
+    cannot change it (the merge's float32 x may differ from float64 by that much)."""
+    lo, hi = ((v * f).clamp(-448, 448).to(torch.float8_e4m3fn).double() for f in (1 - 1e-5, 1 + 1e-5))
+    return v.clamp(-448, 448).to(torch.float8_e4m3fn).double(), lo == hi
+
+
+def requantized(x: torch.Tensor, block: tuple[int, int], scale_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """The pinned formula's scales, amax(|x|) / 448 per block rounded to the scale dtype (1 where amax
+    is 0), and where a relative nudge of 1e-6 of amax cannot change them."""
+    n, k = x.shape
+    bn, bk = block
+    grid = (math.ceil(n / bn), math.ceil(k / bk))
+    s, sure = torch.ones(grid, dtype=torch.float64), torch.ones(grid, dtype=torch.bool)
+    for i in range(grid[0]):
+        for j in range(grid[1]):
+            amax = x[i * bn:(i + 1) * bn, j * bk:(j + 1) * bk].abs().max()
+            lo, mid, hi = ((amax * f / 448).to(scale_dtype).double() for f in (1 - 1e-6, 1, 1 + 1e-6))
+            s[i, j], sure[i, j] = (mid, lo == hi) if amax > 0 else (1.0, True)
+    return s, sure
+
+
+def check_written_back(out: Path, base: Path, dequantized: dict, deltas: dict, block_of: callable,
+                       report: dict) -> None:
+    got, ref = read_checkpoint(out), read_checkpoint(base)
+    assert set(got) == set(ref)  # same names: weights, scales, input scales
+    cfg_out, cfg_in = (json.loads((d / "config.json").read_text()) for d in (out, base))
+    assert cfg_out["quantization_config"] == cfg_in["quantization_config"]
+    assert cfg_out.get("torch_dtype", cfg_out.get("dtype")) == cfg_in.get("torch_dtype", cfg_in.get("dtype"))
+    touched, scales = {}, {}
+    for name in dequantized:
+        module = name.removesuffix(".weight")
+        if module in deltas:
+            touched[name] = exact_and_bound(dequantized[name], deltas[module], torch.float32)[0]
+            scales[name] = next(n for n in ref if n.startswith(name + "_scale"))
+    for name, tensor in got.items():  # everything else byte for byte, FP8 weights and their scales included
+        if name not in touched and name not in scales.values():
+            assert tensor.dtype == ref[name].dtype and torch.equal(bits(tensor), bits(ref[name])), name
+    assert len(touched) == 6
+    for name, x in touched.items():
+        q, s = got[name], got[scales[name]]
+        assert q.dtype == torch.float8_e4m3fn and s.dtype == ref[scales[name]].dtype and s.shape == ref[scales[name]].shape
+        block = block_of(q.shape, s)
+        grid = s.double().reshape(math.ceil(q.shape[0] / block[0]), -1)
+        want, sure = requantized(x, block, s.dtype)
+        assert torch.equal(grid[sure], want[sure]) and torch.allclose(grid, want, rtol=2.0**-7, atol=0), name
+        every = grid.repeat_interleave(block[0], 0)[: q.shape[0]].repeat_interleave(block[1], 1)[:, : q.shape[1]]
+        expected, sure = e4m3_unambiguous(x / every)
+        assert torch.equal(q.double()[sure], expected[sure]) and sure.float().mean() > 0.99, name
+        w0, out64 = dequantized[name], q.double() * every
+        survives = float(((out64 - w0) * (x - w0)).sum() / (x - w0).square().sum())
+        assert report["requantized"][name] == pytest.approx(survives, rel=1e-3), name
+    assert main(["verify", str(out)]) == 0
+
+
+def test_block_fp8_written_back_as_fp8(tmp_path: Path, fp8: dict, monkeypatch: pytest.MonkeyPatch, capsys) -> None:
+    from oracle import report as read_report
+
+    from streammerge.run import workingset
+
+    monkeypatch.setattr(workingset, "MAX_CHUNK", 1000)  # chunks of one block row (128 rows) at a time
+    out = tmp_path / "out"
+    assert main(["--base", str(fp8["base"]), "--adapter", str(fp8["peft"].adapter), "--output", str(out), "-q",
+                 "--dtype", "fp8", "--max-mem", "40MB", "--json"]) == 0
+    report = read_report(capsys.readouterr().out)
+    assert report["base_kind"] == "quantized (fp8)" and report["quantized"]["requantized"] == 6
+    check_written_back(out, fp8["base"], fp8["dequantized"], fp8["peft"].deltas, lambda shape, s: (BLOCK, BLOCK),
+                       report)
+    assert main(["plan", "--base", str(fp8["base"]), "--adapter", str(fp8["peft"].adapter), "--dtype", "fp8"]) == 0
+    assert ("quantized base (fp8): written back in its scheme: 6 merged weights re-quantized, 8 copied byte for byte"
+            in capsys.readouterr().out)
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    weight = "model.layers.0.self_attn.q_proj.weight"  # its scale was in the other shard: now beside it
+    assert index["weight_map"][weight + "_scale_inv"] == index["weight_map"][weight]
+
+
+@pytest.mark.parametrize("preset", ["FP8", "FP8_DYNAMIC", "FP8_BLOCK"])
+def test_compressed_tensors_fp8_written_back_as_fp8(tmp_path: Path, fp8: dict, compressed: dict, preset: str,
+                                                    capsys) -> None:
+    from oracle import report as read_report
+
+    base, out = compressed[preset], tmp_path / "out"
+    assert main(["--base", str(base), "--adapter", str(fp8["peft"].adapter), "--output", str(out), "-q",
+                 "--dtype", "fp8", "--max-mem", "40MB", "--json"]) == 0
+    report = read_report(capsys.readouterr().out)
+    ref = read_checkpoint(base)
+
+    def block_of(shape: tuple[int, int], s: torch.Tensor) -> tuple[int, int]:
+        return tuple(shape) if s.numel() == 1 else (1, shape[1]) if list(s.shape) == [shape[0], 1] else (128, 128)
+
+    dequantized = {n: ref[n].double() * ref[n + "_scale"].double().reshape(
+        math.ceil(ref[n].shape[0] / block_of(ref[n].shape, ref[n + "_scale"])[0]), -1).repeat_interleave(
+        block_of(ref[n].shape, ref[n + "_scale"])[0], 0)[: ref[n].shape[0]].repeat_interleave(
+        block_of(ref[n].shape, ref[n + "_scale"])[1], 1)[:, : ref[n].shape[1]]
+        for n in ref if ref[n].dtype == torch.float8_e4m3fn}
+    check_written_back(out, base, dequantized, fp8["peft"].deltas, block_of, report)
+
+
+def test_a_delta_lost_in_requantization_is_warned_about(tmp_path: Path, fp8: dict, capsys) -> None:
+    """An adapter whose delta is ~1000x smaller than the FP8 step: most of it cannot survive
+    re-quantization; the report says so and names the 16-bit output."""
+    import shutil
+
+    from safetensors.torch import load_file
+
+    adapter = Path(shutil.copytree(fp8["peft"].adapter, tmp_path / "adapter"))
+    tensors = load_file(adapter / "adapter_model.safetensors")
+    save_file({k: v * (1e-3 if "lora_B" in k else 1) for k, v in tensors.items()}, adapter / "adapter_model.safetensors")
+    out = tmp_path / "out"
+    assert main(["--base", str(fp8["base"]), "--adapter", str(adapter), "--output", str(out), "--dtype", "fp8"]) == 0
+    shown = capsys.readouterr().out
+    assert "warning: re-quantized to FP8, 6 merged weight(s) kept under 50% of their delta" in shown
+    assert "a 16-bit --dtype (bf16) keeps all of it" in shown
+
+
+def test_fp8_out_needs_an_fp8_base(tmp_path: Path, fp8: dict, capsys) -> None:
+    out = tmp_path / "out"
+    assert main(["--base", str(fp8["base"].parent / "bf16"), "--adapter", str(fp8["peft"].adapter), "--output",
+                 str(out), "--dtype", "fp8", "-q"]) == 4
+    err = capsys.readouterr().err
+    assert "--dtype fp8 writes an FP8 base back in its own scheme" in err and "is not quantized" in err
+    assert not out.exists()

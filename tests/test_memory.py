@@ -127,8 +127,8 @@ def test_chunk_is_the_budgets_share_capped() -> None:
     assert _capped(MAX_CHUNK * 4, MAX_CHUNK * 8, MAX_CHUNK * 2) == MAX_CHUNK * 2  # one row at least
 
 
-def merge_quantized(tmp_path: Path, tensors: dict[str, torch.Tensor], qconfig: dict) -> tuple[dict, Path, torch.Tensor,
-                                                                                            torch.Tensor]:
+def merge_quantized(tmp_path: Path, tensors: dict[str, torch.Tensor], qconfig: dict,
+                    *extra: str) -> tuple[dict, Path, torch.Tensor, torch.Tensor]:
     """An 8192-wide quantized base of ``tensors`` (+ a norm) and an r=16 LoRA on ``big``, merged at
     --max-mem 64MB in a subprocess; the merge's peak and the sampled RSS checked against the budget.
     Returns the report, the output, and the LoRA's A and B (scale 2)."""
@@ -145,7 +145,8 @@ def merge_quantized(tmp_path: Path, tensors: dict[str, torch.Tensor], qconfig: d
     (adapter / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 16, "lora_alpha": 32}))
     out = tmp_path / "out"
     stdout, sampled = run_sampled([sys.executable, "-m", "streammerge", "--base", str(base), "--adapter", str(adapter),
-                                   "--output", str(out), "--device", "cpu", "--max-mem", "64MB", "--json", "-q"])
+                                   "--output", str(out), "--device", "cpu", "--max-mem", "64MB", "--json", "-q",
+                                   *extra])
     (report,) = oracle_reports(stdout)
     baseline, peak = report["baseline_rss"], report["peak_rss"]
     assert report["quantized"]["tensors"] == 1 and report["chunk_elements"] < 8192 * 8192
@@ -154,19 +155,27 @@ def merge_quantized(tmp_path: Path, tensors: dict[str, torch.Tensor], qconfig: d
     return report, out, a, b
 
 
-def test_a_block_fp8_base_stays_under_budget(tmp_path: Path) -> None:
+@pytest.mark.parametrize("dtype", ["auto", "fp8"])
+def test_a_block_fp8_base_stays_under_budget(tmp_path: Path, dtype: str) -> None:
     """A quantized base: an F8_E4M3 weight of 64 MiB (128 MiB once dequantized to bf16), its scales,
-    merged at --max-mem 64MB; the scales and the chunk buffers are the working set."""
+    merged at --max-mem 64MB into bf16, or written back as FP8 (re-quantized: W0 kept beside x); the
+    scales and the chunk buffers are the working set."""
     gen = torch.Generator().manual_seed(0)
     q = (torch.randn(8192, 8192, generator=gen) * 100).clamp(-448, 448).to(torch.float8_e4m3fn)
     scale = torch.rand(64, 64, generator=gen) * 1e-3 + 1e-4
     report, out, a, b = merge_quantized(tmp_path, {"big.weight": q, "big.weight_scale_inv": scale},
-                                        {"quant_method": "fp8", "weight_block_size": [128, 128]})
+                                        {"quant_method": "fp8", "weight_block_size": [128, 128]}, "--dtype", dtype)
     assert report["quantized"]["scheme"] == "fp8"
     rows = slice(0, 8192, 331)  # rows across the chunks, against q * s[i // 128, j // 128] + 2 B A in float64
     w = q[rows].double() * scale.double()[torch.arange(8192)[rows] // 128][:, torch.arange(8192) // 128]
     exact, bound = exact_and_bound(w, [(a.double(), b[rows].double(), 2.0)], torch.bfloat16)
-    assert ((read_checkpoint(out)["big.weight"][rows].double() - exact).abs() <= bound).all()
+    got = read_checkpoint(out)
+    if dtype == "fp8":  # codes times the new scales: within half an e4m3 step (2^-4 relative) of the merge
+        every = got["big.weight_scale_inv"].double()[torch.arange(8192)[rows] // 128][:, torch.arange(8192) // 128]
+        assert report["quantized"]["requantized"] == 1 and "big.weight" in report["requantized"]
+        assert ((got["big.weight"][rows].double() * every - exact).abs() <= exact.abs() * 2.0**-4 + every * 2.0**-9).all()
+        return
+    assert ((got["big.weight"][rows].double() - exact).abs() <= bound).all()
 
 
 def test_a_4bit_base_stays_under_budget(tmp_path: Path) -> None:
@@ -188,3 +197,33 @@ def test_a_4bit_base_stays_under_budget(tmp_path: Path) -> None:
     exact, bound = exact_and_bound(reference, [(a.double(), b[rows].double(), 2.0)], torch.bfloat16)
     slack = reference.abs() * 2.0**-8  # the reference is itself rounded to bf16 once: half an ulp of it
     assert ((read_checkpoint(out)["big.weight"][rows].double() - exact).abs() <= bound + slack).all()
+
+
+@pytest.mark.parametrize("layout", ["gptq", "awq"])
+def test_a_gptq_or_awq_base_stays_under_budget(tmp_path: Path, layout: str) -> None:
+    """A 4-bit GPTQ (act-order g_idx) or AWQ weight of 8192 x 8192 (32 MiB stored, 128 MiB once
+    dequantized to bf16): both store W transposed, so a row chunk is read as a column range of
+    every stored row; merged at --max-mem 64MB. Rows checked against a float64 reading here."""
+    gen = torch.Generator().manual_seed(0)
+    words = torch.randint(-2**31, 2**31 - 1, (1024, 8192) if layout == "gptq" else (8192, 1024), generator=gen,
+                          dtype=torch.int32)
+    zeros = torch.randint(-2**31, 2**31 - 1, (64, 1024), generator=gen, dtype=torch.int32)
+    scales = (torch.rand(64, 8192, generator=gen) * 1e-3 + 1e-4).half()
+    g_idx = torch.randperm(8192, generator=gen) // 128
+    side = {"big.qweight": words, "big.qzeros": zeros,
+            "big.scales": scales, **({"big.g_idx": g_idx.to(torch.int32)} if layout == "gptq" else {})}
+    report, out, a, b = merge_quantized(tmp_path, side, {"quant_method": layout, "bits": 4, "group_size": 128,
+                                                         "checkpoint_format": "gptq_v2", "version": "gemm"})
+    rows = torch.arange(0, 8192, 331)
+    group = g_idx if layout == "gptq" else torch.arange(8192) // 128
+    order = torch.tensor([0, 2, 4, 6, 1, 3, 5, 7] if layout == "awq" else list(range(8)))
+    position = torch.argsort(order)  # output n % 8 -> its nibble
+    z = (zeros.long()[:, rows // 8] >> (4 * position[rows % 8])) & 15  # (G, rows)
+    if layout == "gptq":  # word (p, n): W[n, 8p + j] in bits 4j
+        q = ((words.long()[:, rows][:, None, :] >> (4 * torch.arange(8))[None, :, None]) & 15).reshape(8192, -1).T
+    else:  # word (k, m): W[8m + order[j], k] in bits 4j
+        q = ((words.long()[:, rows // 8] >> (4 * position[rows % 8])) & 15).T
+    w = (q - z.T[:, group]).double() * scales.double()[:, rows].T[:, group]
+    exact, bound = exact_and_bound(w, [(a.double(), b[rows].double(), 2.0)], torch.bfloat16)
+    merged = read_checkpoint(out)["big.weight"]  # bf16: the unquantized tensors' dtype (the scales' f16 does not count)
+    assert merged.dtype == torch.bfloat16 and ((merged[rows].double() - exact).abs() <= bound).all()

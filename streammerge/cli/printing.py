@@ -34,8 +34,11 @@ def _print_report(report: dict[str, Any]) -> None:
         print(f"base read from the Hub at commit {report['base_commit']}: {report['shards_downloaded']} shard(s) "
               "downloaded by this run")
     if report.get("quantized"):
-        q = report["quantized"]
-        print(f"quantized base ({q['scheme']}): {q['tensors']} weights dequantized to {q['dtype']}")
+        print(f"quantized base ({report['quantized']['scheme']}): {_quantized(report['quantized'])}")
+    if report.get("requantized"):
+        kept = sorted(report["requantized"].values())
+        print(f"re-quantized: {len(kept)} weights kept {kept[0]:.0%} (least) to {kept[-1]:.0%} of their delta "
+              "(survives, per tensor, in --json)")
     if report.get("pushed_to"):
         print(f"pushed: {report['pushed_to']}")
     if report.get("excluded"):
@@ -74,8 +77,8 @@ def print_plan(summary: dict[str, Any], *, verbose: bool) -> None:
         print(f"note: {note}")
     if summary.get("quantized"):
         q = summary["quantized"]
-        print(f"quantized base ({q['scheme']}): {q['tensors']} weights dequantized to {q['dtype']}; "
-              f"{format_size(q['bytes_in'])} in, {format_size(q['bytes_out'])} out")
+        print(f"quantized base ({q['scheme']}): {_quantized(q)}; {format_size(q['bytes_in'])} in, "
+              f"{format_size(q['bytes_out'])} out")
         for f in q["families"]:
             print(f"  {f['tensors']}  x{f['count']}  [{f['scheme']} {f['params']}]")
     memory = summary["memory"]
@@ -111,3 +114,11 @@ class PlanLine:
         where = outputs[0] if len(outputs) == 1 else f"{len(outputs)} outputs"
         print(f"streammerge: writing {format_size(event.data['bytes'])} in {event.data['shards']} shard(s) to "
               f"{where}{done}", file=sys.stderr, flush=True)
+
+
+def _quantized(q: dict[str, Any]) -> str:
+    """What becomes of a quantized base's weights: dequantized, or written back (--dtype fp8)."""
+    if q.get("requantized") is None:
+        return f"{q['tensors']} weights dequantized to {q['dtype']}"
+    return (f"written back in its scheme: {q['requantized']} merged weights re-quantized, "
+            f"{q['tensors'] - q['requantized']} copied byte for byte")

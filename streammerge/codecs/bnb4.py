@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any
 from ..errors import InputError, UnsupportedError
 from ..formats.checkpoint import read_bytes
 from ..plan.types import Quant, Source
+from . import RowMajor, side_source
 
 if TYPE_CHECKING:
     import torch
@@ -39,7 +40,7 @@ DTYPES = {"bfloat16": "BF16", "float16": "F16", "float32": "F32"}
 SLICE = 1 << 17  # decode in slices of this many elements: the code temporaries stay small on any device
 
 
-class Bnb4Codec:
+class Bnb4Codec(RowMajor):
     dtype = "U8"
     itemsize = 1
     row_alignment = 1
@@ -118,16 +119,11 @@ class Bitsandbytes4:
                 raise InputError(f"base {base.root}: {name} is 4-bit but has no absmax or quant_map; incomplete")
             params = (meta.get("quant_type"), int(meta["blocksize"]), int(meta.get("nested_blocksize") or 0),
                       float(meta.get("nested_offset") or 0.0))
-            found[name] = Quant(self.name, side, params, (state,), shape)
+            found[name] = Quant(self.name, side, params, (state,), shape, layout="bnb4")
         return found
 
-    @staticmethod
-    def _source(base: BaseCheckpoint, name: str) -> Source:
-        header = base.shards[base.weight_map[name]]
-        if header.data_start < 0:
-            raise UnsupportedError(f"base {base.root}: a 4-bit base from the Hub shard by shard is not supported by "
-                                   "this version; download the repository first")
-        return Source(header.path, header.data_start, header.tensors[name])
+    def _source(self, base: BaseCheckpoint, name: str) -> Source:
+        return side_source(base, name, "bitsandbytes 4-bit")
 
     def _meta(self, base: BaseCheckpoint, state: str) -> dict[str, Any]:
         src = self._source(base, state)

@@ -21,7 +21,8 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from ..errors import InputError, UnsupportedError
-from ..plan.types import Quant, Source
+from ..plan.types import Quant
+from . import RowMajor, side_source
 
 if TYPE_CHECKING:
     import torch
@@ -31,7 +32,7 @@ if TYPE_CHECKING:
 SCALE_SUFFIX = "_scale_inv"
 
 
-class BlockFP8Codec:
+class BlockFP8Codec(RowMajor):
     """Decodes F8_E4M3 rows with their block scales (float32 ``scale`` on the merge device)."""
 
     dtype = "F8_E4M3"
@@ -39,7 +40,7 @@ class BlockFP8Codec:
     row_alignment = 1
 
     def __init__(self, scale: torch.Tensor, block: tuple[int, int]) -> None:
-        self.scale, self.block = scale, block
+        self.scale, self.block_size = scale, block
 
     def nbytes(self, elements: int) -> int:
         return elements
@@ -52,7 +53,7 @@ class BlockFP8Codec:
     def decode(self, stored: torch.Tensor, work: torch.Tensor, row0: int) -> None:
         work.copy_(stored)  # e4m3 -> float32 is exact
         rows, cols = work.shape
-        bn, bk = self.block
+        bn, bk = self.block_size
         first = row0 // bn
         grid = self.scale[first : (row0 + rows - 1) // bn + 1]  # the block rows these rows touch
         per_row = grid.repeat_interleave(bn, dim=0)[row0 - first * bn : row0 - first * bn + rows]  # (rows, K/bk)
@@ -93,11 +94,8 @@ class Fp8Block:
             if len(info.shape) != 2 or list(scale.shape) != want or scale.dtype not in ("F32", "BF16", "F16"):
                 raise InputError(f"base {base.root}: {scale_name} is {scale.dtype}{list(scale.shape)} but {name} "
                                  f"{list(info.shape)} in blocks of {block} needs a float {want} grid")
-            header = base.shards[base.weight_map[scale_name]]
-            if header.data_start < 0:  # a Hub shard not downloaded yet: its data offset is unknown
-                raise UnsupportedError(f"base {base.root}: block FP8 from the Hub shard by shard is not supported by "
-                                       "this version; download the repository first and pass its directory")
-            found[name] = Quant(self.name, {"scale": Source(header.path, header.data_start, scale)}, tuple(block))
+            found[name] = Quant(self.name, {"scale": side_source(base, scale_name, "block FP8")}, tuple(block),
+                                layout="fp8")
         return found
 
     def codec(self, quant: Quant, side: dict[str, torch.Tensor]) -> BlockFP8Codec:

@@ -12,6 +12,7 @@ import torch
 from ..errors import UnsupportedError
 from ..formats.checkpoint import read_bytes, read_tensor_bytes
 from ..formats.header import SafetensorsHeader
+from . import RowMajor
 
 if TYPE_CHECKING:
     from ..plan.types import Source
@@ -25,7 +26,7 @@ TORCH_DTYPES: dict[str, torch.dtype] = {
 
 
 @dataclass(frozen=True)
-class PlainCodec:
+class PlainCodec(RowMajor):
     """One element per stored value; any row is a valid chunk boundary; no side tensors."""
 
     dtype: str
@@ -65,12 +66,14 @@ def read_tensor(path: Path, header: SafetensorsHeader, name: str) -> torch.Tenso
     return torch.frombuffer(buf, dtype=TORCH_DTYPES[info.dtype]).reshape(info.shape)
 
 
-def read_source(src: Source) -> torch.Tensor:
-    """A small tensor (a side tensor: scales) read whole from wherever it is, as float32."""
+SIDE_DTYPES = {**TORCH_DTYPES, "U8": torch.uint8, "I32": torch.int32, "I64": torch.int64}
+
+
+def read_side(src: Source) -> torch.Tensor:
+    """A small tensor (a side tensor: scales, codes of zero points) read whole from wherever it is, as stored."""
     info = src.info
-    dtype = {**TORCH_DTYPES, "U8": torch.uint8}.get(info.dtype)  # (U8: codes, e.g. a double-quantized absmax)
+    dtype = SIDE_DTYPES.get(info.dtype)
     if dtype is None:
-        raise UnsupportedError(f"{src.path}: side tensor {info.name!r} is {info.dtype}, not a float or U8 tensor")
+        raise UnsupportedError(f"{src.path}: side tensor {info.name!r} is {info.dtype}, not a float or integer tensor")
     buf = read_bytes(src.path, src.data_start + info.begin, info.nbytes)
-    return torch.frombuffer(buf, dtype=dtype).reshape(info.shape).float() if buf else \
-        torch.empty(info.shape, dtype=torch.float32)
+    return torch.frombuffer(buf, dtype=dtype).reshape(info.shape) if buf else torch.empty(info.shape, dtype=dtype)

@@ -14,13 +14,13 @@ from pathlib import Path
 from typing import Any
 
 from ..adapters.types import LoraAdapter, LoraModule
-from ..codecs import Scheme, check_scheme, quantization
 from ..errors import InputError, PlanError, UnsupportedError
 from ..formats.checkpoint import BaseCheckpoint
 from ..formats.header import FLOAT_DTYPES, TensorInfo
 from .keymap import EXPERTS, VOCAB_TENSORS, Match, Rule, resolve, stored_transposed, tied_head
 from .tokenizer import choose_tokenizer
-from .types import DTYPE_CHOICES, Delta, MergePlan, Quant, Source, TensorPlan, TokenRows
+from .quantized import QuantizedBase
+from .types import DTYPE_CHOICES, KEEP_FP8, Delta, MergePlan, Quant, Source, TensorPlan, TokenRows
 
 _SHOW = 5  # keys quoted in an error message before "... and N more"
 
@@ -275,33 +275,18 @@ def _filter(deltas: dict[str, list[Delta]], sources: dict[str, Source], tokens: 
     return excluded
 
 
-def _layout(base: BaseCheckpoint, infos: dict[str, TensorInfo], out_dtype: Callable[[str, TensorInfo], str],
-            deltas: dict[str, list[Delta]], sources: dict[str, Source], tokens: dict[str, TokenRows],
-            quant: dict[str, Quant], dropped: set[str]) -> dict[str, list[TensorPlan]]:
+def _layout(base: BaseCheckpoint, names: dict[str, str], infos: dict[str, TensorInfo],
+            out_dtype: Callable[[str, TensorInfo], str], deltas: dict[str, list[Delta]], sources: dict[str, Source],
+            tokens: dict[str, TokenRows], quant: dict[str, Quant], dropped: set[str]) -> dict[str, list[TensorPlan]]:
     """Each output shard's tensors in the base's data order (tensors a shard holds but the index does
-    not list are left out, as loaders ignore them; so are the side tensors of a dequantized scheme)."""
+    not list are left out, as loaders ignore them; so are the side tensors of a dequantized scheme;
+    a weight stored under another name, e.g. GPTQ's ``qweight``, is written under its own)."""
+    renamed = {q.stored: n for n, q in quant.items() if q.stored}
     return {shard: [TensorPlan(name, shard, infos.get(name, info), out_dtype(name, info), deltas.get(name, []),
                                sources.get(name), tokens.get(name), quant.get(name))
-                    for name, info in header.tensors.items()
-                    if base.weight_map.get(name) == shard and name not in dropped]
+                    for name, info in ((renamed.get(n, n), i) for n, i in header.tensors.items())
+                    if names.get(name) == shard and name not in dropped]
             for shard, header in base.shards.items()}
-
-
-def _quantized(base: BaseCheckpoint) -> tuple[Scheme | None, dict[str, Quant]]:
-    """The base's quantization scheme (None: not quantized) and its quantized weights."""
-    scheme = check_scheme(base.config, str(base.origin or base.root))
-    return scheme, (scheme.quantized(base, quantization(base.config) or {}) if scheme else {})
-
-
-def _dequantized_dtype(base: BaseCheckpoint, quant: dict[str, Any]) -> str:
-    """What dequantized weights become with --dtype auto: the dtype of the base's unquantized float
-    tensors (the most common one; bf16 if there are none)."""
-    counts: dict[str, int] = {}
-    for name in base.weight_map:
-        info = base.info(name)
-        if name not in quant and info.dtype in ("BF16", "F16"):
-            counts[info.dtype] = counts.get(info.dtype, 0) + info.numel
-    return max(counts, key=lambda d: counts[d]) if counts else "BF16"
 
 
 def build_plan(
@@ -315,16 +300,15 @@ def build_plan(
     tokenizer: Path | None = None,
 ) -> MergePlan:
     """Map, check and lay out the whole merge. Reads headers only."""
-    target = None if dtype == "auto" else DTYPE_CHOICES[dtype]
-    scheme, quant = _quantized(base)
-    default = scheme.out_dtype(quantization(base.config) or {}) if scheme else None
-    dequant_to = target or default or _dequantized_dtype(base, quant)
+    target = None if dtype in ("auto", KEEP_FP8) else DTYPE_CHOICES[dtype]
+    qbase = QuantizedBase.of(base, target, keep=dtype == KEEP_FP8)
+    quant = qbase.weights
     # A tied checkpoint has no output head on disk; an adapter may still target it (see _untie).
     tie = tied_head(base.weight_map) if base.ties_embeddings else None
     tie = tie if tie and tie[1] not in base.weight_map else None
     names = dict(base.weight_map, **({tie[1]: base.weight_map[tie[0]]} if tie else {}))
     infos = {tie[1]: dataclasses.replace(base.info(tie[0]), name=tie[1])} if tie else {}
-    infos.update({n: dataclasses.replace(base.info(n), shape=q.shape) for n, q in quant.items() if q.shape})
+    qbase.register(names, infos)
     changes: dict[str, Any] = {}
     sources = _replacement_sources(base, adapters, user_rules, names, infos, changes)
     look = _Lookup(base, names, infos, user_rules, frozenset(quant))
@@ -342,15 +326,16 @@ def build_plan(
         if len(ds) > 1 and any(d.lora.magnitude_key for d in ds):
             raise UnsupportedError(f"{tensor}: a DoRA adapter cannot be merged together with another adapter "
                                    "on the same weight (DoRA rescales the sum); merge them one after another")
-    dropped = {n for q in quant.values() for n in (*(s.info.name for s in q.side.values()), *q.dropped)}
-    shards = _layout(base, infos, lambda n, info: dequant_to if n in quant else _out_dtype(info, target),
+    dropped = qbase.dropped
+    shards = _layout(base, names, infos, lambda n, info: qbase.out_dtype(info) if n in quant else _out_dtype(info, target),
                      deltas, sources, tokens, quant, dropped)
     resized_by = changes.pop("_tokenizer_from", None)
     tokenizer_from, why = choose_tokenizer(base.root, adapters, explicit=tokenizer,
                                            resized_by=Path(resized_by) if resized_by else None,
                                            vocab_size=changes.get("vocab_size"))
     plan = MergePlan(base, adapters, shards, target, changes, tokenizer_from, why, excluded, dropped,
-                     scheme.name if quant and scheme else None, dequant_to if quant else target)
+                     qbase.dequantized, qbase.dequant_to if qbase.dequantized else target)
+    qbase.finish(plan)
     if tie and (deltas.get(tie[0]) or deltas.get(tie[1])):
         _untie(plan, *tie, infos[tie[1]], deltas.get(tie[1], []), sources.get(tie[1]) or sources.get(tie[0]))
     return plan

@@ -42,10 +42,12 @@ def summary(plan: MergePlan) -> dict[str, Any]:
 
 def quantized(plan: MergePlan) -> dict[str, Any] | None:
     """A quantized base: its scheme, how many weights it dequantizes, to what, and the bytes in and out."""
-    if plan.dequantized is None:
+    scheme = plan.dequantized or plan.requantized
+    if scheme is None:
         return None
     tensors = [t for t in plan.tensors() if t.quant is not None]
-    return {"scheme": plan.dequantized, "tensors": len(tensors), "dtype": plan.config_dtype,
+    return {"scheme": scheme, "tensors": len(tensors), "dtype": plan.config_dtype,
+            "requantized": sum(t.requant is not None for t in tensors) if plan.requantized else None,
             "bytes_in": plan.base.total_size, "bytes_out": plan.output_size, "families": families(tensors)}
 
 

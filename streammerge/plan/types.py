@@ -6,6 +6,7 @@ and ``verify``.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,6 +17,7 @@ from ..formats.checkpoint import BaseCheckpoint
 from ..formats.header import DTYPE_SIZES, TensorInfo
 
 DTYPE_CHOICES = {"bf16": "BF16", "fp16": "F16", "fp32": "F32"}
+KEEP_FP8 = "fp8"  # --dtype fp8: an FP8 base written back in its own scheme
 CONFIG_DTYPE_NAMES = {"BF16": "bfloat16", "F16": "float16", "F32": "float32"}
 
 
@@ -81,11 +83,25 @@ class Quant:
     params: tuple[Any, ...] = ()
     dropped: tuple[str, ...] = ()  # other tensors of the scheme not written out (e.g. input_scale)
     shape: tuple[int, ...] | None = None  # the weight's real shape when it is stored packed (4-bit)
+    layout: str = ""  # how the codes are stored (verify reads each layout its own way)
+    stored: str | None = None  # the stored tensor when its name is not the weight's (GPTQ's qweight)
+    side_floats: int | None = None  # float32 values the codec builds from the side tensors (unpacked zeros)
+    row_alignment: int = 1  # chunks start at multiples of this many rows
 
     @property
     def side_bytes(self) -> int:
         """float32 bytes of the side tensors on the merge device."""
-        return 4 * sum(s.info.numel for s in self.side.values())
+        return 4 * (self.side_floats if self.side_floats is not None else sum(s.info.numel for s in self.side.values()))
+
+
+@dataclass(frozen=True)
+class Requant:
+    """A merged FP8 weight written back as FP8 (``codecs.fp8_out``): its scale tensor, rewritten with
+    it, and the base's scale block (bn, bk) (tensor: the whole shape; channel: (1, K))."""
+
+    scale: str
+    scale_dtype: str
+    block: tuple[int, int]
 
 
 @dataclass(frozen=True, eq=False)
@@ -107,11 +123,21 @@ class TensorPlan:
     source: Source | None = None  # set when an adapter supplies the tensor's base weight
     tokens: TokenRows | None = None  # rows replaced last (trainable_token_indices)
     quant: Quant | None = None  # a quantized base weight: dequantized on reading
+    requant: Requant | None = None  # written back in the base's scheme (--dtype fp8), with new scales
+    written_by: str | None = None  # a scale tensor written by its weight's re-quantization
+    keep_codes: bool = False  # a quantized weight written back in its scheme (copied unless merged)
+
+    @property
+    def dequantized(self) -> bool:
+        """A quantized base weight decoded to a float output (even when its storage dtype is a float:
+        bitsandbytes may store codes as bf16)."""
+        return self.quant is not None and self.source is None and not self.keep_codes
 
     @property
     def rewritten(self) -> bool:
-        """True when the bytes change (merged, converted or replaced); False: copied byte for byte."""
-        return bool(self.deltas) or self.out_dtype != self.info.dtype or self.source is not None or self.tokens is not None
+        """True when the bytes change (merged, converted, replaced or dequantized); False: copied byte for byte."""
+        return (bool(self.deltas) or self.out_dtype != self.info.dtype or self.source is not None
+                or self.tokens is not None or self.written_by is not None or self.dequantized)
 
     @property
     def merged(self) -> bool:
@@ -128,6 +154,14 @@ class TensorPlan:
             return self.source
         header = base.shards[self.shard]
         return Source(header.path, header.data_start, self.info)
+
+    @property
+    def row_alignment(self) -> int:
+        """Chunks start at multiples of this many rows: the codes' (a word of AWQ holds 8 rows) and the
+        new scale blocks' (a re-quantized block of bn rows is encoded at once)."""
+        read = self.quant.row_alignment if self.quant is not None and self.source is None else 1
+        bn = self.requant.block[0] if self.requant is not None and self.requant.block[0] < self.info.shape[0] else 1
+        return math.lcm(read, bn)
 
     @property
     def rows_cols(self) -> tuple[int, int]:
@@ -153,6 +187,7 @@ class MergePlan:
     dropped: set[str] = field(default_factory=set)  # base tensors not written (scales of a dequantized scheme)
     dequantized: str | None = None  # the quantization scheme read and written out as out_dtype / config_dtype
     config_dtype: str | None = None  # the dtype config.json gets (the output dtype, or that of dequantized weights)
+    requantized: str | None = None  # the quantization scheme written back (--dtype fp8): config kept as it is
     notes: list[str] = field(default_factory=list)  # what the plan decided that the user should know
 
     @property

@@ -12,7 +12,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ..codecs import codec_for, scheme
+from ..codecs import Requantizer, codec_for, scheme
 from ..deltas import FirstPass, load
 from ..deltas.tokens import load_tokens
 from ..formats.checkpoint import pread_into
@@ -61,22 +61,25 @@ class TensorMerger:
         self.compute.start()
         while True:
             try:
-                written = self._rewrite(target, shard, t)
+                done = self._rewrite(target, shard, t)
                 break
             except Exception as exc:
                 if not self.compute.retry_smaller(exc, t.name):
                     raise
-        target.events.emit("tensor", target.name, name=t.name, kind=tensor_kind(t), bytes=written)
+        target.events.emit("tensor", target.name, name=t.name, kind=tensor_kind(t), **done)
 
-    def _rewrite(self, target: Target, shard: str, t: TensorPlan) -> int:
+    def _rewrite(self, target: Target, shard: str, t: TensorPlan) -> dict[str, int | float]:
+        """The tensor's rows through decode, deltas and encode; its event's fields (bytes, survives)."""
         proc = self.compute.processor
         assert proc is not None
         src, writer = target.opened(shard)
         origin = t.origin(target.plan.base)
         if t.source is not None:  # an adapter file holds this tensor's base weight
             src = self._source_fd(origin.path)
-        decode, encode = self._decoder(t), codec_for(t.out_dtype)
+        decode, encode = self._decoder(t), self._encoder(t, proc.work)
         deltas = [load(d, self) for d in t.deltas]
+        if isinstance(encode, Requantizer):  # it keeps W0 of each block, before the deltas
+            deltas.insert(0, encode.snapshot)
         rows, cols = t.rows_cols
         align = max(decode.row_alignment, encode.row_alignment)
         step = max(align, proc.capacity // cols // align * align)
@@ -105,16 +108,32 @@ class TensorMerger:
                 slot.free.set()
                 raise
             written += len(out)
-        return written
+        if not isinstance(encode, Requantizer):
+            return {"bytes": written}
+        assert t.requant is not None
+        scales, name = encode.scale_bytes(), t.requant.scale
+        target.io.submit(lambda: writer.write(name, 0, scales))
+        survives = encode.survives
+        return {"bytes": written + len(scales), **({"survives": survives} if survives is not None else {})}
+
+    @staticmethod
+    def _encoder(t: TensorPlan, like: torch.Tensor) -> Codec:
+        """The codec the output bytes are written with: its dtype's, or a re-quantizer in the base's scheme."""
+        if t.requant is None:
+            return codec_for(t.out_dtype)
+        from ..codecs.fp8_out import encoder
+
+        rows, cols = t.rows_cols
+        return encoder((rows, cols), t.requant.block, t.requant.scale_dtype, like)
 
     def _decoder(self, t: TensorPlan) -> Codec:
         """The codec the tensor's input bytes are read with: its dtype's, or its quantization scheme's
         (with the side tensors, e.g. the scales, loaded on the merge device)."""
         if t.quant is None or t.source is not None:
             return codec_for(t.origin_dtype)
-        from ..codecs.plain import read_source  # (torch: loaded by now, never at import)
+        from ..codecs.plain import read_side  # (torch: loaded by now, never at import)
 
-        side = {k: self.put(read_source(s)) for k, s in t.quant.side.items()}
+        side = {k: self.put(read_side(s)) for k, s in t.quant.side.items()}
         return scheme(t.quant.scheme).codec(t.quant, side)
 
     @staticmethod
@@ -126,8 +145,11 @@ class TensorMerger:
             n = min(step, rows - row0)
             slot = proc.acquire()
             try:
-                offset = origin.data_start + origin.info.begin + codec.nbytes(row0 * cols)
-                pread_into(src, offset, proc.raw_bytes(slot, n * cols, codec.nbytes(n * cols)), path=origin.path)
+                raw, at = proc.raw_bytes(slot, n * cols, codec.nbytes(n * cols)), 0
+                for offset, length in codec.spans(row0, n, cols):  # (several when stored by column)
+                    pread_into(src, origin.data_start + origin.info.begin + offset, raw[at : at + length],
+                               path=origin.path)
+                    at += length
             except BaseException:
                 slot.free.set()
                 raise

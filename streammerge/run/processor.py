@@ -88,12 +88,13 @@ class Processor:
         out_bytes = rows * cols * out.itemsize
         io = slot.tensor if self.dev_io is None else self.dev_io
         stored = out.rows(io[:out_bytes], rows, cols)
-        for b0, work in self._blocks(slot, src, row0, rows, cols):
+        for b0, work in self._blocks(slot, src, row0, rows, cols, max(src.row_alignment, out.row_alignment)):
             for d in deltas:
                 d.apply(work, row0 + b0, work.shape[0])
             block = stored[b0 : b0 + work.shape[0]]
             out.encode(work, block)
-            self._check_finite(block, tensor, row0 + b0)
+            # (torch sums no float8: FP8 codes, clamped, are finite when the float32 values are)
+            self._check_finite(block if block.element_size() > 1 else work, tensor, row0 + b0)
         if self.dev_io is not None:
             slot.tensor[:out_bytes].copy_(io[:out_bytes])  # synchronous: the I/O thread reads it next
         return slot.bytes[:out_bytes]
@@ -101,13 +102,14 @@ class Processor:
     def first_pass(self, slot: Slot, *, src: Codec, row0: int, rows: int, cols: int, deltas: Sequence[Applied],
                    observers: Sequence[FirstPass]) -> None:
         """Rows of ``W + dW`` (float32, as merged) shown to the deltas that need every row first."""
-        for b0, work in self._blocks(slot, src, row0, rows, cols):
+        for b0, work in self._blocks(slot, src, row0, rows, cols, src.row_alignment):
             for d in deltas:
                 d.apply(work, row0 + b0, work.shape[0])
             for o in observers:
                 o.observe(work)
 
-    def _blocks(self, slot: Slot, src: Codec, row0: int, rows: int, cols: int) -> Iterator[tuple[int, torch.Tensor]]:
+    def _blocks(self, slot: Slot, src: Codec, row0: int, rows: int, cols: int,
+                align: int) -> Iterator[tuple[int, torch.Tensor]]:
         """The chunk's raw rows widened to float32, block by block: (first row, work (k, cols)).
 
         Raw bytes sit at the end of the slot (see ``raw_bytes``); on CUDA they go to the device first
@@ -119,11 +121,11 @@ class Processor:
         if self.dev_io is not None:
             io[raw_at:raw_end].copy_(slot.tensor[raw_at:raw_end], non_blocking=True)
         raw = src.rows(io[raw_at:raw_end], rows, cols)
-        step = rows if self.dev_io is not None else max(1, BLOCK_ELEMENTS // cols)
+        step = rows if self.dev_io is not None else max(align, BLOCK_ELEMENTS // cols // align * align)
         for b0 in range(0, rows, step):
             k = min(step, rows - b0)
             work = self.work[: k * cols].view(k, cols)
-            src.decode(raw[b0 : b0 + k], work, row0 + b0)
+            src.decode(src.block(raw, b0, k), work, row0 + b0)
             yield b0, work
 
     @staticmethod

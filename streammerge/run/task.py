@@ -99,7 +99,8 @@ class ShardTask:
             target.open(self.shard)
 
     def merge(self, merger: TensorMerger) -> None:
-        rewritten = [{t.name: t for t in target.plan.shards[self.shard] if t.rewritten} for target in self.targets]
+        rewritten = [{t.name: t for t in target.plan.shards[self.shard] if t.rewritten and t.written_by is None}
+                     for target in self.targets]  # (a re-quantized weight writes its scale tensor itself)
         for name in dict.fromkeys(n for tensors in rewritten for n in tensors):
             for target, tensors in zip(self.targets, rewritten):
                 if name in tensors:

@@ -3,7 +3,8 @@
 Memory model (``max_mem`` = M bytes, on the merge device):
   fixed   = float32 A and B of the tensor being merged (largest over the plan) + a 32 MiB reserve
   chunk   = E elements, each costing 4 bytes (float32 accumulator) + 2k bytes (two host I/O slots,
-            k = the widest input or output itemsize)
+            k = the widest input or output itemsize), + 4 bytes when a weight is re-quantized (the
+            dequantized base rows it compares with, ``codecs.fp8_out``)
   E       = (M - fixed) // (4 + 2k), at least one row of the widest tensor, at most MAX_CHUNK
             elements and the largest merged tensor
 On CUDA the accumulator and one I/O buffer of E*k bytes live on the GPU and the two pinned host
@@ -36,22 +37,29 @@ class WorkingSet:
     fixed_bytes: int  # float32 factors of the largest merged tensor + RESERVE
     chunk_elements: int
     io_itemsize: int
-    widest: int  # the longest row: the smallest chunk possible
+    widest: int  # the longest row (times its row alignment): the smallest chunk possible
+    floats: int = 1  # float32 buffers of the chunk's size: the accumulator, + W0 when re-quantizing (fp8_out)
 
     @property
     def chunk_bytes(self) -> int:
-        return self.chunk_elements * (4 + SLOTS * self.io_itemsize)
+        return self.chunk_elements * self.per_element(self.io_itemsize, self.floats)
+
+    @staticmethod
+    def per_element(io_itemsize: int, floats: int) -> int:
+        return 4 * floats + SLOTS * io_itemsize
 
     @classmethod
     def of(cls, plan: MergePlan, max_mem: int) -> WorkingSet:
         rewritten = [t for t in plan.tensors() if t.rewritten]
         io_itemsize = max((max(DTYPE_SIZES[t.origin(plan.base).info.dtype], DTYPE_SIZES[t.out_dtype])
                            for t in rewritten), default=1)
-        widest = max((t.rows_cols[1] for t in rewritten), default=1)
+        widest = max((t.rows_cols[1] * t.row_alignment for t in rewritten), default=1)
+        floats = 2 if any(t.requant is not None for t in rewritten) else 1
         fixed = plan.max_factor_bytes + RESERVE
-        chunk = chunk_capacity(max_mem, fixed=fixed, bytes_per_element=4 + SLOTS * io_itemsize, minimum_elements=widest)
+        chunk = chunk_capacity(max_mem, fixed=fixed, bytes_per_element=cls.per_element(io_itemsize, floats),
+                               minimum_elements=widest)
         largest = max((t.info.numel for t in rewritten), default=1)
-        return cls(max_mem, fixed, _capped(chunk, largest, widest), io_itemsize, widest)
+        return cls(max_mem, fixed, _capped(chunk, largest, widest), io_itemsize, widest, floats)
 
     @classmethod
     def combine(cls, sets: list[WorkingSet], max_mem: int) -> WorkingSet:
@@ -60,8 +68,11 @@ class WorkingSet:
         fixed = max(s.fixed_bytes for s in sets)
         io_itemsize = max(s.io_itemsize for s in sets)
         widest = max(s.widest for s in sets)
-        chunk = chunk_capacity(max_mem, fixed=fixed, bytes_per_element=4 + SLOTS * io_itemsize, minimum_elements=widest)
-        return cls(max_mem, fixed, _capped(chunk, max(s.chunk_elements for s in sets), widest), io_itemsize, widest)
+        floats = max(s.floats for s in sets)
+        chunk = chunk_capacity(max_mem, fixed=fixed, bytes_per_element=cls.per_element(io_itemsize, floats),
+                               minimum_elements=widest)
+        return cls(max_mem, fixed, _capped(chunk, max(s.chunk_elements for s in sets), widest), io_itemsize, widest,
+                   floats)
 
     def to_dict(self) -> dict[str, int]:
         return {"max_mem": self.max_mem, "factor_and_reserve_bytes": self.fixed_bytes,
