@@ -354,3 +354,17 @@ def test_fp8_out_needs_an_fp8_base(tmp_path: Path, fp8: dict, capsys) -> None:
     err = capsys.readouterr().err
     assert "--dtype fp8 writes an FP8 base back in its own scheme" in err and "is not quantized" in err
     assert not out.exists()
+
+
+def test_e8m0_scales_are_refused_by_name(tmp_path: Path, fp8: dict, capsys) -> None:
+    """MX-format power-of-two scales (F8_E8M0) are not block FP8's float scales: refused, not misread."""
+    base = tmp_path / "base"
+    base.mkdir()
+    q = torch.zeros(256, 256).to(torch.float8_e4m3fn)
+    save_file({"model.layers.0.self_attn.q_proj.weight": q,
+               "model.layers.0.self_attn.q_proj.weight_scale_inv": torch.ones(2, 2).to(torch.float8_e8m0fnu)},
+              base / "model.safetensors", metadata={"format": "pt"})
+    (base / "config.json").write_text(json.dumps({"model_type": "llama", "quantization_config": QCONFIG}))
+    assert main(["--base", str(base), "--adapter", str(fp8["peft"].adapter), "--output", str(tmp_path / "o"), "-q"]) == 4
+    err = capsys.readouterr().err
+    assert "E8M0" in err and "not read by this version" in err and not (tmp_path / "o").exists()

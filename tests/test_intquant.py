@@ -136,7 +136,8 @@ def awq(llama: dict) -> dict:
 
 
 def check_merged(out: Path, base: Path, dequantized: dict[str, torch.Tensor], llama: dict) -> int:
-    """Every dequantized weight within one rounding of float64 (W + deltas); the rest bit for bit."""
+    """Every dequantized weight within one rounding of float64 (W + deltas), the rest bit for bit; the
+    output loads in transformers without a quantization library, with the float64 merged model's logits."""
     got, ref = read_checkpoint(out), read_checkpoint(base)
     assert set(got) == set(llama["state"])  # qweight/qzeros/scales/g_idx gone, names back to X.weight
     config = json.loads((out / "config.json").read_text())
@@ -151,6 +152,12 @@ def check_merged(out: Path, base: Path, dequantized: dict[str, torch.Tensor], ll
         assert tensor.dtype == torch.float16 and ((tensor.double() - exact).abs() <= bound).all(), name
         merged += bool(deltas)
     assert merged == 6  # q, v and down projections of both layers
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)  # no quantization library
+    reference = transformers.LlamaForCausalLM(llama["config"])
+    exact = {n: exact_and_bound(w, llama["peft"].deltas.get(n.removesuffix(".weight"), []), torch.float16)[0]
+             for n, w in dequantized.items()}
+    reference.load_state_dict({k: v.float() for k, v in {**llama["state"], **exact}.items()})
+    assert torch.allclose(logits(loaded), logits(reference), atol=2e-2, rtol=2e-2)  # the float64 merged model's
     return merged
 
 
@@ -192,14 +199,6 @@ def test_awq_merges_into_f16_against_the_converters_reading(tmp_path: Path, llam
                  "--max-mem", "40MB"]) == 0
     check_merged(out, base, dequantized, llama)
     assert main(["verify", str(out)]) == 0
-    if not zero_point:
-        return
-    loaded = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)  # no quantization library
-    reference = transformers.LlamaForCausalLM(llama["config"])
-    exact = {n: exact_and_bound(w, llama["peft"].deltas.get(n.removesuffix(".weight"), []), torch.float16)[0]
-             for n, w in dequantized.items()}
-    reference.load_state_dict({k: v.float() for k, v in {**llama["state"], **exact}.items()})
-    assert torch.allclose(logits(loaded), logits(reference), atol=2e-2, rtol=2e-2)
 
 
 PRESETS = ("W4A16", "W4A16_ASYM", "W8A16")  # 4-bit groups symmetric / with zero points; 8-bit per channel

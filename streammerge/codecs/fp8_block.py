@@ -90,6 +90,9 @@ class Fp8Block:
                 raise InputError(f"base {base.root}: {name} is F8_E4M3 but has no {scale_name}; the checkpoint is "
                                  "incomplete")
             scale = base.info(scale_name)
+            if scale.dtype == "F8_E8M0":
+                raise UnsupportedError(f"base {base.root}: {scale_name} holds E8M0 (power-of-two, MX-format) scales, "
+                                       "not read by this version (float32, bf16 or f16 block scales are)")
             want = [math.ceil(d / b) for d, b in zip(info.shape, block)]
             if len(info.shape) != 2 or list(scale.shape) != want or scale.dtype not in ("F32", "BF16", "F16"):
                 raise InputError(f"base {base.root}: {scale_name} is {scale.dtype}{list(scale.shape)} but {name} "

@@ -17,6 +17,7 @@ delta's direction kept (1: all of it; 0: none, the codes did not move), where W0
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from . import RowMajor
@@ -25,6 +26,15 @@ if TYPE_CHECKING:
     import torch
 
 E4M3_MAX = 448.0
+SLICE = 1 << 17  # elements of the temporaries an encode step makes
+
+
+def torch_div(x: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    return x / s
+
+
+def torch_mul(x: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    return x * s
 
 
 class Snapshot:
@@ -82,8 +92,8 @@ class Fp8Encoder(RowMajor):
         device = snapshot.rows.device
         self.grid = torch.ones(math.ceil(n / self.bn), math.ceil(k / self.bk), dtype=torch.float32, device=device)
         self.row = 0  # the next row to encode (rows come in order)
-        self.dot = torch.zeros((), dtype=torch.float64, device=device)  # <dequant(out) - W0, x - W0>
-        self.delta_sq = torch.zeros((), dtype=torch.float64, device=device)  # ||x - W0||^2
+        self.dot = 0.0  # <dequant(out) - W0, x - W0>, summed over slices
+        self.delta_sq = 0.0  # ||x - W0||^2
 
     def nbytes(self, elements: int) -> int:
         return elements
@@ -97,39 +107,59 @@ class Fp8Encoder(RowMajor):
         work.copy_(stored)
 
     def encode(self, work: torch.Tensor, out: torch.Tensor) -> None:
-        """Rows ``[self.row, + len(work))`` of x (float32; left as they are) into ``out`` (e4m3)."""
+        """Rows ``[self.row, + len(work))`` of x (float32; left as they are) into ``out`` (e4m3): the
+        block scales first (reductions only), then the codes and the survival sums in slices of
+        rows, so that temporaries stay at SLICE elements whatever the block."""
         k, cols = work.shape
-        first = self.row // self.bn
-        groups = math.ceil(k / self.bn) if not self.whole else 1
+        scales = self._row_scales(work)  # (k, blocks in a row): each row's scale per column block
         base = self.snapshot.of(work)
-        for j0 in range(0, cols, self.bk):
-            x, w0, q = work[:, j0 : j0 + self.bk], base[:, j0 : j0 + self.bk], out[:, j0 : j0 + self.bk]
-            s = self._scales(x, first, groups, j0 // self.bk)
-            per_row = s.repeat_interleave(self.bn)[:k, None] if not self.whole else s.reshape(1, 1)
-            q.copy_((x / per_row).clamp_(-E4M3_MAX, E4M3_MAX))  # float32 -> e4m3: round to nearest even
+        step = max(1, SLICE // cols)
+        for r in range(0, k, step):
+            x, w0, q, s = work[r : r + step], base[r : r + step], out[r : r + step], scales[r : r + step]
+            q.copy_(self._per_block(x, s, torch_div).clamp_(-E4M3_MAX, E4M3_MAX))  # -> e4m3: round to nearest even
             delta = x - w0
-            self.delta_sq += delta.double().square().sum()
-            self.dot += ((q.float() * per_row - w0).double() * delta).sum()
+            self.delta_sq += float(delta.square().sum())
+            moved = self._per_block(q.float(), s, torch_mul).sub_(w0)  # dequant(out) - W0
+            self.dot += float(moved.mul_(delta).sum())
         self.row += k
 
-    def _scales(self, x: torch.Tensor, first: int, groups: int, j: int) -> torch.Tensor:
-        """The scales of block column ``j`` for the block rows these rows fill, set in the grid."""
+    def _per_block(self, x: torch.Tensor, s: torch.Tensor, op: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+                   ) -> torch.Tensor:
+        """``op(x, scale of each element)`` for rows ``x`` (m, K) with their scales ``s`` (m, blocks)."""
         import torch
 
+        m, cols = x.shape
+        full = cols // self.bk
+        parts = [op(x[:, : full * self.bk].view(m, full, self.bk), s[:, :full, None]).view(m, full * self.bk)] if full else []
+        if cols % self.bk:  # the partial edge block
+            parts.append(op(x[:, full * self.bk :], s[:, full : full + 1]))
+        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
+
+    def _row_scales(self, work: torch.Tensor) -> torch.Tensor:
+        """The new scales of the block rows these rows fill, set in the grid; per row, (k, blocks)."""
+        import torch
+
+        k, cols = work.shape
+        first = self.row // self.bn
         if isinstance(self.snapshot, WholeTensor):
-            amax = self.snapshot.amax
+            amax = self.snapshot.amax.reshape(1, 1)
         else:
-            k = x.shape[0]
-            pad = groups * self.bn - k
-            lo, hi = x.amin(dim=1), x.amax(dim=1)  # (k,): per row of this block column
-            rows = torch.maximum(lo.abs(), hi.abs())
-            if pad:
-                rows = torch.cat([rows, rows.new_zeros(pad)])
-            amax = rows.view(groups, self.bn).amax(dim=1)
+            full, per_row = cols // self.bk, []
+            if full:
+                blocks = work[:, : full * self.bk].view(k, full, self.bk)
+                per_row.append(torch.maximum(blocks.amax(dim=2).abs(), blocks.amin(dim=2).abs()))
+            if cols % self.bk:
+                edge = work[:, full * self.bk :]
+                per_row.append(torch.maximum(edge.amax(dim=1).abs(), edge.amin(dim=1).abs())[:, None])
+            rows = torch.cat(per_row, dim=1)  # (k, blocks)
+            groups = math.ceil(k / self.bn)
+            if groups * self.bn > k:
+                rows = torch.cat([rows, rows.new_zeros(groups * self.bn - k, rows.shape[1])])
+            amax = rows.view(groups, self.bn, -1).amax(dim=1)
         s = (amax / E4M3_MAX).to(self.scale_dtype).float()
         s = torch.where(s == 0, torch.ones_like(s), s)
-        self.grid[first : first + groups, j] = s
-        return s
+        self.grid[first : first + s.shape[0]] = s
+        return s.expand(k, -1) if isinstance(self.snapshot, WholeTensor) else s.repeat_interleave(self.bn, dim=0)[:k]
 
     def scale_bytes(self) -> memoryview:
         """The new scale tensor's bytes, in its stored dtype (grid order: the stored shape's order)."""
@@ -139,7 +169,7 @@ class Fp8Encoder(RowMajor):
 
     @property
     def survives(self) -> float | None:
-        return float(self.dot / self.delta_sq) if float(self.delta_sq) > 0 else None
+        return self.dot / self.delta_sq if self.delta_sq > 0 else None
 
 
 def encoder(shape: tuple[int, int], block: tuple[int, int], scale_dtype: str, like: torch.Tensor) -> Fp8Encoder:
