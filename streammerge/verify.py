@@ -26,6 +26,7 @@ from typing import Any
 import torch
 
 from .baserows import Reader, as_tensor, base_rows
+from .checkrows import EXTRA_ROWS, Factors64
 from .codecs.plain import TORCH_DTYPES
 from .deltas.lora import select_expert
 from .errors import StreamMergeError
@@ -35,7 +36,7 @@ from .inputs import AdapterSpec, load_inputs
 from .memory import current_rss, peak_rss, reset_peak_rss
 from .output.checksum import sha256_file
 from .output.manifest import MANIFEST_NAME, read_manifest
-from .plan.types import Source, TensorPlan
+from .plan.types import Delta, Source, TensorPlan
 
 BLOCK = 8 * 1024**2
 _MAX_PROBLEMS = 20
@@ -123,15 +124,17 @@ def _sample_rows(t: TensorPlan, base: BaseCheckpoint, out: BaseCheckpoint, io: R
                  *, rows_per_tensor: int, rng: random.Random) -> None:
     rows, cols = t.rows_cols
     picks = sorted({0, rows - 1} | {rng.randrange(rows) for _ in range(max(0, rows_per_tensor - 2))})
-    factors = [(None, d.adapter.load(d.lora.bias_key).double(), d.scale, "vector") if d.vector else
+    factors = [None if d.method in EXTRA_ROWS else  # (other PEFT methods: checkrows.py)
+               (None, d.adapter.load(d.lora.bias_key).double(), d.scale, "vector") if d.vector else
                (*(f.double() for f in _factors(d)),
                 d.scale, d.transposed)
                for d in t.deltas]
+    f64 = Factors64()
     dora_m = next((d.adapter.load(d.lora.magnitude_key).double() for d in t.deltas
                    if d.lora.magnitude_key and not d.transposed), None)
     out_t = TORCH_DTYPES[t.out_dtype]
     finfo = torch.finfo(out_t)
-    r_max = max((f[0].shape[0] for f in factors if f[0] is not None), default=0)
+    r_max = max((f[0].shape[0] for f in factors if f is not None and f[0] is not None), default=0)
     token_values = dict(zip(t.tokens.ids, t.tokens.adapter.load(t.tokens.key).double())) if t.tokens else {}
     picks = sorted(set(picks) | set(list(token_values)[:4]))
     src, dst = t.origin(base), _output(out, t.name)
@@ -142,9 +145,9 @@ def _sample_rows(t: TensorPlan, base: BaseCheckpoint, out: BaseCheckpoint, io: R
     for row in picks:
         w = base_rows(t, src, io, row, 1, cols)[0]
         got = as_tensor(io.read(dst, row * cols * out_item, cols * out_item), t.out_dtype).double()
-        exact, size = _additive(w, factors, row)
+        exact, size, roundings = _exact_row(w, t.deltas, factors, row, f64)
         # (+ 4: a dequantization's own float32 roundings: scale products, a double-quantized absmax)
-        arithmetic = (r_max + 2 + (4 if t.quant else 0)) * 2.0**-24 * size
+        arithmetic = (max(r_max, roundings) + 2 + (4 if t.quant else 0)) * 2.0**-24 * size
         if column_scale is not None:  # column DoRA: the norms come from every row; float64 sums of squares
             exact = exact * column_scale
             arithmetic = arithmetic * column_scale.abs() + (rows + 4) * 2.0**-24 * exact.abs()
@@ -203,10 +206,25 @@ def _scale_row(t: TensorPlan, io: Reader, row: int, cols: int, bn: int, bk: int)
     return grid[row // bn][torch.arange(cols) // bk]
 
 
-def _additive(w: torch.Tensor, factors: list[Any], row: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _exact_row(w: torch.Tensor, deltas: list[Delta], factors: list[Any], row: int,
+               f64: Factors64) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Row ``row`` of W changed by each delta in order, in float64: LoRA-like factors here, other
+    methods by checkrows; the sum of |terms| and the most float32 roundings any term took."""
+    exact, size, roundings = w.clone(), w.abs(), 0
+    for d, f in zip(deltas, factors):
+        if f is None:
+            exact, size, r = EXTRA_ROWS[d.method](d, row, exact, size, f64)
+            roundings = max(roundings, r)
+        else:
+            exact, size = _additive(exact, [f], row, size)
+    return exact, size, roundings
+
+
+def _additive(w: torch.Tensor, factors: list[Any], row: int,
+              size: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Row ``row`` of W + sum of the additive deltas in float64, and the sum of |terms| (for the
     float32 error bound)."""
-    exact, size = w.clone(), w.abs()
+    exact, size = w.clone(), (w.abs() if size is None else size.clone())
     for a, b, scale, transposed in factors:
         if transposed == "vector":  # lora_bias: the bias is one row
             exact += scale * b

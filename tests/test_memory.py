@@ -227,3 +227,39 @@ def test_a_gptq_or_awq_base_stays_under_budget(tmp_path: Path, layout: str) -> N
     exact, bound = exact_and_bound(w, [(a.double(), b[rows].double(), 2.0)], torch.bfloat16)
     merged = read_checkpoint(out)["big.weight"]  # bf16: the unquantized tensors' dtype (the scales' f16 does not count)
     assert merged.dtype == torch.bfloat16 and ((merged[rows].double() - exact).abs() <= bound).all()
+
+
+@pytest.mark.parametrize("kind", ["loha", "ia3"])
+def test_other_methods_stay_under_budget(tmp_path: Path, big: tuple[Path, Path], kind: str) -> None:
+    """One method of each kind on the 8192 x 8192 weight at --max-mem 64MB: LoHa (additive, two
+    products of a block's size as temporaries, counted in the working set) and IA3 (multiplicative,
+    the input side: every row scaled by the same vector)."""
+    base, _ = big
+    gen = torch.Generator().manual_seed(4)
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    if kind == "loha":
+        factors = {"hada_w1_a": (8192, 8), "hada_w1_b": (8, 8192), "hada_w2_a": (8192, 8), "hada_w2_b": (8, 8192)}
+        config = {"peft_type": "LOHA", "r": 8, "alpha": 16}
+    else:
+        factors, config = {"ia3_l": (1, 8192)}, {"peft_type": "IA3", "feedforward_modules": ["big"]}
+    tensors = {f"base_model.model.big.{k}": torch.randn(s, generator=gen) * 0.1 + (1 if kind == "ia3" else 0)
+               for k, s in factors.items()}
+    save_file(tensors, adapter / "adapter_model.safetensors")
+    (adapter / "adapter_config.json").write_text(json.dumps(config))
+    out = tmp_path / "out"
+    stdout, sampled = run_sampled([sys.executable, "-m", "streammerge", "--base", str(base), "--adapter", str(adapter),
+                                   "--output", str(out), "--device", "cpu", "--max-mem", "64MB", "--json", "-q"])
+    (report,) = oracle_reports(stdout)
+    baseline, peak = report["baseline_rss"], report["peak_rss"]
+    assert report["tensors_merged"] == 1 and report["chunk_elements"] < 8192 * 8192
+    assert peak <= baseline + BUDGET and sampled <= baseline + BUDGET, (peak, sampled, baseline)
+    with safe_open(base / "model-00001-of-00003.safetensors", "pt") as f:
+        w = f.get_tensor("big.weight")[::331].double()
+    t = {k.rsplit(".", 1)[-1]: v.double() for k, v in tensors.items()}
+    if kind == "loha":
+        exact = w + 2.0 * (t["hada_w1_a"][::331] @ t["hada_w1_b"]) * (t["hada_w2_a"][::331] @ t["hada_w2_b"])
+    else:
+        exact = w * t["ia3_l"]
+    got = read_checkpoint(out)["big.weight"][::331].double()
+    assert ((got - exact).abs() <= exact.abs() * 2.0**-8 + 1e-6).all()

@@ -15,6 +15,7 @@ from typing import Any
 from ..errors import InputError
 from .mlx import WEIGHTS_NAME as MLX_WEIGHTS
 from .mlx import read_mlx_adapter
+from .methods import ROLES, read_method_adapter
 from .peft import CONFIG_NAME, WEIGHTS_NAMES, read_peft_adapter
 from .types import LoraAdapter, LoraModule, changes_something
 
@@ -57,4 +58,6 @@ def read_adapter(path: Path, *, weight: float = 1.0) -> LoraAdapter:
     for holds, reader in _FORMATS:
         if holds(path):
             return reader(path, config, weight=weight)
+    if config.get("peft_type") in ROLES:  # IA3, LoHa, LoKr ...: adapters/methods.py
+        return read_method_adapter(path, config, weight=weight)
     return read_peft_adapter(path, config, weight=weight)

@@ -39,6 +39,17 @@ class LoraModule:
     experts: int = 0
     container: str = ""
     conv_dims: int = 0  # N-D factors: LoRA on a convolution (refused) or a damaged adapter
+    # Other PEFT methods (``adapters/methods.py``): the delta registry's name, and role -> tensor key
+    # (IA3: ``l``; LoHa: ``w1a w1b w2a w2b``; LoKr: ``w1`` or ``w1a w1b``, ``w2`` or ``w2a w2b``).
+    method: str = "lora"
+    keys: tuple[tuple[str, str], ...] = ()
+    bias_method: str | None = None  # a delta the layer's bias takes too, when the base has one (IA3)
+
+    def key(self, role: str) -> str:
+        return dict(self.keys)[role]
+
+    def has(self, role: str) -> bool:
+        return role in dict(self.keys)
 
 
 @dataclass
@@ -88,6 +99,8 @@ def changes_something(adapter: LoraAdapter) -> bool:
     if adapter.replacements or adapter.token_rows:
         return True
     for module in adapter.modules.values():
+        if module.method != "lora":  # (an untrained IA3 is all ones, a LoHa all zeros: not told apart here)
+            return True
         if adapter._bin is not None:
             if bool(adapter._bin[module.b_key].any()):
                 return True

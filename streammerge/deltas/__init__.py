@@ -14,12 +14,13 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
-from . import dora, lora
+from . import dora, ia3, lora, lycoris
 
 if TYPE_CHECKING:
     import torch
 
     from ..adapters.types import LoraAdapter
+    from ..formats.header import TensorInfo
     from ..plan.types import Delta
 
 
@@ -58,7 +59,16 @@ class Method(Protocol):
     @property
     def first_pass(self) -> bool: ...
 
+    @property
+    def block_buffers(self) -> int:
+        """float32 temporaries of a block's size its ``apply`` makes (the working set counts them)."""
+        ...
+
     def factor_keys(self, d: Delta) -> list[str]: ...
+
+    def check(self, d: Delta, tensor: str, info: TensorInfo) -> str | None:
+        """What is wrong with ``d`` on ``tensor`` (shapes), from headers; None when it fits."""
+        ...
 
     def load(self, d: Delta, factors: Factors) -> Applied: ...
 
@@ -70,7 +80,17 @@ METHODS: dict[str, Method] = {
     "lora_expert": lora.LORA_EXPERT,
     "dora": dora.DORA,
     "dora_T": dora.DORA_T,
+    "ia3_rows": ia3.IA3_ROWS,
+    "ia3_columns": ia3.IA3_COLUMNS,
+    "ia3_bias": ia3.IA3_BIAS,
+    "loha": lycoris.LOHA,
+    "lokr": lycoris.LOKR,
 }
+
+
+# methods that scale the weight rather than add to it: with other deltas on the same weight the
+# order of the adapters matters (each applies to what the ones before it made)
+MULTIPLICATIVE = frozenset({"ia3_rows", "ia3_columns", "ia3_bias"})
 
 
 def method(name: str) -> Method:

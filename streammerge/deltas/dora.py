@@ -12,11 +12,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from .lora import Columns, Rows
+from .lora import Columns, Rows, check_factors
 
 if TYPE_CHECKING:
     import torch
 
+    from ..formats.header import TensorInfo
     from ..plan.types import Delta
     from . import Factors
 
@@ -64,6 +65,10 @@ class ColumnDora(Columns):
 @dataclass(frozen=True)
 class Dora:
     transposed: bool = False
+    block_buffers = 0
+
+    def check(self, d: Delta, tensor: str, info: TensorInfo) -> str | None:
+        return check_factors(d, tensor, info)
 
     @property
     def first_pass(self) -> bool:

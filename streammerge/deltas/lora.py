@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     import torch
 
+    from ..formats.header import TensorInfo
     from ..plan.types import Delta
     from . import Factors
 
@@ -56,13 +57,29 @@ def select_expert(d: Delta, a: Any, b: Any) -> tuple[Any, Any]:
     return a[d.expert * r : (d.expert + 1) * r], (b[d.rows[0] : d.rows[1]] if d.rows else b)
 
 
+def check_factors(d: Delta, tensor: str, info: TensorInfo) -> str | None:
+    """B @ A (or its transpose) must have the weight's shape."""
+    a, b = d.adapter.tensors[d.lora.a_key].shape, d.adapter.tensors[d.lora.b_key].shape
+    if len(info.shape) != 2:
+        return f"{tensor} is {len(info.shape)}-D {list(info.shape)}, not a Linear, Conv1D or Embedding weight"
+    expected = [a[1], b[0]] if d.transposed else [b[0], a[1]]
+    if list(info.shape) != expected:
+        what = "(lora_B @ lora_A).T" if d.transposed else "lora_B @ lora_A"
+        return f"{d.lora.module}: {what} is {expected} but {tensor} is {list(info.shape)}"
+    return None
+
+
 @dataclass(frozen=True)
 class Lora:
     transposed: bool = False
     first_pass = False
+    block_buffers = 0
 
     def factor_keys(self, d: Delta) -> list[str]:
         return [d.lora.a_key, d.lora.b_key]
+
+    def check(self, d: Delta, tensor: str, info: TensorInfo) -> str | None:
+        return check_factors(d, tensor, info)
 
     def load(self, d: Delta, factors: Factors) -> Rows:
         a, b = factors.get(d.adapter, d.lora.a_key), factors.get(d.adapter, d.lora.b_key)
@@ -71,6 +88,10 @@ class Lora:
 
 class LoraBias:
     first_pass = False
+    block_buffers = 0
+
+    def check(self, d: Delta, tensor: str, info: TensorInfo) -> str | None:
+        return None  # (the plan checks the bias against lora_B.bias when it finds the bias)
 
     def factor_keys(self, d: Delta) -> list[str]:
         assert d.lora.bias_key is not None
@@ -81,6 +102,9 @@ class LoraBias:
 
 
 class LoraExpert(Lora):
+    def check(self, d: Delta, tensor: str, info: TensorInfo) -> str | None:
+        return None  # (the plan checks each expert's slice against the fused tensor)
+
     def load(self, d: Delta, factors: Factors) -> Rows:
         a, b = select_expert(d, factors.shared(d.adapter, d.lora.a_key), factors.shared(d.adapter, d.lora.b_key))
         return Rows(factors.put(a), factors.put(b), d.scale)

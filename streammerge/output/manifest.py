@@ -66,7 +66,7 @@ def shard_fingerprint(plan: MergePlan, shard: str, *, device: str, chunk: int) -
         "tensors": [
             [t.name, t.info.dtype, t.out_dtype, list(t.info.shape), t.info.begin,
              [[_adapter_file_identity(plan, d.adapter.weights_path), d.lora.a_key, d.lora.b_key, d.lora.magnitude_key, d.lora.bias_key,
-               repr(d.scale), d.method, d.expert, d.rows]
+               repr(d.scale), d.method, d.expert, d.rows, *([list(d.lora.keys)] if d.lora.keys else [])]
               for d in t.deltas],
              t.source and [_adapter_file_identity(plan, t.source.path), t.source.info.dtype, t.source.info.begin],
              t.tokens and [_adapter_file_identity(plan, t.tokens.adapter.weights_path), t.tokens.key,

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from ..adapters.types import LoraAdapter, LoraModule
+from ..deltas import MULTIPLICATIVE, method
 from ..errors import InputError, PlanError, UnsupportedError
 from ..formats.checkpoint import BaseCheckpoint
 from ..formats.header import FLOAT_DTYPES, TensorInfo
@@ -50,16 +51,15 @@ def _unmatched_error(adapter: LoraAdapter, unmatched: list[str], base: BaseCheck
     )
 
 
-def _check_shapes(name: str, info: TensorInfo, delta: Delta) -> str | None:
-    a = delta.adapter.tensors[delta.lora.a_key].shape
-    b = delta.adapter.tensors[delta.lora.b_key].shape
-    if len(info.shape) != 2:
-        return f"{name} is {len(info.shape)}-D {list(info.shape)}, not a Linear, Conv1D or Embedding weight"
-    expected = [a[1], b[0]] if delta.transposed else [b[0], a[1]]
-    if list(info.shape) != expected:
-        what = "(lora_B @ lora_A).T" if delta.transposed else "lora_B @ lora_A"
-        return f"{delta.lora.module}: {what} is {expected} but {name} is {list(info.shape)}"
-    return None
+def _method_name(adapter: LoraAdapter, lora: LoraModule, tensor: str, stored_transposed: bool) -> str:
+    """The delta registry's name for one module on one tensor: LoRA / DoRA, transposed (``_T``) for
+    Conv1D and Embedding layouts; another PEFT method as its module says (not on transposed layouts yet)."""
+    if lora.method != "lora":
+        if stored_transposed or lora.embedding:
+            raise UnsupportedError(f"adapter {adapter.path}: {lora.method} on {tensor}, stored transposed (Conv1D), is "
+                                   "not merged by this version")
+        return lora.method
+    return ("dora" if lora.magnitude_key else "lora") + ("_T" if lora.embedding or stored_transposed else "")
 
 
 def _replacement_sources(base: BaseCheckpoint, adapters: list[LoraAdapter], user_rules: tuple[Rule, ...],
@@ -215,9 +215,8 @@ def _adapter_deltas(adapter: LoraAdapter, look: _Lookup, deltas: dict[str, list[
             _refuse_conv(adapter, lora, match.tensor, info)
         layout = stored_transposed(base.model_type, match.tensor.removesuffix(".weight"))
         rule = match.rule.family + (f"; {layout.family}" if layout else "")
-        transposed = lora.embedding or layout is not None
-        delta = Delta(adapter, lora, rule, ("dora" if lora.magnitude_key else "lora") + ("_T" if transposed else ""))
-        problem = _check_shapes(match.tensor, info, delta)
+        delta = Delta(adapter, lora, rule, _method_name(adapter, lora, match.tensor, layout is not None))
+        problem = method(delta.method).check(delta, match.tensor, info)
         if problem is None and info.dtype not in FLOAT_DTYPES and match.tensor not in look.quantized:
             problem = f"{match.tensor} is {info.dtype}; only {'/'.join(FLOAT_DTYPES)} weights can be merged"
         if problem:
@@ -225,6 +224,10 @@ def _adapter_deltas(adapter: LoraAdapter, look: _Lookup, deltas: dict[str, list[
         deltas.setdefault(match.tensor, []).append(delta)
         if lora.bias_key:  # lora_bias: the layer's bias takes scale * lora_B.bias
             bad.extend(_bias_delta(adapter, module, lora, look, deltas))
+        if lora.bias_method and (bias := look.resolve(module, param="bias")) is not None:
+            scaled = Delta(adapter, lora, bias.rule.family, lora.bias_method)  # IA3's output side: the bias too
+            deltas.setdefault(bias.tensor, []).append(scaled)
+            bad.extend(p for p in [method(scaled.method).check(scaled, bias.tensor, look.info(bias.tensor))] if p)
     if unmatched:
         raise _unmatched_error(adapter, unmatched, base)
     if bad:
@@ -334,11 +337,21 @@ def build_plan(
                                            resized_by=Path(resized_by) if resized_by else None,
                                            vocab_size=changes.get("vocab_size"))
     plan = MergePlan(base, adapters, shards, target, changes, tokenizer_from, why, excluded, dropped,
-                     qbase.dequantized, qbase.dequant_to if qbase.dequantized else target)
+                     qbase.dequantized, qbase.dequant_to if qbase.dequantized else target, notes=_order_notes(deltas))
     qbase.finish(plan)
     if tie and (deltas.get(tie[0]) or deltas.get(tie[1])):
         _untie(plan, *tie, infos[tie[1]], deltas.get(tie[1], []), sources.get(tie[1]) or sources.get(tie[0]))
     return plan
+
+
+def _order_notes(deltas: dict[str, list[Delta]]) -> list[str]:
+    """Where a multiplicative method (IA3) meets other deltas on one weight, the adapters' order matters: say so."""
+    order = sorted(t for t, ds in deltas.items() if len(ds) > 1 and any(d.method in MULTIPLICATIVE for d in ds))
+    if not order:
+        return []
+    return [f"{len(order)} weight(s) take a multiplicative method (IA3) and other deltas: each adapter applies to "
+            f"what the ones before it made, in the order given (e.g. {order[0]}: "
+            f"{' then '.join(d.method for d in deltas[order[0]])})"]
 
 
 def _untie(plan: MergePlan, embedding: str, head: str, info: TensorInfo, head_deltas: list[Delta],

@@ -35,7 +35,8 @@ def summary(plan: MergePlan) -> dict[str, Any]:
         "tokenizer_from": str(plan.tokenizer_from) if plan.tokenizer_from else None,
         "tokenizer_why": plan.tokenizer_why,
         "quantized": quantized(plan),
-        "base_kind": f"quantized ({plan.dequantized})" if plan.dequantized else "16-bit",
+        "base_kind": f"quantized ({plan.dequantized or plan.requantized})"
+                     if plan.dequantized or plan.requantized else "16-bit",
         "notes": plan.notes,
     }
 

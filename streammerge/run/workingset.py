@@ -3,8 +3,9 @@
 Memory model (``max_mem`` = M bytes, on the merge device):
   fixed   = float32 A and B of the tensor being merged (largest over the plan) + a 32 MiB reserve
   chunk   = E elements, each costing 4 bytes (float32 accumulator) + 2k bytes (two host I/O slots,
-            k = the widest input or output itemsize), + 4 bytes when a weight is re-quantized (the
-            dequantized base rows it compares with, ``codecs.fp8_out``)
+            k = the widest input or output itemsize), + 4 bytes for each temporary of a block's size a
+            delta makes (LoHa: 2, LoKr: 1) and when a weight is re-quantized (the dequantized base
+            rows it compares with, ``codecs.fp8_out``)
   E       = (M - fixed) // (4 + 2k), at least one row of the widest tensor, at most MAX_CHUNK
             elements and the largest merged tensor
 On CUDA the accumulator and one I/O buffer of E*k bytes live on the GPU and the two pinned host
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from ..deltas import method
 from ..formats.header import DTYPE_SIZES
 from ..memory import chunk_capacity
 from ..plan.types import MergePlan
@@ -38,7 +40,8 @@ class WorkingSet:
     chunk_elements: int
     io_itemsize: int
     widest: int  # the longest row (times its row alignment): the smallest chunk possible
-    floats: int = 1  # float32 buffers of the chunk's size: the accumulator, + W0 when re-quantizing (fp8_out)
+    floats: int = 1  # float32 buffers of the chunk's size: the accumulator, + a delta's temporaries (LoHa:
+    # two products), + W0 when re-quantizing (fp8_out)
 
     @property
     def chunk_bytes(self) -> int:
@@ -54,7 +57,8 @@ class WorkingSet:
         io_itemsize = max((max(DTYPE_SIZES[t.origin(plan.base).info.dtype], DTYPE_SIZES[t.out_dtype])
                            for t in rewritten), default=1)
         widest = max((t.rows_cols[1] * t.row_alignment for t in rewritten), default=1)
-        floats = 2 if any(t.requant is not None for t in rewritten) else 1
+        floats = (1 + max((method(d.method).block_buffers for t in rewritten for d in t.deltas), default=0)
+                  + any(t.requant is not None for t in rewritten))
         fixed = plan.max_factor_bytes + RESERVE
         chunk = chunk_capacity(max_mem, fixed=fixed, bytes_per_element=cls.per_element(io_itemsize, floats),
                                minimum_elements=widest)

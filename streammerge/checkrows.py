@@ -1,0 +1,66 @@
+"""verify's float64 reading of the non-LoRA methods on one row (formulas of its own, from PEFT's
+definitions, not the deltas' code): each takes the row so far (``exact``), the magnitude of its
+terms (``size``, for the float32 bound) and returns both changed, with the float32 roundings the
+merge's arithmetic may have made on the way (for the bound ``roundings * 2^-24 * size``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+import torch
+
+if TYPE_CHECKING:
+    from .plan.types import Delta
+
+
+class Factors64:
+    """An adapter's tensors in float64, each read once per verify."""
+
+    def __init__(self) -> None:
+        self._cache: dict[tuple[int, str], torch.Tensor] = {}
+
+    def __call__(self, d: Delta, role: str) -> torch.Tensor:
+        key = d.lora.key(role)
+        entry = (id(d.adapter), key)
+        if entry not in self._cache:
+            self._cache[entry] = d.adapter.load(key).double()
+        return self._cache[entry]
+
+    def whole(self, d: Delta, name: str, *, magnitude: bool = False) -> torch.Tensor:
+        """A LoKr factor saved whole, or the product of its two halves (of their magnitudes)."""
+        if d.lora.has(name):
+            return self(d, name).abs() if magnitude else self(d, name)
+        a, b = self(d, name + "a"), self(d, name + "b")
+        return a.abs() @ b.abs() if magnitude else a @ b
+
+
+Row = tuple[torch.Tensor, torch.Tensor, int]
+
+
+def _ia3(d: Delta, row: int, exact: torch.Tensor, size: torch.Tensor, f: Factors64) -> Row:
+    l = f(d, "l").reshape(-1) * d.scale  # noqa: E741  (PEFT's name)
+    factor = l[row] if d.method == "ia3_rows" else l  # rows: one number for the row; columns / bias: per column
+    return exact * factor, size * factor.abs(), 1
+
+
+def _loha(d: Delta, row: int, exact: torch.Tensor, size: torch.Tensor, f: Factors64) -> Row:
+    w1a, w1b, w2a, w2b = (f(d, r) for r in ("w1a", "w1b", "w2a", "w2b"))
+    term = d.scale * (w1a[row] @ w1b) * (w2a[row] @ w2b)
+    bound = abs(d.scale) * (w1a[row].abs() @ w1b.abs()) * (w2a[row].abs() @ w2b.abs())
+    return exact + term, size + bound, w1a.shape[1] + w2a.shape[1] + 3
+
+
+def _lokr(d: Delta, row: int, exact: torch.Tensor, size: torch.Tensor, f: Factors64) -> Row:
+    w1, w2 = f.whole(d, "w1"), f.whole(d, "w2")
+    b1 = w2.shape[0]
+    term = d.scale * torch.outer(w1[row // b1], w2[row % b1]).reshape(-1)  # row of kron(w1, w2)
+    m1, m2 = f.whole(d, "w1", magnitude=True), f.whole(d, "w2", magnitude=True)
+    bound = abs(d.scale) * torch.outer(m1[row // b1], m2[row % b1]).reshape(-1)
+    ranks = sum(f(d, r).shape[1] for r in ("w1a", "w2a") if d.lora.has(r))
+    return exact + term, size + bound, ranks + 3
+
+
+EXTRA_ROWS: dict[str, Callable[[Delta, int, torch.Tensor, torch.Tensor, Factors64], Row]] = {
+    "ia3_rows": _ia3, "ia3_columns": _ia3, "ia3_bias": _ia3, "loha": _loha, "lokr": _lokr}

@@ -1,0 +1,98 @@
+"""LoHa and LoKr (PEFT's LyCORIS methods), additive and row-local, s = adapter weight * alpha / r:
+- ``loha``: W[rows] += s * (w1a[rows] @ w1b) * (w2a[rows] @ w2b)      # two (rows, r) @ (r, in), Hadamard
+- ``lokr``: W[rows] += s * kron(w1, w2)[rows], w1 (a1, a2) and w2 (b1, b2) (each saved whole or as
+            a product of two factors, multiplied once at load): row i is the outer product of
+            w1[i // b1] and w2[i % b1], flattened (column j1 * b2 + j2).
+Each needs temporaries of a block's size (``block_buffers``), which the working set counts.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
+
+    from ..formats.header import TensorInfo
+    from ..plan.types import Delta
+    from . import Factors
+
+
+class Hadamard:
+    def __init__(self, w1a: torch.Tensor, w1b: torch.Tensor, w2a: torch.Tensor, w2b: torch.Tensor, scale: float) -> None:
+        self.w1a, self.w1b, self.w2a, self.w2b, self.scale = w1a, w1b, w2a, w2b, scale
+
+    def apply(self, work: torch.Tensor, row0: int, rows: int) -> None:
+        product = self.w1a[row0 : row0 + rows] @ self.w1b  # (rows, r) @ (r, in)
+        product.mul_(self.w2a[row0 : row0 + rows] @ self.w2b)
+        work.add_(product, alpha=self.scale)
+
+
+class Kronecker:
+    def __init__(self, w1: torch.Tensor, w2: torch.Tensor, scale: float) -> None:
+        self.w1, self.w2, self.scale = w1, w2, scale  # (a1, a2), (b1, b2)
+
+    def apply(self, work: torch.Tensor, row0: int, rows: int) -> None:
+        import torch
+
+        i = torch.arange(row0, row0 + rows, device=work.device)
+        b1 = self.w2.shape[0]
+        outer = self.w1[i // b1][:, :, None] * self.w2[i % b1][:, None, :]  # (rows, a2, b2)
+        work.add_(outer.view(rows, -1), alpha=self.scale)
+
+
+def _dims(d: Delta, whole: str, left: str, right: str) -> tuple[int, int]:
+    """The (rows, columns) of a factor saved whole (``whole``) or as ``left @ right``."""
+    t = d.adapter.tensors
+    if d.lora.has(whole):
+        shape = t[d.lora.key(whole)].shape
+        return (shape[0], shape[1]) if len(shape) == 2 else (-1, -1)
+    return t[d.lora.key(left)].shape[0], t[d.lora.key(right)].shape[-1]
+
+
+@dataclass(frozen=True)
+class LoHa:
+    first_pass = False
+    block_buffers = 2
+
+    def factor_keys(self, d: Delta) -> list[str]:
+        return [d.lora.key(r) for r in ("w1a", "w1b", "w2a", "w2b")]
+
+    def check(self, d: Delta, tensor: str, info: TensorInfo) -> str | None:
+        shapes = [d.adapter.tensors[k].shape for k in self.factor_keys(d)]
+        w1a, w1b, w2a, w2b = shapes
+        fits = all(len(s) == 2 for s in shapes) and w1a[1] == w1b[0] and w2a[1] == w2b[0]
+        if not fits or [w1a[0], w1b[1]] != [w2a[0], w2b[1]] or list(info.shape) != [w1a[0], w1b[1]]:
+            return f"{d.lora.module}: LoHa factors {[list(s) for s in shapes]} do not make {tensor} {list(info.shape)}"
+        return None
+
+    def load(self, d: Delta, factors: Factors) -> Hadamard:
+        w1a, w1b, w2a, w2b = (factors.get(d.adapter, k) for k in self.factor_keys(d))
+        return Hadamard(w1a, w1b, w2a, w2b, d.scale)
+
+
+@dataclass(frozen=True)
+class LoKr:
+    first_pass = False
+    block_buffers = 1
+
+    def factor_keys(self, d: Delta) -> list[str]:
+        return [k for _, k in d.lora.keys]
+
+    def check(self, d: Delta, tensor: str, info: TensorInfo) -> str | None:
+        (a1, a2), (b1, b2) = _dims(d, "w1", "w1a", "w1b"), _dims(d, "w2", "w2a", "w2b")
+        if min(a1, a2, b1, b2) <= 0 or list(info.shape) != [a1 * b1, a2 * b2]:
+            return f"{d.lora.module}: kron([{a1}, {a2}], [{b1}, {b2}]) does not make {tensor} {list(info.shape)}"
+        return None
+
+    def load(self, d: Delta, factors: Factors) -> Kronecker:
+        def whole(name: str) -> torch.Tensor:
+            if d.lora.has(name):
+                return factors.get(d.adapter, d.lora.key(name))
+            return factors.get(d.adapter, d.lora.key(name + "a")) @ factors.get(d.adapter, d.lora.key(name + "b"))
+
+        return Kronecker(whole("w1"), whole("w2"), d.scale)
+
+
+LOHA, LOKR = LoHa(), LoKr()

@@ -1,0 +1,162 @@
+"""PEFT methods other than LoRA (IA3, LoHa, LoKr), on tiny real Llama and Qwen2 models (Qwen2's q/k/v
+have biases, which output-side IA3 scales too).
+
+Each adapter is made and saved by PEFT with every trainable tensor randomised (an untrained IA3 is
+all ones, an untrained LoHa or LoKr all zeros: either would prove nothing). Oracles: PEFT's own
+``merge_and_unload`` on a float32 copy of the base, and a float64 recomputation written here from
+each method's formula on the saved tensors; untouched tensors bit-identical to the base.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from oracle import bits, build_base, read_checkpoint
+from safetensors.torch import load_file
+
+from streammerge.cli import main
+
+peft = pytest.importorskip("peft")
+
+CONFIGS = {
+    "ia3": lambda: peft.IA3Config(target_modules=["k_proj", "v_proj", "down_proj"], feedforward_modules=["down_proj"],
+                                  init_ia3_weights=False),
+    "loha": lambda: peft.LoHaConfig(r=4, alpha=8, target_modules=["q_proj", "v_proj", "down_proj"], init_weights=False),
+    "lokr": lambda: peft.LoKrConfig(r=4, alpha=8, target_modules=["q_proj", "v_proj", "down_proj"], init_weights=False),
+    "lokr-decomposed": lambda: peft.LoKrConfig(r=2, alpha=6, target_modules=["q_proj", "o_proj", "up_proj"],
+                                               init_weights=False, decompose_both=True),
+}
+
+
+@pytest.fixture(scope="module")
+def bases(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Llama and Qwen2, bf16, sharded; Qwen2's biases made non-zero (transformers initialises them to
+    zero, and a zero bias scaled or not is the same)."""
+    import transformers
+
+    root = tmp_path_factory.mktemp("methods")
+    made = {arch: build_base(arch, root / arch, dtype="bf16", sharded=True) for arch in ("llama", "qwen2")}
+    model = transformers.AutoModelForCausalLM.from_pretrained(made["qwen2"], dtype=torch.bfloat16)
+    torch.manual_seed(2)
+    for name, p in model.named_parameters():
+        if name.endswith(".bias"):
+            p.data = torch.randn_like(p) * 0.1
+    model.save_pretrained(made["qwen2"], max_shard_size="40KB")
+    return made
+
+
+def make_adapter(base: Path, out: Path, kind: str) -> tuple[Path, dict[str, torch.Tensor]]:
+    """The adapter saved by PEFT (every trainable tensor random), and PEFT's own float32 merge."""
+    import transformers
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    model = peft.get_peft_model(model, CONFIGS[kind]())
+    torch.manual_seed(3)
+    for name, p in model.named_parameters():
+        if p.requires_grad:  # ia3_l around 1, factors of moderate size
+            p.data = (1 + 0.5 * torch.randn_like(p)) if "ia3_l" in name else 0.3 * torch.randn_like(p)
+    model.save_pretrained(out)
+    merged = {k: v.detach().clone() for k, v in model.merge_and_unload().state_dict().items()}
+    return out, merged
+
+
+def formula(kind: str, saved: dict[str, torch.Tensor], config: dict, module: str, w: torch.Tensor) -> torch.Tensor:
+    """W merged with one module of the adapter, in float64, from the method's definition."""
+    t = {k.removeprefix(f"base_model.model.{module}."): v.double() for k, v in saved.items()
+         if k.startswith(f"base_model.model.{module}.")}
+    w = w.double()
+    if kind == "ia3":
+        return w * t["ia3_l"]  # (out, 1) scales rows, (1, in) columns
+    scale = config["alpha"] / config["r"]
+    if kind == "loha":
+        return w + scale * (t["hada_w1_a"] @ t["hada_w1_b"]) * (t["hada_w2_a"] @ t["hada_w2_b"])
+    w1 = t["lokr_w1"] if "lokr_w1" in t else t["lokr_w1_a"] @ t["lokr_w1_b"]
+    w2 = t["lokr_w2"] if "lokr_w2" in t else t["lokr_w2_a"] @ t["lokr_w2_b"]
+    return w + scale * torch.kron(w1, w2)
+
+
+def one_rounding(exact: torch.Tensor, got: torch.Tensor, magnitude: torch.Tensor) -> bool:
+    """|got - exact| within half a bf16 ulp of exact plus a float32 arithmetic bound (32 roundings)."""
+    _, e = torch.frexp(exact)
+    half_ulp = torch.ldexp(torch.ones_like(exact), e - 9)  # bf16: 8 significant bits
+    return bool(((got.double() - exact).abs() <= half_ulp + 32 * 2.0**-24 * magnitude + 1e-30).all())
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+@pytest.mark.parametrize("kind", list(CONFIGS))
+def test_method_merges_like_peft(tmp_path: Path, bases: dict, arch: str, kind: str) -> None:
+    base = bases[arch]
+    adapter, peft_merged = make_adapter(base, tmp_path / "adapter", kind)
+    out = tmp_path / "out"
+    assert main(["--base", str(base), "--adapter", str(adapter), "--output", str(out), "-q", "--max-mem", "40MB"]) == 0
+    got, ref = read_checkpoint(out), read_checkpoint(base)
+    saved, config = load_file(adapter / "adapter_model.safetensors"), json.loads((adapter / "adapter_config.json").read_text())
+    modules = {k.removeprefix("base_model.model.").rsplit(".", 1)[0] for k in saved}
+    assert set(got) == set(ref)
+    changed = 0
+    for name, tensor in got.items():
+        module, _, param = name.rpartition(".")
+        if module in modules and (param == "weight" or (kind == "ia3" and param == "bias" and "mlp" not in module)):
+            w = ref[name]
+            exact = formula(kind, saved, config, module, w if param == "weight" else w[:, None])
+            exact = exact if param == "weight" else exact[:, 0]
+            magnitude = formula(kind, {k: v.abs() for k, v in saved.items()}, config, module, w.abs() if param == "weight"
+                                else w.abs()[:, None])
+            magnitude = magnitude if param == "weight" else magnitude[:, 0]
+            assert one_rounding(exact, tensor, magnitude.abs()), name
+            peft32 = peft_merged[name].double()  # PEFT's own merge, float32: the same within bf16's rounding
+            assert (tensor.double() - peft32).abs().le(peft32.abs() * 2.0**-8 + 1e-6).all(), name
+            changed += 1
+        else:
+            assert torch.equal(bits(tensor), bits(ref[name])), name
+    biases = 4 if kind == "ia3" and arch == "qwen2" else 0  # k and v biases of both layers
+    assert changed == 2 * 3 + biases
+    if biases:
+        assert all(not torch.equal(got[n], ref[n]) for n in got if n.endswith(("k_proj.bias", "v_proj.bias")))
+    assert main(["verify", str(out)]) == 0
+
+
+@pytest.mark.parametrize("first", ["lora", "ia3"])
+def test_ia3_composes_with_lora_in_the_order_given(tmp_path: Path, bases: dict, first: str, capsys) -> None:
+    """LoRA then IA3: (W + s B A) * l; IA3 then LoRA: W * l + s B A. The plan says the order matters."""
+    from oracle import build_adapter
+
+    base = bases["llama"]
+    ia3, _ = make_adapter(base, tmp_path / "ia3", "ia3")
+    lora = build_adapter(base, tmp_path / "lora", dtype="bf16", target_modules=["k_proj", "q_proj"], r=4, lora_alpha=8)
+    order = [str(lora.adapter), str(ia3)] if first == "lora" else [str(ia3), str(lora.adapter)]
+    out = tmp_path / "out"
+    assert main(["--base", str(base), "--adapter", order[0], "--adapter", order[1], "--output", str(out)]) == 0
+    assert "take a multiplicative method (IA3) and other deltas" in capsys.readouterr().out
+    got, ref, saved = read_checkpoint(out), read_checkpoint(base), load_file(ia3 / "adapter_model.safetensors")
+    for layer in range(2):
+        name = f"model.layers.{layer}.self_attn.k_proj.weight"
+        (a, b, s), = lora.deltas[name.removesuffix(".weight")]
+        l = saved[f"base_model.model.{name.removesuffix('.weight')}.ia3_l"].double()  # noqa: E741
+        w = ref[name].double()
+        exact = (w + s * b @ a) * l if first == "lora" else w * l + s * b @ a
+        magnitude = (w.abs() + s * b.abs() @ a.abs()) * l.abs()
+        assert one_rounding(exact, got[name], magnitude), name
+    assert main(["verify", str(out)]) == 0
+
+
+@pytest.mark.parametrize("config, said", [
+    ({"peft_type": "OFT", "r": 4}, "peft_type 'OFT' is not mergeable by streammerge (LORA, IA3, LOHA and LOKR are)"),
+    ({"peft_type": "IA3", "fan_in_fan_out": True, "target_modules": ["c_attn"]},
+     "IA3 with fan_in_fan_out (Conv1D layers, GPT-2 style) is not merged"),
+])
+def test_methods_not_merged_are_refused_by_name(tmp_path: Path, bases: dict, config: dict, said: str, capsys) -> None:
+    from safetensors.torch import save_file
+
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text(json.dumps(config))
+    save_file({"base_model.model.model.layers.0.self_attn.k_proj.ia3_l": torch.ones(32, 1)},
+              adapter / "adapter_model.safetensors")
+    out = tmp_path / "out"
+    assert main(["--base", str(bases["llama"]), "--adapter", str(adapter), "--output", str(out)]) != 0
+    err = capsys.readouterr().err
+    assert said in err and len(err.strip().splitlines()) == 1 and not out.exists()
