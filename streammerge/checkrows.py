@@ -62,5 +62,17 @@ def _lokr(d: Delta, row: int, exact: torch.Tensor, size: torch.Tensor, f: Factor
     return exact + term, size + bound, ranks + 3
 
 
+def _vera(d: Delta, row: int, exact: torch.Tensor, size: torch.Tensor, f: Factors64) -> Row:
+    cols = exact.shape[0]
+    b_row = f(d, "lambda_b")[row] * f(d, "B")[row]  # (r,)
+    a = f(d, "lambda_d")[:, None] * f(d, "A")[:, :cols]  # (r, in)
+    return exact + d.scale * (b_row @ a), size + abs(d.scale) * (b_row.abs() @ a.abs()), a.shape[0] + 2
+
+
+def _adalora(d: Delta, row: int, exact: torch.Tensor, size: torch.Tensor, f: Factors64) -> Row:
+    ae, b = f(d, "A") * f(d, "E"), f(d, "B")[row]  # (k, in), (k,)
+    return exact + d.scale * (b @ ae), size + abs(d.scale) * (b.abs() @ ae.abs()), ae.shape[0] + 2
+
+
 EXTRA_ROWS: dict[str, Callable[[Delta, int, torch.Tensor, torch.Tensor, Factors64], Row]] = {
-    "ia3_rows": _ia3, "ia3_columns": _ia3, "ia3_bias": _ia3, "loha": _loha, "lokr": _lokr}
+    "ia3_rows": _ia3, "ia3_columns": _ia3, "ia3_bias": _ia3, "loha": _loha, "lokr": _lokr, "vera": _vera, "adalora": _adalora}

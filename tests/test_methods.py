@@ -1,5 +1,5 @@
-"""PEFT methods other than LoRA (IA3, LoHa, LoKr), on tiny real Llama and Qwen2 models (Qwen2's q/k/v
-have biases, which output-side IA3 scales too).
+"""PEFT methods other than LoRA (IA3, LoHa, LoKr, VeRA, AdaLoRA), on tiny real Llama and Qwen2 models
+(Qwen2's q/k/v have biases, which output-side IA3 scales too).
 
 Each adapter is made and saved by PEFT with every trainable tensor randomised (an untrained IA3 is
 all ones, an untrained LoHa or LoKr all zeros: either would prove nothing). Oracles: PEFT's own
@@ -28,6 +28,7 @@ CONFIGS = {
     "lokr": lambda: peft.LoKrConfig(r=4, alpha=8, target_modules=["q_proj", "v_proj", "down_proj"], init_weights=False),
     "lokr-decomposed": lambda: peft.LoKrConfig(r=2, alpha=6, target_modules=["q_proj", "o_proj", "up_proj"],
                                                init_weights=False, decompose_both=True),
+    "vera": lambda: peft.VeraConfig(r=8, target_modules=["q_proj", "v_proj", "down_proj"], init_weights=False),
 }
 
 
@@ -70,6 +71,10 @@ def formula(kind: str, saved: dict[str, torch.Tensor], config: dict, module: str
     w = w.double()
     if kind == "ia3":
         return w * t["ia3_l"]  # (out, 1) scales rows, (1, in) columns
+    if kind == "vera":  # the shared projections, sliced to the layer
+        a, b = saved["base_model.vera_A"].double(), saved["base_model.vera_B"].double()
+        out, cols = w.shape
+        return w + (t["vera_lambda_b"][:, None] * b[:out]) @ (t["vera_lambda_d"][:, None] * a[:, :cols])
     scale = config["alpha"] / config["r"]
     if kind == "loha":
         return w + scale * (t["hada_w1_a"] @ t["hada_w1_b"]) * (t["hada_w2_a"] @ t["hada_w2_b"])
@@ -94,7 +99,7 @@ def test_method_merges_like_peft(tmp_path: Path, bases: dict, arch: str, kind: s
     assert main(["--base", str(base), "--adapter", str(adapter), "--output", str(out), "-q", "--max-mem", "40MB"]) == 0
     got, ref = read_checkpoint(out), read_checkpoint(base)
     saved, config = load_file(adapter / "adapter_model.safetensors"), json.loads((adapter / "adapter_config.json").read_text())
-    modules = {k.removeprefix("base_model.model.").rsplit(".", 1)[0] for k in saved}
+    modules = {k.removeprefix("base_model.model.").rsplit(".", 1)[0] for k in saved if k.startswith("base_model.model.")}
     assert set(got) == set(ref)
     changed = 0
     for name, tensor in got.items():
@@ -144,9 +149,10 @@ def test_ia3_composes_with_lora_in_the_order_given(tmp_path: Path, bases: dict, 
 
 
 @pytest.mark.parametrize("config, said", [
-    ({"peft_type": "OFT", "r": 4}, "peft_type 'OFT' is not mergeable by streammerge (LORA, IA3, LOHA and LOKR are)"),
+    ({"peft_type": "OFT", "r": 4}, "peft_type 'OFT' is not mergeable by streammerge (LORA, ADALORA, IA3, LOHA, LOKR and VERA are)"),
     ({"peft_type": "IA3", "fan_in_fan_out": True, "target_modules": ["c_attn"]},
      "IA3 with fan_in_fan_out (Conv1D layers, GPT-2 style) is not merged"),
+    ({"peft_type": "VERA", "r": 8, "save_projection": False}, "VeRA saved with save_projection=false"),
 ])
 def test_methods_not_merged_are_refused_by_name(tmp_path: Path, bases: dict, config: dict, said: str, capsys) -> None:
     from safetensors.torch import save_file
@@ -160,3 +166,67 @@ def test_methods_not_merged_are_refused_by_name(tmp_path: Path, bases: dict, con
     assert main(["--base", str(bases["llama"]), "--adapter", str(adapter), "--output", str(out)]) != 0
     err = capsys.readouterr().err
     assert said in err and len(err.strip().splitlines()) == 1 and not out.exists()
+
+
+def adalora_adapter(base: Path, out: Path) -> Path:
+    """An AdaLoRA adapter pruned by PEFT itself (update_and_allocate over a few training steps: a
+    rank_pattern with ranks cut, some to 0), every tensor then randomised; one module's mask edited to
+    keep 3 of 6 ranks so a partial rank is certain (PEFT loads masks of any pattern)."""
+    import transformers
+    from safetensors.torch import save_file
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    config = peft.AdaLoraConfig(init_r=6, target_r=2, total_step=10, tinit=1, tfinal=1, deltaT=1, lora_alpha=8,
+                                target_modules=["q_proj", "v_proj", "down_proj"])
+    model = peft.get_peft_model(model, config)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+    torch.manual_seed(5)
+    for step in range(8):
+        ids = torch.randint(0, 160, (2, 8))
+        model(input_ids=ids, labels=ids).loss.backward()
+        model.base_model.update_and_allocate(step)
+        optimizer.step()
+        optimizer.zero_grad()
+    for p in (p for n, p in model.named_parameters() if "lora_" in n):
+        p.data = 0.3 * torch.randn_like(p)
+    model.save_pretrained(out)
+    saved, cfg = load_file(out / "adapter_model.safetensors"), json.loads((out / "adapter_config.json").read_text())
+    key = next(k for k in cfg["rank_pattern"] if all(cfg["rank_pattern"][k]))
+    mask = torch.tensor([True, False, True, False, True, False])
+    prefix = "base_model.model." + key.removesuffix("lora_E")
+    saved[prefix + "lora_A"], saved[prefix + "lora_E"] = saved[prefix + "lora_A"][mask], saved[prefix + "lora_E"][mask]
+    saved[prefix + "lora_B"] = saved[prefix + "lora_B"][:, mask]
+    cfg["rank_pattern"][key] = mask.tolist()
+    save_file(saved, out / "adapter_model.safetensors")
+    (out / "adapter_config.json").write_text(json.dumps(cfg))
+    return out
+
+
+def test_adalora_merges_like_peft_loads_it(tmp_path: Path, bases: dict) -> None:
+    import transformers
+
+    base = bases["llama"]
+    adapter = adalora_adapter(base, tmp_path / "adapter")
+    saved, config = load_file(adapter / "adapter_model.safetensors"), json.loads((adapter / "adapter_config.json").read_text())
+    kept = {k.removeprefix("base_model.model.").removesuffix(".lora_A"): v.shape[0] for k, v in saved.items()
+            if k.endswith("lora_A")}
+    assert 0 in kept.values() and 3 in kept.values() and 6 in kept.values()  # pruned to 0, cut, kept whole
+    loaded = peft.PeftModel.from_pretrained(transformers.AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32),
+                                            adapter)
+    peft_merged = loaded.merge_and_unload().state_dict()
+    out = tmp_path / "out"
+    assert main(["--base", str(base), "--adapter", str(adapter), "--output", str(out), "-q"]) == 0
+    got, ref = read_checkpoint(out), read_checkpoint(base)
+    scale = config["lora_alpha"] / (config["init_r"] + 1e-5)  # ranknum is init_r, whatever rank was kept
+    for name, tensor in got.items():
+        module = name.removesuffix(".weight")
+        if kept.get(module):
+            a, b, e = (saved[f"base_model.model.{module}.lora_{x}"].double() for x in "ABE")
+            w = ref[name].double()
+            exact, magnitude = w + scale * b @ (a * e), w.abs() + scale * b.abs() @ (a * e).abs()
+            assert one_rounding(exact, tensor, magnitude), name
+            peft32 = peft_merged[name].double()
+            assert (tensor.double() - peft32).abs().le(peft32.abs() * 2.0**-8 + 1e-6).all(), name
+        else:  # untouched, or pruned to rank 0
+            assert torch.equal(bits(tensor), bits(ref[name])), name
+    assert main(["verify", str(out)]) == 0

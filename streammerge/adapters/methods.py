@@ -8,6 +8,11 @@ tensors decide the layout, not the config (e.g. the shape of IA3's vector says w
   delta = alpha / r * (w1a @ w1b) * (w2a @ w2b) (Hadamard product).
 - LoKr: ``<m>.lokr_w1`` (a1, a2) or ``lokr_w1_a`` (a1, r) @ ``lokr_w1_b`` (r, a2); ``lokr_w2`` (b1, b2)
   or ``lokr_w2_a`` @ ``lokr_w2_b``: delta = alpha / r * kron(w1, w2), (a1 * b1, a2 * b2).
+- VeRA: ``<m>.vera_lambda_b`` (out,), ``vera_lambda_d`` (r,) and the projections every module shares,
+  ``base_model.vera_A`` (r, largest in) and ``base_model.vera_B`` (largest out, r):
+  delta = (lambda_b * B[:out]) @ (lambda_d * A[:, :in]) (no alpha).
+- AdaLoRA: ``<m>.lora_A`` (k, in), ``lora_E`` (k, 1), ``lora_B`` (out, k): delta = B (A * E) * lora_alpha
+  / (init_r + 1e-5) (see ``_adalora``); a module pruned to rank 0 changes nothing and is left out.
 r and alpha per module as PEFT reads them (``rank_pattern`` / ``alpha_pattern``). The convolution
 forms (``hada_t1``/``hada_t2``, ``lokr_t2``) and Conv1D layouts (``fan_in_fan_out``) are refused.
 """
@@ -30,7 +35,11 @@ ROLES: dict[str, dict[str, str]] = {
              "hada_t1": "t1", "hada_t2": "t2"},
     "LOKR": {"lokr_w1": "w1", "lokr_w1_a": "w1a", "lokr_w1_b": "w1b", "lokr_w2": "w2", "lokr_w2_a": "w2a",
              "lokr_w2_b": "w2b", "lokr_t2": "t2"},
+    "VERA": {"vera_lambda_b": "lambda_b", "vera_lambda_d": "lambda_d"},
+    "ADALORA": {"lora_A": "A", "lora_B": "B", "lora_E": "E"},
 }
+# peft_type -> tensors shared by every module (saved once) -> role
+SHARED: dict[str, dict[str, str]] = {"VERA": {"base_model.vera_A": "A", "base_model.vera_B": "B"}}
 CONVOLUTION_ROLES = {"t1", "t2"}
 
 
@@ -50,6 +59,13 @@ def _module(peft_type: str, config: dict[str, Any], module: str, roles: dict[str
         raise UnsupportedError(f"{where}: {module!r} holds {peft_type}'s convolution (CP) factors; streammerge "
                                "merges its Linear form only")
     keys = tuple(sorted((role, info.name) for role, info in roles.items()))
+    if peft_type == "VERA":
+        if {"lambda_b", "lambda_d", "A", "B"} - set(roles):
+            raise InputError(f"{where}: {module!r} has {sorted(roles)}; VeRA needs vera_lambda_b, vera_lambda_d and "
+                             "the shared vera_A / vera_B")
+        return LoraModule(module, "", "", roles["lambda_d"].shape[0], 1.0, 1.0, method="vera", keys=keys)
+    if peft_type == "ADALORA":
+        return _adalora(config, module, roles, keys, where)
     if peft_type == "IA3":
         shape = roles["l"].shape
         if len(shape) != 2 or 1 not in shape:
@@ -66,10 +82,32 @@ def _module(peft_type: str, config: dict[str, Any], module: str, roles: dict[str
     return LoraModule(module, "", "", r, alpha, scaling, method=peft_type.lower(), keys=keys)
 
 
+def _adalora(config: dict[str, Any], module: str, roles: dict[str, TensorInfo], keys: tuple[tuple[str, str], ...],
+             where: Path) -> LoraModule:
+    """AdaLoRA's SVD form, W + B (A * E) * scaling / (ranknum + 1e-5), as PEFT loads it: the kept rank
+    k from the saved shapes (A (k, in), E (k, 1), B (out, k); pruned by rank_pattern, possibly 0),
+    scaling = lora_alpha (or k when lora_alpha is 0) and ranknum = init_r, the rank training began
+    with (PEFT keeps it when it prunes), not k."""
+    if {"A", "B", "E"} - set(roles):
+        raise InputError(f"{where}: {module!r} has {sorted(roles)}; AdaLoRA needs lora_A, lora_B and lora_E")
+    a, b, e = roles["A"].shape, roles["B"].shape, roles["E"].shape
+    kept, init_r, alpha = (a[0] if len(a) == 2 else -1), config.get("init_r"), config.get("lora_alpha", 8)
+    if len(b) != 2 or b[1] != kept or e != (kept, 1) or not isinstance(init_r, int) or isinstance(init_r, bool) \
+            or not 0 <= kept <= init_r or not isinstance(alpha, (int, float)):
+        raise InputError(f"{where}: AdaLoRA {module!r} has lora_A {list(a)}, lora_B {list(b)}, lora_E {list(e)} with "
+                         f"init_r={init_r!r}, lora_alpha={alpha!r}; expected [k, in], [out, k], [k, 1], k <= init_r")
+    scaling = (float(alpha) if alpha > 0 else float(kept)) / (init_r + 1e-5)
+    return LoraModule(module, "", "", kept, float(alpha), scaling, method="adalora", keys=keys)
+
+
 def read_method_adapter(path: Path, config: dict[str, Any], *, weight: float) -> LoraAdapter:
     """A PEFT adapter of one of ``ROLES``' methods; its modules_to_save tensors replace the base's."""
     peft_type = str(config.get("peft_type"))
     where = path / "adapter_config.json"
+    if peft_type == "VERA" and config.get("save_projection") is False:
+        raise UnsupportedError(f"{where}: VeRA saved with save_projection=false: its shared vera_A / vera_B are not in "
+                               "the adapter (PEFT regenerates them from projection_prng_key); re-save it with "
+                               "save_projection=True")
     if config.get("fan_in_fan_out"):
         raise UnsupportedError(f"{where}: {peft_type} with fan_in_fan_out (Conv1D layers, GPT-2 style) is not merged "
                                "by this version")
@@ -78,8 +116,11 @@ def read_method_adapter(path: Path, config: dict[str, Any], *, weight: float) ->
     pattern = re.compile(rf"^(?P<module>.+)\.(?P<suffix>{'|'.join(sorted(suffixes, key=len, reverse=True))})$")
     grouped: dict[str, dict[str, TensorInfo]] = {}
     replacements: dict[str, TensorInfo] = {}
+    shared = {role: tensors[key] for key, role in SHARED.get(peft_type, {}).items() if key in tensors}
     for key, info in tensors.items():
         match = pattern.match(key)
+        if key in SHARED.get(peft_type, {}):
+            continue
         param_path = key.removeprefix(PEFT_PREFIX)
         if match:
             grouped.setdefault(match["module"].removeprefix(PEFT_PREFIX), {})[suffixes[match["suffix"]]] = info
@@ -90,7 +131,8 @@ def read_method_adapter(path: Path, config: dict[str, Any], *, weight: float) ->
         else:
             raise PlanError(f"{weights_path}: tensor {key!r} is not one of {peft_type}'s (expected '<module>."
                             f"{'|'.join(suffixes)}'); refusing to drop it silently")
-    modules = {m: _module(peft_type, config, m, roles, weights_path) for m, roles in grouped.items()}
+    modules = {m: _module(peft_type, config, m, {**roles, **shared}, weights_path) for m, roles in grouped.items()}
+    modules = {m: lora for m, lora in modules.items() if lora.method != "adalora" or lora.r > 0}  # (rank 0: no delta)
     if not modules and not replacements:
         raise InputError(f"{weights_path}: the adapter holds no {peft_type} tensors")
     return LoraAdapter(path, weights_path, config, weight, tensors, modules, header, state, replacements)

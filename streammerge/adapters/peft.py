@@ -71,7 +71,7 @@ def _check_config(config: dict[str, Any], where: Path) -> None:
     peft_type = config.get("peft_type")
     if peft_type != "LORA":
         raise UnsupportedError(
-            f"{where}: peft_type {peft_type!r} is not mergeable by streammerge (LORA, IA3, LOHA and LOKR are)"
+            f"{where}: peft_type {peft_type!r} is not mergeable by streammerge (LORA, ADALORA, IA3, LOHA, LOKR and VERA are)"
         )
     r, alpha = config.get("r"), config.get("lora_alpha")
     if not isinstance(r, int) or isinstance(r, bool) or not 0 < r <= MAX_RANK:

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
-from . import dora, ia3, lora, lycoris
+from . import additive, dora, ia3, lora
 
 if TYPE_CHECKING:
     import torch
@@ -83,8 +83,10 @@ METHODS: dict[str, Method] = {
     "ia3_rows": ia3.IA3_ROWS,
     "ia3_columns": ia3.IA3_COLUMNS,
     "ia3_bias": ia3.IA3_BIAS,
-    "loha": lycoris.LOHA,
-    "lokr": lycoris.LOKR,
+    "loha": additive.LOHA,
+    "lokr": additive.LOKR,
+    "vera": additive.VERA,
+    "adalora": additive.ADALORA,
 }
 
 

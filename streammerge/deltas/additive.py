@@ -1,15 +1,20 @@
-"""LoHa and LoKr (PEFT's LyCORIS methods), additive and row-local, s = adapter weight * alpha / r:
-- ``loha``: W[rows] += s * (w1a[rows] @ w1b) * (w2a[rows] @ w2b)      # two (rows, r) @ (r, in), Hadamard
-- ``lokr``: W[rows] += s * kron(w1, w2)[rows], w1 (a1, a2) and w2 (b1, b2) (each saved whole or as
-            a product of two factors, multiplied once at load): row i is the outer product of
-            w1[i // b1] and w2[i % b1], flattened (column j1 * b2 + j2).
-Each needs temporaries of a block's size (``block_buffers``), which the working set counts.
+"""Additive, row-local methods other than LoRA (a chunk of W's rows needs the same rows of the delta
+only), s = adapter weight * the module's scaling:
+- ``loha``:    W[rows] += s * (w1a[rows] @ w1b) * (w2a[rows] @ w2b)   # two (rows, r) @ (r, in), Hadamard
+- ``lokr``:    W[rows] += s * kron(w1, w2)[rows], w1 (a1, a2) and w2 (b1, b2) (each saved whole or as a
+               product of two factors, multiplied once at load): row i is the outer product of
+               w1[i // b1] and w2[i % b1], flattened (column j1 * b2 + j2)
+- ``vera``:    W[rows] += s * (lambda_b * B[:out])[rows] @ (lambda_d * A[:, :in])  (shared projections)
+- ``adalora``: W[rows] += s * B[rows] @ (A * E)   (s: lora_alpha / (init_r + 1e-5), see adapters/methods.py)
+LoHa and LoKr make temporaries of a block's size (``block_buffers``), which the working set counts.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
+
+from .lora import Rows
 
 if TYPE_CHECKING:
     import torch
@@ -95,4 +100,58 @@ class LoKr:
         return Kronecker(whole("w1"), whole("w2"), d.scale)
 
 
-LOHA, LOKR = LoHa(), LoKr()
+
+
+@dataclass(frozen=True)
+class VeRA:
+    """``W[rows] += s * (lambda_b * B[:out])[rows] @ (lambda_d * A[:, :in])``, the shared projections
+    sliced to the layer (PEFT's ``get_delta_weight``); then a LoRA product."""
+
+    first_pass = False
+    block_buffers = 0
+
+    def factor_keys(self, d: Delta) -> list[str]:
+        return [d.lora.key(r) for r in ("lambda_b", "lambda_d", "A", "B")]
+
+    def check(self, d: Delta, tensor: str, info: TensorInfo) -> str | None:
+        b, dd, a, bb = (d.adapter.tensors[k].shape for k in self.factor_keys(d))
+        if (len(info.shape) != 2 or len(a) != 2 or len(bb) != 2 or b != (info.shape[0],) or dd != (a[0],)
+                or bb[1] != a[0] or a[1] < info.shape[1] or bb[0] < info.shape[0]):
+            return (f"{d.lora.module}: VeRA lambda_b {list(b)}, lambda_d {list(dd)}, vera_A {list(a)}, vera_B {list(bb)} "
+                    f"do not make {tensor} {list(info.shape)}")
+        return None
+
+    def load(self, d: Delta, factors: Factors) -> Rows:
+        lambda_b, lambda_d, a, b = (factors.get(d.adapter, k) for k in self.factor_keys(d))
+        return SlicedRows(lambda_d[:, None] * a, lambda_b[:, None] * b[: lambda_b.shape[0]], d.scale)
+
+
+class SlicedRows(Rows):
+    """``Rows`` with A wider than the weight (VeRA's shared projection): its first ``in`` columns."""
+
+    def apply(self, work: torch.Tensor, row0: int, rows: int) -> None:
+        work.addmm_(self.b[row0 : row0 + rows], self.a[:, : work.shape[1]], alpha=self.scale)
+
+
+@dataclass(frozen=True)
+class AdaLoRA:
+    """``W[rows] += s * B[rows] @ (A * E)``: E (k, 1) scales A's rows once at load; then a LoRA product."""
+
+    first_pass = False
+    block_buffers = 0
+
+    def factor_keys(self, d: Delta) -> list[str]:
+        return [d.lora.key(r) for r in ("A", "B", "E")]
+
+    def check(self, d: Delta, tensor: str, info: TensorInfo) -> str | None:
+        a, b = d.adapter.tensors[d.lora.key("A")].shape, d.adapter.tensors[d.lora.key("B")].shape
+        if list(info.shape) != [b[0], a[1]]:
+            return f"{d.lora.module}: AdaLoRA B (A * E) is {[b[0], a[1]]} but {tensor} is {list(info.shape)}"
+        return None
+
+    def load(self, d: Delta, factors: Factors) -> Rows:
+        a, b, e = (factors.get(d.adapter, k) for k in self.factor_keys(d))
+        return Rows(a * e, b, d.scale)
+
+
+LOHA, LOKR, VERA, ADALORA = LoHa(), LoKr(), VeRA(), AdaLoRA()
