@@ -74,5 +74,34 @@ def _adalora(d: Delta, row: int, exact: torch.Tensor, size: torch.Tensor, f: Fac
     return exact + d.scale * (b @ ae), size + abs(d.scale) * (b.abs() @ ae.abs()), ae.shape[0] + 2
 
 
+def _oft_blocks(d: Delta, f: Factors64) -> torch.Tensor:
+    """Each block's rotation (float64), from the config's parameterisation: a polynomial in Q with
+    PEFT's coefficients (1, 2, ..., 2, 1) or the exact Cayley map (I - Q)(I + Q)^-1."""
+    config, vec = d.adapter.config, f(d, "R")
+    b = next(k for k in range(2, 4096) if k * (k - 1) // 2 == vec.shape[1])
+    q = torch.zeros(vec.shape[0], b, b, dtype=torch.float64)
+    for n, (i, j) in enumerate((i, j) for i in range(b) for j in range(i + 1, b)):
+        q[:, i, j], q[:, j, i] = vec[:, n], -vec[:, n]
+    if config.get("coft"):
+        eps = float(config.get("eps", 6e-5)) / vec.shape[0] ** 0.5
+        norms = torch.linalg.matrix_norm(q)[:, None, None]
+        q = torch.where(norms > eps, q * eps / norms, q)
+    eye = torch.eye(b, dtype=torch.float64)
+    if not config.get("use_cayley_neumann", True):
+        return (eye - q) @ torch.linalg.inv(eye + q)
+    t = int(config.get("num_cayley_neumann_terms", 5))
+    coefficients = [1.0] if t <= 1 else [1.0, 2.0] if t == 2 else [1.0] + [2.0] * max(2, t - 2) + [1.0]
+    return sum(c * torch.linalg.matrix_power(q, k) for k, c in enumerate(coefficients))
+
+
+def _oft(d: Delta, row: int, exact: torch.Tensor, size: torch.Tensor, f: Factors64) -> Row:
+    r = _oft_blocks(d, f)
+    cols, b = exact.shape[0], r.shape[-1]
+    r = r.expand(cols // b, b, b) if r.shape[0] == 1 else r
+    rotate = lambda v: torch.einsum("rk,rck->rc", v.view(-1, b), r).reshape(-1)  # noqa: E731  (v_blk @ R_blk^T)
+    magnitude = torch.einsum("rk,rck->rc", size.view(-1, b), r.abs()).reshape(-1)
+    return rotate(exact), magnitude, b + 4
+
+
 EXTRA_ROWS: dict[str, Callable[[Delta, int, torch.Tensor, torch.Tensor, Factors64], Row]] = {
-    "ia3_rows": _ia3, "ia3_columns": _ia3, "ia3_bias": _ia3, "loha": _loha, "lokr": _lokr, "vera": _vera, "adalora": _adalora}
+    "ia3_rows": _ia3, "ia3_columns": _ia3, "ia3_bias": _ia3, "loha": _loha, "lokr": _lokr, "vera": _vera, "adalora": _adalora, "oft": _oft}

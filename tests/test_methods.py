@@ -29,6 +29,11 @@ CONFIGS = {
     "lokr-decomposed": lambda: peft.LoKrConfig(r=2, alpha=6, target_modules=["q_proj", "o_proj", "up_proj"],
                                                init_weights=False, decompose_both=True),
     "vera": lambda: peft.VeraConfig(r=8, target_modules=["q_proj", "v_proj", "down_proj"], init_weights=False),
+    "oft": lambda: peft.OFTConfig(r=4, oft_block_size=0, target_modules=["q_proj", "v_proj", "down_proj"]),
+    "oft-cayley-shared": lambda: peft.OFTConfig(r=0, oft_block_size=16, target_modules=["q_proj", "v_proj", "down_proj"],
+                                                use_cayley_neumann=False, block_share=True),
+    "oft-coft-3-terms": lambda: peft.OFTConfig(r=0, oft_block_size=8, target_modules=["q_proj", "v_proj", "down_proj"],
+                                               coft=True, eps=0.5, num_cayley_neumann_terms=3),
 }
 
 
@@ -69,6 +74,8 @@ def formula(kind: str, saved: dict[str, torch.Tensor], config: dict, module: str
     t = {k.removeprefix(f"base_model.model.{module}."): v.double() for k, v in saved.items()
          if k.startswith(f"base_model.model.{module}.")}
     w = w.double()
+    if kind.startswith("oft"):
+        return w @ oft_rotation(t["oft_R.weight"], config, w.shape[1]).T
     if kind == "ia3":
         return w * t["ia3_l"]  # (out, 1) scales rows, (1, in) columns
     if kind == "vera":  # the shared projections, sliced to the layer
@@ -81,6 +88,30 @@ def formula(kind: str, saved: dict[str, torch.Tensor], config: dict, module: str
     w1 = t["lokr_w1"] if "lokr_w1" in t else t["lokr_w1_a"] @ t["lokr_w1_b"]
     w2 = t["lokr_w2"] if "lokr_w2" in t else t["lokr_w2_a"] @ t["lokr_w2_b"]
     return w + scale * torch.kron(w1, w2)
+
+
+def oft_rotation(vec: torch.Tensor, config: dict, cols: int) -> torch.Tensor:
+    """The (cols, cols) block-diagonal rotation of PEFT's OFT, float64: skew Q from the upper
+    triangles, coft's projection, then Cayley-Neumann (PEFT's series) or the exact Cayley map."""
+    b = int(round((1 + (1 + 8 * vec.shape[1]) ** 0.5) / 2))
+    rows, columns = torch.triu_indices(b, b, 1)
+    q = torch.zeros(vec.shape[0], b, b, dtype=torch.float64)
+    q[:, rows, columns] = vec.double()
+    q = q - q.transpose(1, 2)
+    if config.get("coft"):
+        eps = config["eps"] / vec.shape[0] ** 0.5
+        norm = q.norm(dim=(1, 2), keepdim=True)
+        q = torch.where(norm <= eps, q, eps * q / norm)
+    eye = torch.eye(b, dtype=torch.float64).expand_as(q)
+    if not config.get("use_cayley_neumann", True):
+        r = torch.linalg.solve(eye + q, eye - q, left=False)
+    else:
+        t, r, power = config["num_cayley_neumann_terms"], eye.clone(), eye
+        series = [2.0] * (t - 2) + [1.0] if t > 3 else [2.0, 2.0, 1.0] if t == 3 else [2.0] * (t - 1)
+        for c in series:  # PEFT: I + 2Q + 2Q^2 + ... + Q^last
+            power = power @ q
+            r = r + c * power
+    return torch.block_diag(*([r[0]] * (cols // b) if r.shape[0] == 1 else list(r)))
 
 
 def one_rounding(exact: torch.Tensor, got: torch.Tensor, magnitude: torch.Tensor) -> bool:
@@ -99,7 +130,9 @@ def test_method_merges_like_peft(tmp_path: Path, bases: dict, arch: str, kind: s
     assert main(["--base", str(base), "--adapter", str(adapter), "--output", str(out), "-q", "--max-mem", "40MB"]) == 0
     got, ref = read_checkpoint(out), read_checkpoint(base)
     saved, config = load_file(adapter / "adapter_model.safetensors"), json.loads((adapter / "adapter_config.json").read_text())
-    modules = {k.removeprefix("base_model.model.").rsplit(".", 1)[0] for k in saved if k.startswith("base_model.model.")}
+    modules = {k.removeprefix("base_model.model.").removesuffix(".oft_R.weight").rsplit(".", 1)[0]
+               if not k.endswith(".oft_R.weight") else k.removeprefix("base_model.model.").removesuffix(".oft_R.weight")
+               for k in saved if k.startswith("base_model.model.")}
     assert set(got) == set(ref)
     changed = 0
     for name, tensor in got.items():
@@ -108,9 +141,13 @@ def test_method_merges_like_peft(tmp_path: Path, bases: dict, arch: str, kind: s
             w = ref[name]
             exact = formula(kind, saved, config, module, w if param == "weight" else w[:, None])
             exact = exact if param == "weight" else exact[:, 0]
-            magnitude = formula(kind, {k: v.abs() for k, v in saved.items()}, config, module, w.abs() if param == "weight"
-                                else w.abs()[:, None])
-            magnitude = magnitude if param == "weight" else magnitude[:, 0]
+            if kind.startswith("oft"):  # |W| @ |R|^T
+                rotation = oft_rotation(saved[f"base_model.model.{module}.oft_R.weight"], config, w.shape[1])
+                magnitude = w.double().abs() @ rotation.abs().T
+            else:  # the same formula on magnitudes
+                magnitude = formula(kind, {k: v.abs() for k, v in saved.items()}, config, module,
+                                    w.abs() if param == "weight" else w.abs()[:, None])
+                magnitude = magnitude if param == "weight" else magnitude[:, 0]
             assert one_rounding(exact, tensor, magnitude.abs()), name
             peft32 = peft_merged[name].double()  # PEFT's own merge, float32: the same within bf16's rounding
             assert (tensor.double() - peft32).abs().le(peft32.abs() * 2.0**-8 + 1e-6).all(), name
@@ -149,11 +186,16 @@ def test_ia3_composes_with_lora_in_the_order_given(tmp_path: Path, bases: dict, 
 
 
 @pytest.mark.parametrize("config, said", [
-    ({"peft_type": "OFT", "r": 4}, "peft_type 'OFT' is not mergeable by streammerge (LORA, ADALORA, IA3, LOHA, LOKR and VERA are)"),
+    ({"peft_type": "BOFT", "r": 4}, "peft_type 'BOFT' is not mergeable by streammerge (LORA, ADALORA, IA3, LN_TUNING, LOHA, LOKR, OFT and VERA are)"),
     ({"peft_type": "IA3", "fan_in_fan_out": True, "target_modules": ["c_attn"]},
      "IA3 with fan_in_fan_out (Conv1D layers, GPT-2 style) is not merged"),
     ({"peft_type": "VERA", "r": 8, "save_projection": False}, "VeRA saved with save_projection=false"),
-])
+    ({"peft_type": "PREFIX_TUNING"}, "is key/value prefixes added to every attention layer at run time, not a change "
+                                     "of the weights: there is nothing to merge"),
+    ({"peft_type": "XLORA"}, "a classifier mixing LoRA experts per token at run time"),
+    ({"config": {"reduction_factor": 16, "non_linearity": "relu"}, "name": "sst"},
+     "is an AdapterHub bottleneck adapter: it adds layers to the model"),
+], ids=["boft", "ia3-conv1d", "vera-no-projection", "prefix-tuning", "xlora", "adapterhub"])
 def test_methods_not_merged_are_refused_by_name(tmp_path: Path, bases: dict, config: dict, said: str, capsys) -> None:
     from safetensors.torch import save_file
 
@@ -229,4 +271,35 @@ def test_adalora_merges_like_peft_loads_it(tmp_path: Path, bases: dict) -> None:
             assert (tensor.double() - peft32).abs().le(peft32.abs() * 2.0**-8 + 1e-6).all(), name
         else:  # untouched, or pruned to rank 0
             assert torch.equal(bits(tensor), bits(ref[name])), name
+    assert main(["verify", str(out)]) == 0
+
+
+def test_a_reft_intervention_is_refused_by_name(tmp_path: Path, bases: dict, capsys) -> None:
+    reft = tmp_path / "reft"
+    reft.mkdir()
+    (reft / "config.json").write_text(json.dumps({"intervention_types": ["LoreftIntervention"], "representations": []}))
+    assert main(["--base", str(bases["llama"]), "--adapter", str(reft), "--output", str(tmp_path / "out")]) != 0
+    err = capsys.readouterr().err
+    assert "is a ReFT (pyreft) intervention: it edits hidden representations at run time" in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_ln_tuning_replaces_the_norms(tmp_path: Path, bases: dict) -> None:
+    """LN tuning trains the norms themselves: the saved tensors replace the base's, bit for bit."""
+    import transformers
+
+    base = bases["qwen2"]
+    model = peft.get_peft_model(transformers.AutoModelForCausalLM.from_pretrained(base, dtype=torch.bfloat16),
+                                peft.LNTuningConfig(target_modules=["input_layernorm", "norm"]))
+    for p in (p for p in model.parameters() if p.requires_grad):
+        p.data = torch.randn_like(p)
+    model.save_pretrained(tmp_path / "adapter")
+    saved = load_file(tmp_path / "adapter" / "adapter_model.safetensors")
+    out = tmp_path / "out"
+    assert main(["--base", str(base), "--adapter", str(tmp_path / "adapter"), "--output", str(out), "-q"]) == 0
+    got, ref = read_checkpoint(out), read_checkpoint(base)
+    replaced = {k.removeprefix("base_model.model.").replace(".ln_tuning_layers.", "."): v for k, v in saved.items()}
+    assert len(replaced) == 3  # two layers' input norms and the final norm
+    for name, tensor in got.items():
+        assert torch.equal(bits(tensor), bits(replaced.get(name, ref[name]))), name
     assert main(["verify", str(out)]) == 0

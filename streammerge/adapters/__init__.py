@@ -12,7 +12,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from ..errors import InputError
+from ..errors import InputError, UnsupportedError
 from .mlx import WEIGHTS_NAME as MLX_WEIGHTS
 from .mlx import read_mlx_adapter
 from .methods import ROLES, read_method_adapter
@@ -32,18 +32,32 @@ def _is_mlx(path: Path) -> bool:
 _FORMATS: tuple[tuple[Callable[[Path], bool], Reader], ...] = ((_is_mlx, read_mlx_adapter),)
 
 
+def _not_peft(path: Path, config: dict[str, Any] | None) -> str | None:
+    """What a directory is when it is an adapter of another library that cannot be merged into weights."""
+    reft = path / "config.json"
+    if config is None and reft.is_file() and "intervention" in reft.read_text(encoding="utf-8", errors="replace"):
+        return "a ReFT (pyreft) intervention: it edits hidden representations at run time, not the weights"
+    if config is not None and "peft_type" not in config and ({"reduction_factor", "adapter_residual_before_ln"}
+                                                             & set(config.get("config") or config)):
+        return "an AdapterHub bottleneck adapter: it adds layers to the model, which no weight merge can hold"
+    return None
+
+
 def _read_config(path: Path) -> dict[str, Any]:
     config_path = path / CONFIG_NAME
     if not config_path.is_file():
-        raise InputError(
-            f"adapter {path}: no {CONFIG_NAME}; pass the directory written by PEFT's save_pretrained"
-        )
+        other = _not_peft(path, None)
+        raise (UnsupportedError(f"adapter {path} is {other}; nothing streammerge can merge") if other else InputError(
+            f"adapter {path}: no {CONFIG_NAME}; pass the directory written by PEFT's save_pretrained"))
     try:
         config = json.loads(config_path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, ValueError) as exc:
         raise InputError(f"{config_path}: not valid JSON ({exc})") from None
     if not isinstance(config, dict):
         raise InputError(f"{config_path}: must hold a JSON object")
+    other = _not_peft(path, config)
+    if other:
+        raise UnsupportedError(f"adapter {path} is {other}; nothing streammerge can merge")
     return config
 
 

@@ -13,6 +13,10 @@ tensors decide the layout, not the config (e.g. the shape of IA3's vector says w
   delta = (lambda_b * B[:out]) @ (lambda_d * A[:, :in]) (no alpha).
 - AdaLoRA: ``<m>.lora_A`` (k, in), ``lora_E`` (k, 1), ``lora_B`` (out, k): delta = B (A * E) * lora_alpha
   / (init_r + 1e-5) (see ``_adalora``); a module pruned to rank 0 changes nothing and is left out.
+- LN tuning: ``<m>.ln_tuning_layers.weight`` (and ``.bias``): the norm's trained tensors, which replace
+  the base's (as modules_to_save do).
+- OFT: ``<m>.oft_R.weight`` (blocks, b(b-1)/2): a block-diagonal rotation of the input side
+  (``deltas/oft.py``); the rotation's parameters (Cayley-Neumann terms, coft, block_share) from the config.
 r and alpha per module as PEFT reads them (``rank_pattern`` / ``alpha_pattern``). The convolution
 forms (``hada_t1``/``hada_t2``, ``lokr_t2``) and Conv1D layouts (``fan_in_fan_out``) are refused.
 """
@@ -37,7 +41,11 @@ ROLES: dict[str, dict[str, str]] = {
              "lokr_w2_b": "w2b", "lokr_t2": "t2"},
     "VERA": {"vera_lambda_b": "lambda_b", "vera_lambda_d": "lambda_d"},
     "ADALORA": {"lora_A": "A", "lora_B": "B", "lora_E": "E"},
+    "OFT": {"oft_R.weight": "R"},
+    "LN_TUNING": {},
 }
+# peft_type -> the infix of saved layers that replace the base's ("<m>.ln_tuning_layers.weight" -> "<m>.weight")
+REPLACING = {"LN_TUNING": ".ln_tuning_layers."}
 # peft_type -> tensors shared by every module (saved once) -> role
 SHARED: dict[str, dict[str, str]] = {"VERA": {"base_model.vera_A": "A", "base_model.vera_B": "B"}}
 CONVOLUTION_ROLES = {"t1", "t2"}
@@ -66,6 +74,8 @@ def _module(peft_type: str, config: dict[str, Any], module: str, roles: dict[str
         return LoraModule(module, "", "", roles["lambda_d"].shape[0], 1.0, 1.0, method="vera", keys=keys)
     if peft_type == "ADALORA":
         return _adalora(config, module, roles, keys, where)
+    if peft_type == "OFT":
+        return LoraModule(module, "", "", roles["R"].shape[0], 1.0, 1.0, method="oft", keys=keys)
     if peft_type == "IA3":
         shape = roles["l"].shape
         if len(shape) != 2 or 1 not in shape:
@@ -100,6 +110,17 @@ def _adalora(config: dict[str, Any], module: str, roles: dict[str, TensorInfo], 
     return LoraModule(module, "", "", kept, float(alpha), scaling, method="adalora", keys=keys)
 
 
+def _check_oft(config: dict[str, Any], where: Path, weight: float) -> None:
+    """OFT as PEFT >= 0.18 saves it (older adapters use another parameterisation PEFT itself refuses)."""
+    version = str(config.get("peft_version") or "0").partition("@")[0]
+    if "oft_block_size" not in config or (config.get("use_cayley_neumann", True)
+                                          and tuple(int(x) for x in re.findall(r"\d+", version)[:2]) < (0, 18)):
+        raise UnsupportedError(f"{where}: an OFT adapter saved by PEFT before 0.18 (peft_version {version!r}) uses an "
+                               "older parameterisation; re-train it with a current PEFT, as PEFT itself asks")
+    if weight != 1:
+        raise UnsupportedError(f"{where}: an OFT rotation cannot be weighted ({weight} given); merge it with weight 1")
+
+
 def read_method_adapter(path: Path, config: dict[str, Any], *, weight: float) -> LoraAdapter:
     """A PEFT adapter of one of ``ROLES``' methods; its modules_to_save tensors replace the base's."""
     peft_type = str(config.get("peft_type"))
@@ -108,20 +129,25 @@ def read_method_adapter(path: Path, config: dict[str, Any], *, weight: float) ->
         raise UnsupportedError(f"{where}: VeRA saved with save_projection=false: its shared vera_A / vera_B are not in "
                                "the adapter (PEFT regenerates them from projection_prng_key); re-save it with "
                                "save_projection=True")
+    if peft_type == "OFT":
+        _check_oft(config, where, weight)
     if config.get("fan_in_fan_out"):
         raise UnsupportedError(f"{where}: {peft_type} with fan_in_fan_out (Conv1D layers, GPT-2 style) is not merged "
                                "by this version")
     weights_path, tensors, header, state = _index_tensors(path)
     suffixes = ROLES[peft_type]
-    pattern = re.compile(rf"^(?P<module>.+)\.(?P<suffix>{'|'.join(sorted(suffixes, key=len, reverse=True))})$")
+    alternatives = "|".join(re.escape(x) for x in sorted(suffixes, key=len, reverse=True)) or "(?!)"
+    pattern = re.compile(rf"^(?P<module>.+)\.(?P<suffix>{alternatives})$")
     grouped: dict[str, dict[str, TensorInfo]] = {}
     replacements: dict[str, TensorInfo] = {}
     shared = {role: tensors[key] for key, role in SHARED.get(peft_type, {}).items() if key in tensors}
     for key, info in tensors.items():
-        match = pattern.match(key)
+        match, param_path = pattern.match(key), key.removeprefix(PEFT_PREFIX)
         if key in SHARED.get(peft_type, {}):
             continue
-        param_path = key.removeprefix(PEFT_PREFIX)
+        if peft_type in REPLACING and REPLACING[peft_type] in param_path:  # LN tuning: the norm's own tensors
+            replacements[param_path.replace(REPLACING[peft_type], ".")] = info
+            continue
         if match:
             grouped.setdefault(match["module"].removeprefix(PEFT_PREFIX), {})[suffixes[match["suffix"]]] = info
         elif _saved_module(param_path, (config.get("modules_to_save") or []) + EMBEDDING_LAYERS):

@@ -67,11 +67,31 @@ def _saved_module(param_path: str, modules_to_save: list[str]) -> bool:
     return any(module.endswith(m) for m in modules_to_save if isinstance(m, str))
 
 
+MERGED_TYPES = "LORA, ADALORA, IA3, LN_TUNING, LOHA, LOKR, OFT and VERA"
+# PEFT types with no static weight delta: why each cannot be merged into the weights at all
+NO_WEIGHT_DELTA = {
+    "PROMPT_TUNING": "soft prompt tokens prepended to the input",
+    "MULTITASK_PROMPT_TUNING": "soft prompt tokens prepended to the input",
+    "P_TUNING": "prompt tokens from a prompt encoder",
+    "PREFIX_TUNING": "key/value prefixes added to every attention layer at run time",
+    "ADAPTION_PROMPT": "gated prompts added to attention at run time (LLaMA-Adapter)",
+    "CPT": "context-aware prompt tokens",
+    "CARTRIDGE": "a trained KV-cache prefix",
+    "POLY": "a router mixing several LoRA skills per task at run time",
+    "XLORA": "a classifier mixing LoRA experts per token at run time",
+    "LILY": "projectors shared across layers and mixed by a router at run time",
+    "SHADOW": "a side network run beside the model",
+}
+
+
 def _check_config(config: dict[str, Any], where: Path) -> None:
     peft_type = config.get("peft_type")
+    if peft_type in NO_WEIGHT_DELTA:
+        raise UnsupportedError(f"{where}: peft_type {peft_type!r} is {NO_WEIGHT_DELTA[peft_type]}, not a change of the "
+                               "weights: there is nothing to merge; use it with PEFT at inference")
     if peft_type != "LORA":
         raise UnsupportedError(
-            f"{where}: peft_type {peft_type!r} is not mergeable by streammerge (LORA, ADALORA, IA3, LOHA, LOKR and VERA are)"
+            f"{where}: peft_type {peft_type!r} is not mergeable by streammerge ({MERGED_TYPES} are)"
         )
     r, alpha = config.get("r"), config.get("lora_alpha")
     if not isinstance(r, int) or isinstance(r, bool) or not 0 < r <= MAX_RANK:
