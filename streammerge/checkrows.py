@@ -103,5 +103,19 @@ def _oft(d: Delta, row: int, exact: torch.Tensor, size: torch.Tensor, f: Factors
     return rotate(exact), magnitude, b + 4
 
 
+def _hra(d: Delta, row: int, exact: torch.Tensor, size: torch.Tensor, f: Factors64) -> Row:
+    """The dense R of PEFT's get_delta_weight, built in float64: W' = W R."""
+    u = f(d, "u")
+    n, r = u.shape
+    if d.adapter.config.get("apply_GS"):
+        q = torch.linalg.qr(u).Q * torch.sign(torch.linalg.qr(u).R.diagonal())  # Gram-Schmidt's signs
+        rotation = torch.eye(n, dtype=torch.float64) - 2 * q @ q.T
+    else:
+        rotation, unit = torch.eye(n, dtype=torch.float64), u / u.norm(dim=0)
+        for i in range(r):
+            rotation = rotation - 2 * rotation @ unit[:, i : i + 1] @ unit[:, i : i + 1].T
+    return exact @ rotation, size @ rotation.abs(), 4 * r + 4
+
+
 EXTRA_ROWS: dict[str, Callable[[Delta, int, torch.Tensor, torch.Tensor, Factors64], Row]] = {
-    "ia3_rows": _ia3, "ia3_columns": _ia3, "ia3_bias": _ia3, "loha": _loha, "lokr": _lokr, "vera": _vera, "adalora": _adalora, "oft": _oft}
+    "ia3_rows": _ia3, "ia3_columns": _ia3, "ia3_bias": _ia3, "loha": _loha, "lokr": _lokr, "vera": _vera, "adalora": _adalora, "oft": _oft, "hra": _hra}

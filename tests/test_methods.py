@@ -34,6 +34,8 @@ CONFIGS = {
                                                 use_cayley_neumann=False, block_share=True),
     "oft-coft-3-terms": lambda: peft.OFTConfig(r=0, oft_block_size=8, target_modules=["q_proj", "v_proj", "down_proj"],
                                                coft=True, eps=0.5, num_cayley_neumann_terms=3),
+    "hra": lambda: peft.HRAConfig(r=4, target_modules=["q_proj", "v_proj", "down_proj"]),
+    "hra-gram-schmidt": lambda: peft.HRAConfig(r=4, apply_GS=True, target_modules=["q_proj", "v_proj", "down_proj"]),
 }
 
 
@@ -76,6 +78,8 @@ def formula(kind: str, saved: dict[str, torch.Tensor], config: dict, module: str
     w = w.double()
     if kind.startswith("oft"):
         return w @ oft_rotation(t["oft_R.weight"], config, w.shape[1]).T
+    if kind.startswith("hra"):
+        return w @ hra_rotation(t["hra_u"], config)
     if kind == "ia3":
         return w * t["ia3_l"]  # (out, 1) scales rows, (1, in) columns
     if kind == "vera":  # the shared projections, sliced to the layer
@@ -114,6 +118,23 @@ def oft_rotation(vec: torch.Tensor, config: dict, cols: int) -> torch.Tensor:
     return torch.block_diag(*([r[0]] * (cols // b) if r.shape[0] == 1 else list(r)))
 
 
+def hra_rotation(u: torch.Tensor, config: dict) -> torch.Tensor:
+    """PEFT's HRA matrix in float64: the chain of reflections I - 2 u_i u_i^T (columns normalised), or
+    I - 2 Q Q^T with Q the Gram-Schmidt orthonormalisation of u (apply_GS)."""
+    u = u.double()
+    if config.get("apply_GS"):
+        q = []
+        for i in range(u.shape[1]):
+            v = u[:, i] - sum(((w @ u[:, i]) * w for w in q), torch.zeros(u.shape[0], dtype=torch.float64))
+            q.append(v / v.norm())
+        q = torch.stack(q, 1)
+        return torch.eye(u.shape[0], dtype=torch.float64) - 2 * q @ q.T
+    r, unit = torch.eye(u.shape[0], dtype=torch.float64), u / u.norm(dim=0)
+    for i in range(u.shape[1]):
+        r = r - 2 * r @ torch.outer(unit[:, i], unit[:, i])
+    return r
+
+
 def one_rounding(exact: torch.Tensor, got: torch.Tensor, magnitude: torch.Tensor) -> bool:
     """|got - exact| within half a bf16 ulp of exact plus a float32 arithmetic bound (32 roundings)."""
     _, e = torch.frexp(exact)
@@ -144,6 +165,8 @@ def test_method_merges_like_peft(tmp_path: Path, bases: dict, arch: str, kind: s
             if kind.startswith("oft"):  # |W| @ |R|^T
                 rotation = oft_rotation(saved[f"base_model.model.{module}.oft_R.weight"], config, w.shape[1])
                 magnitude = w.double().abs() @ rotation.abs().T
+            elif kind.startswith("hra"):  # |W| @ |R|
+                magnitude = w.double().abs() @ hra_rotation(saved[f"base_model.model.{module}.hra_u"], config).abs()
             else:  # the same formula on magnitudes
                 magnitude = formula(kind, {k: v.abs() for k, v in saved.items()}, config, module,
                                     w.abs() if param == "weight" else w.abs()[:, None])
@@ -186,7 +209,7 @@ def test_ia3_composes_with_lora_in_the_order_given(tmp_path: Path, bases: dict, 
 
 
 @pytest.mark.parametrize("config, said", [
-    ({"peft_type": "BOFT", "r": 4}, "peft_type 'BOFT' is not mergeable by streammerge (LORA, ADALORA, IA3, LN_TUNING, LOHA, LOKR, OFT and VERA are)"),
+    ({"peft_type": "BOFT", "r": 4}, "peft_type 'BOFT' is not mergeable by streammerge (LORA, ADALORA, HRA, IA3, LN_TUNING, LOHA, LOKR, OFT and VERA are)"),
     ({"peft_type": "IA3", "fan_in_fan_out": True, "target_modules": ["c_attn"]},
      "IA3 with fan_in_fan_out (Conv1D layers, GPT-2 style) is not merged"),
     ({"peft_type": "VERA", "r": 8, "save_projection": False}, "VeRA saved with save_projection=false"),

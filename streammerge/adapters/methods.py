@@ -13,6 +13,7 @@ tensors decide the layout, not the config (e.g. the shape of IA3's vector says w
   delta = (lambda_b * B[:out]) @ (lambda_d * A[:, :in]) (no alpha).
 - AdaLoRA: ``<m>.lora_A`` (k, in), ``lora_E`` (k, 1), ``lora_B`` (out, k): delta = B (A * E) * lora_alpha
   / (init_r + 1e-5) (see ``_adalora``); a module pruned to rank 0 changes nothing and is left out.
+- HRA: ``<m>.hra_u`` (in, r): Householder reflections of the input side (``deltas/hra.py``).
 - LN tuning: ``<m>.ln_tuning_layers.weight`` (and ``.bias``): the norm's trained tensors, which replace
   the base's (as modules_to_save do).
 - OFT: ``<m>.oft_R.weight`` (blocks, b(b-1)/2): a block-diagonal rotation of the input side
@@ -43,6 +44,7 @@ ROLES: dict[str, dict[str, str]] = {
     "ADALORA": {"lora_A": "A", "lora_B": "B", "lora_E": "E"},
     "OFT": {"oft_R.weight": "R"},
     "LN_TUNING": {},
+    "HRA": {"hra_u": "u"},
 }
 # peft_type -> the infix of saved layers that replace the base's ("<m>.ln_tuning_layers.weight" -> "<m>.weight")
 REPLACING = {"LN_TUNING": ".ln_tuning_layers."}
@@ -74,8 +76,9 @@ def _module(peft_type: str, config: dict[str, Any], module: str, roles: dict[str
         return LoraModule(module, "", "", roles["lambda_d"].shape[0], 1.0, 1.0, method="vera", keys=keys)
     if peft_type == "ADALORA":
         return _adalora(config, module, roles, keys, where)
-    if peft_type == "OFT":
-        return LoraModule(module, "", "", roles["R"].shape[0], 1.0, 1.0, method="oft", keys=keys)
+    if peft_type in ("OFT", "HRA"):  # rotations and reflections: no scaling, weight 1 (checked)
+        role = "R" if peft_type == "OFT" else "u"
+        return LoraModule(module, "", "", roles[role].shape[-1], 1.0, 1.0, method=peft_type.lower(), keys=keys)
     if peft_type == "IA3":
         shape = roles["l"].shape
         if len(shape) != 2 or 1 not in shape:
@@ -131,6 +134,8 @@ def read_method_adapter(path: Path, config: dict[str, Any], *, weight: float) ->
                                "save_projection=True")
     if peft_type == "OFT":
         _check_oft(config, where, weight)
+    if peft_type == "HRA" and weight != 1:
+        raise UnsupportedError(f"{where}: an HRA reflection cannot be weighted ({weight} given); merge it with weight 1")
     if config.get("fan_in_fan_out"):
         raise UnsupportedError(f"{where}: {peft_type} with fan_in_fan_out (Conv1D layers, GPT-2 style) is not merged "
                                "by this version")

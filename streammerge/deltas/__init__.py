@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
-from . import additive, dora, ia3, lora, oft
+from . import additive, dora, hra, ia3, lora, oft
 
 if TYPE_CHECKING:
     import torch
@@ -88,12 +88,13 @@ METHODS: dict[str, Method] = {
     "vera": additive.VERA,
     "adalora": additive.ADALORA,
     "oft": oft.OFT,
+    "hra": hra.HRA,
 }
 
 
 # methods that scale the weight rather than add to it: with other deltas on the same weight the
 # order of the adapters matters (each applies to what the ones before it made)
-MULTIPLICATIVE = frozenset({"ia3_rows", "ia3_columns", "ia3_bias", "oft"})
+MULTIPLICATIVE = frozenset({"ia3_rows", "ia3_columns", "ia3_bias", "oft", "hra"})
 
 
 def method(name: str) -> Method:
