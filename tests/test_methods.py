@@ -326,3 +326,39 @@ def test_ln_tuning_replaces_the_norms(tmp_path: Path, bases: dict) -> None:
     for name, tensor in got.items():
         assert torch.equal(bits(tensor), bits(replaced.get(name, ref[name]))), name
     assert main(["verify", str(out)]) == 0
+
+
+@pytest.mark.parametrize("kind", ["loha", "ia3"])
+def test_a_vlm_merges_additive_and_multiplicative_methods(tmp_path: Path, kind: str) -> None:
+    """LLaVA (its on-disk names differ from PEFT's in-memory ones): LoHa (additive) and IA3
+    (multiplicative) on both towers' projections, against PEFT's merge saved by transformers."""
+    import transformers
+    from test_multimodal import llava
+
+    torch.manual_seed(0)
+    model = llava().to(torch.bfloat16)
+    base = tmp_path / "base"
+    model.save_pretrained(base)
+    config = (peft.LoHaConfig(r=4, alpha=8, target_modules=["q_proj", "v_proj"], init_weights=False) if kind == "loha"
+              else peft.IA3Config(target_modules=["q_proj", "v_proj", "fc2"], feedforward_modules=["fc2"],
+                                  init_ia3_weights=False))
+    tuned = peft.get_peft_model(type(model).from_pretrained(base, dtype=torch.float32), config)
+    for name, p in tuned.named_parameters():
+        if p.requires_grad:
+            p.data = (1 + 0.5 * torch.randn_like(p)) if "ia3_l" in name else 0.3 * torch.randn_like(p)
+    tuned.save_pretrained(tmp_path / "adapter")
+    tuned.merge_and_unload().save_pretrained(tmp_path / "peft-merged")
+    out = tmp_path / "out"
+    assert main(["--base", str(base), "--adapter", str(tmp_path / "adapter"), "--output", str(out), "-q"]) == 0
+    ours, theirs, ref = read_checkpoint(out), read_checkpoint(tmp_path / "peft-merged"), read_checkpoint(base)
+    assert set(ours) == set(theirs)
+    changed = 0
+    for name, t in theirs.items():
+        if torch.equal(bits(ours[name]), bits(ref[name])) and torch.equal(t.to(torch.bfloat16), ref[name]):
+            continue  # untouched by both
+        changed += 1
+        assert (ours[name].double() - t.double()).abs().le(t.double().abs() * 2.0**-8 + 1e-6).all(), name
+    assert changed == (6 if kind == "loha" else 7)  # q, v of 2 text and 1 vision layers (+ the vision fc2)
+    assert any("vision" in n for n in theirs if not torch.equal(bits(ours[n]), bits(ref[n])))
+    assert main(["verify", str(out)]) == 0
+    transformers.AutoConfig.from_pretrained(out)  # (loads as the same architecture)
