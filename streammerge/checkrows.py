@@ -117,5 +117,12 @@ def _hra(d: Delta, row: int, exact: torch.Tensor, size: torch.Tensor, f: Factors
     return exact @ rotation, size @ rotation.abs(), 4 * r + 4
 
 
+def _shira(d: Delta, row: int, exact: torch.Tensor, size: torch.Tensor, f: Factors64) -> Row:
+    idx, values = f(d, "indices").long(), f(d, "values") * d.scale
+    mine = idx[0] == row
+    term = torch.zeros_like(exact).index_add_(0, idx[1][mine], values[mine])  # (repeated indices add up)
+    return exact + term, size + term.abs(), 2
+
+
 EXTRA_ROWS: dict[str, Callable[[Delta, int, torch.Tensor, torch.Tensor, Factors64], Row]] = {
-    "ia3_rows": _ia3, "ia3_columns": _ia3, "ia3_bias": _ia3, "loha": _loha, "lokr": _lokr, "vera": _vera, "adalora": _adalora, "oft": _oft, "hra": _hra}
+    "ia3_rows": _ia3, "ia3_columns": _ia3, "ia3_bias": _ia3, "loha": _loha, "lokr": _lokr, "vera": _vera, "adalora": _adalora, "oft": _oft, "hra": _hra, "shira": _shira}

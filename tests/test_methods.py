@@ -36,6 +36,7 @@ CONFIGS = {
                                                coft=True, eps=0.5, num_cayley_neumann_terms=3),
     "hra": lambda: peft.HRAConfig(r=4, target_modules=["q_proj", "v_proj", "down_proj"]),
     "hra-gram-schmidt": lambda: peft.HRAConfig(r=4, apply_GS=True, target_modules=["q_proj", "v_proj", "down_proj"]),
+    "shira": lambda: peft.ShiraConfig(r=4, target_modules=["q_proj", "v_proj", "down_proj"]),
 }
 
 
@@ -82,6 +83,9 @@ def formula(kind: str, saved: dict[str, torch.Tensor], config: dict, module: str
         return w @ hra_rotation(t["hra_u"], config)
     if kind == "ia3":
         return w * t["ia3_l"]  # (out, 1) scales rows, (1, in) columns
+    if kind == "shira":  # a sparse delta at the saved (row, column) indices
+        rows, cols = t["shira_indices"].long()
+        return w.index_put((rows, cols), t["shira_weight"], accumulate=True)
     if kind == "vera":  # the shared projections, sliced to the layer
         a, b = saved["base_model.vera_A"].double(), saved["base_model.vera_B"].double()
         out, cols = w.shape
@@ -209,7 +213,7 @@ def test_ia3_composes_with_lora_in_the_order_given(tmp_path: Path, bases: dict, 
 
 
 @pytest.mark.parametrize("config, said", [
-    ({"peft_type": "BOFT", "r": 4}, "peft_type 'BOFT' is not mergeable by streammerge (LORA, ADALORA, HRA, IA3, LN_TUNING, LOHA, LOKR, OFT and VERA are)"),
+    ({"peft_type": "BOFT", "r": 4}, "peft_type 'BOFT' is not mergeable by streammerge (LORA, ADALORA, HRA, IA3, LN_TUNING, LOHA, LOKR, OFT, SHIRA and VERA are)"),
     ({"peft_type": "IA3", "fan_in_fan_out": True, "target_modules": ["c_attn"]},
      "IA3 with fan_in_fan_out (Conv1D layers, GPT-2 style) is not merged"),
     ({"peft_type": "VERA", "r": 8, "save_projection": False}, "VeRA saved with save_projection=false"),

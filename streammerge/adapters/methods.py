@@ -13,6 +13,7 @@ tensors decide the layout, not the config (e.g. the shape of IA3's vector says w
   delta = (lambda_b * B[:out]) @ (lambda_d * A[:, :in]) (no alpha).
 - AdaLoRA: ``<m>.lora_A`` (k, in), ``lora_E`` (k, 1), ``lora_B`` (out, k): delta = B (A * E) * lora_alpha
   / (init_r + 1e-5) (see ``_adalora``); a module pruned to rank 0 changes nothing and is left out.
+- SHiRA: ``<m>.shira_indices`` (2, n) (rows; columns) and ``shira_weight`` (n,): a sparse delta.
 - HRA: ``<m>.hra_u`` (in, r): Householder reflections of the input side (``deltas/hra.py``).
 - LN tuning: ``<m>.ln_tuning_layers.weight`` (and ``.bias``): the norm's trained tensors, which replace
   the base's (as modules_to_save do).
@@ -45,6 +46,7 @@ ROLES: dict[str, dict[str, str]] = {
     "OFT": {"oft_R.weight": "R"},
     "LN_TUNING": {},
     "HRA": {"hra_u": "u"},
+    "SHIRA": {"shira_indices": "indices", "shira_weight": "values"},
 }
 # peft_type -> the infix of saved layers that replace the base's ("<m>.ln_tuning_layers.weight" -> "<m>.weight")
 REPLACING = {"LN_TUNING": ".ln_tuning_layers."}
@@ -76,6 +78,8 @@ def _module(peft_type: str, config: dict[str, Any], module: str, roles: dict[str
         return LoraModule(module, "", "", roles["lambda_d"].shape[0], 1.0, 1.0, method="vera", keys=keys)
     if peft_type == "ADALORA":
         return _adalora(config, module, roles, keys, where)
+    if peft_type == "SHIRA":  # (scaling 1.0, as PEFT sets it)
+        return LoraModule(module, "", "", 0, 1.0, 1.0, method="shira", keys=keys)
     if peft_type in ("OFT", "HRA"):  # rotations and reflections: no scaling, weight 1 (checked)
         role = "R" if peft_type == "OFT" else "u"
         return LoraModule(module, "", "", roles[role].shape[-1], 1.0, 1.0, method=peft_type.lower(), keys=keys)

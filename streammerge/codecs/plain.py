@@ -52,21 +52,21 @@ class PlainCodec(RowMajor):
         out.copy_(work)
 
 
+SIDE_DTYPES = {**TORCH_DTYPES, "U8": torch.uint8, "I32": torch.int32, "I64": torch.int64}
+
+
 def read_tensor(path: Path, header: SafetensorsHeader, name: str) -> torch.Tensor:
-    """Read one tensor whole (used for adapter factors, which are small)."""
+    """Read one tensor whole (used for adapter factors, which are small; integer ones: SHiRA's indices)."""
     info = header.tensors[name]
-    if info.dtype not in TORCH_DTYPES:
+    if info.dtype not in SIDE_DTYPES:
         raise UnsupportedError(
             f"{path}: tensor {name!r} is {info.dtype}; the merge arithmetic reads only "
-            f"{', '.join(TORCH_DTYPES)} (quantized bases: point --base at the 16-bit checkpoint)"
+            f"{', '.join(SIDE_DTYPES)} (quantized bases: point --base at the 16-bit checkpoint)"
         )
     buf = read_tensor_bytes(header, name)
     if not buf:
-        return torch.empty(info.shape, dtype=TORCH_DTYPES[info.dtype])
-    return torch.frombuffer(buf, dtype=TORCH_DTYPES[info.dtype]).reshape(info.shape)
-
-
-SIDE_DTYPES = {**TORCH_DTYPES, "U8": torch.uint8, "I32": torch.int32, "I64": torch.int64}
+        return torch.empty(info.shape, dtype=SIDE_DTYPES[info.dtype])
+    return torch.frombuffer(buf, dtype=SIDE_DTYPES[info.dtype]).reshape(info.shape)
 
 
 def read_side(src: Source) -> torch.Tensor:

@@ -89,6 +89,7 @@ METHODS: dict[str, Method] = {
     "adalora": additive.ADALORA,
     "oft": oft.OFT,
     "hra": hra.HRA,
+    "shira": additive.SHIRA,
 }
 
 

@@ -6,6 +6,7 @@ only), s = adapter weight * the module's scaling:
                w1[i // b1] and w2[i % b1], flattened (column j1 * b2 + j2)
 - ``vera``:    W[rows] += s * (lambda_b * B[:out])[rows] @ (lambda_d * A[:, :in])  (shared projections)
 - ``adalora``: W[rows] += s * B[rows] @ (A * E)   (s: lora_alpha / (init_r + 1e-5), see adapters/methods.py)
+- ``shira``:   W[i, j] += s * value for the saved sparse (i, j) of the chunk's rows
 LoHa and LoKr make temporaries of a block's size (``block_buffers``), which the working set counts.
 """
 
@@ -154,4 +155,47 @@ class AdaLoRA:
         return Rows(a * e, b, d.scale)
 
 
-LOHA, LOKR, VERA, ADALORA = LoHa(), LoKr(), VeRA(), AdaLoRA()
+class Sparse:
+    """``W[i, j] += s * value`` at saved (row, column) indices, the entries sorted by row once so that a
+    chunk takes its own by two binary searches."""
+
+    def __init__(self, rows: torch.Tensor, cols: torch.Tensor, values: torch.Tensor, scale: float) -> None:
+        order = rows.argsort()
+        self.rows, self.cols, self.values = rows[order], cols[order], values[order] * scale
+
+    def apply(self, work: torch.Tensor, row0: int, rows: int) -> None:
+        import torch
+
+        lo, hi = (int(torch.searchsorted(self.rows, v)) for v in (row0, row0 + rows))
+        if hi > lo:
+            work.index_put_((self.rows[lo:hi] - row0, self.cols[lo:hi]), self.values[lo:hi], accumulate=True)
+
+
+@dataclass(frozen=True)
+class Shira:
+    """SHiRA: a sparse delta, ``shira_indices`` (2, n) (row; column) and ``shira_weight`` (n,) (PEFT's
+    ``sparse_coo_tensor``: repeated indices add up, as ``index_put_(accumulate=True)`` does)."""
+
+    first_pass = False
+    block_buffers = 0
+
+    def factor_keys(self, d: Delta) -> list[str]:
+        return [d.lora.key("indices"), d.lora.key("values")]
+
+    def check(self, d: Delta, tensor: str, info: TensorInfo) -> str | None:
+        idx, values = (d.adapter.tensors[k].shape for k in self.factor_keys(d))
+        if len(info.shape) != 2 or len(idx) != 2 or idx[0] != 2 or values != (idx[1],):
+            return f"{d.lora.module}: shira_indices {list(idx)} and shira_weight {list(values)} do not fit {tensor}"
+        return None
+
+    def load(self, d: Delta, factors: Factors) -> Sparse:
+        from ..errors import InputError
+
+        idx = factors.get(d.adapter, d.lora.key("indices")).long()  # (exact: indices < 2^24)
+        values = factors.get(d.adapter, d.lora.key("values"))
+        if idx.numel() and (int(idx.min()) < 0 or idx.max() >= 1 << 24):
+            raise InputError(f"{d.adapter.weights_path}: {d.lora.key('indices')} holds indices out of range")
+        return Sparse(idx[0], idx[1], values, d.scale)
+
+
+LOHA, LOKR, VERA, ADALORA, SHIRA = LoHa(), LoKr(), VeRA(), AdaLoRA(), Shira()
