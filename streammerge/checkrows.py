@@ -37,22 +37,23 @@ class Factors64:
 
 
 Row = tuple[torch.Tensor, torch.Tensor, int]
+Before = Callable[[int], tuple[torch.Tensor, torch.Tensor]]  # another row (and its |terms|) before this delta
 
 
-def _ia3(d: Delta, row: int, exact: torch.Tensor, size: torch.Tensor, f: Factors64) -> Row:
+def _ia3(d: Delta, row: int, exact: torch.Tensor, size: torch.Tensor, f: Factors64, before: Before) -> Row:
     l = f(d, "l").reshape(-1) * d.scale  # noqa: E741  (PEFT's name)
     factor = l[row] if d.method == "ia3_rows" else l  # rows: one number for the row; columns / bias: per column
     return exact * factor, size * factor.abs(), 1
 
 
-def _loha(d: Delta, row: int, exact: torch.Tensor, size: torch.Tensor, f: Factors64) -> Row:
+def _loha(d: Delta, row: int, exact: torch.Tensor, size: torch.Tensor, f: Factors64, before: Before) -> Row:
     w1a, w1b, w2a, w2b = (f(d, r) for r in ("w1a", "w1b", "w2a", "w2b"))
     term = d.scale * (w1a[row] @ w1b) * (w2a[row] @ w2b)
     bound = abs(d.scale) * (w1a[row].abs() @ w1b.abs()) * (w2a[row].abs() @ w2b.abs())
     return exact + term, size + bound, w1a.shape[1] + w2a.shape[1] + 3
 
 
-def _lokr(d: Delta, row: int, exact: torch.Tensor, size: torch.Tensor, f: Factors64) -> Row:
+def _lokr(d: Delta, row: int, exact: torch.Tensor, size: torch.Tensor, f: Factors64, before: Before) -> Row:
     w1, w2 = f.whole(d, "w1"), f.whole(d, "w2")
     b1 = w2.shape[0]
     term = d.scale * torch.outer(w1[row // b1], w2[row % b1]).reshape(-1)  # row of kron(w1, w2)
@@ -62,14 +63,14 @@ def _lokr(d: Delta, row: int, exact: torch.Tensor, size: torch.Tensor, f: Factor
     return exact + term, size + bound, ranks + 3
 
 
-def _vera(d: Delta, row: int, exact: torch.Tensor, size: torch.Tensor, f: Factors64) -> Row:
+def _vera(d: Delta, row: int, exact: torch.Tensor, size: torch.Tensor, f: Factors64, before: Before) -> Row:
     cols = exact.shape[0]
     b_row = f(d, "lambda_b")[row] * f(d, "B")[row]  # (r,)
     a = f(d, "lambda_d")[:, None] * f(d, "A")[:, :cols]  # (r, in)
     return exact + d.scale * (b_row @ a), size + abs(d.scale) * (b_row.abs() @ a.abs()), a.shape[0] + 2
 
 
-def _adalora(d: Delta, row: int, exact: torch.Tensor, size: torch.Tensor, f: Factors64) -> Row:
+def _adalora(d: Delta, row: int, exact: torch.Tensor, size: torch.Tensor, f: Factors64, before: Before) -> Row:
     ae, b = f(d, "A") * f(d, "E"), f(d, "B")[row]  # (k, in), (k,)
     return exact + d.scale * (b @ ae), size + abs(d.scale) * (b.abs() @ ae.abs()), ae.shape[0] + 2
 
@@ -94,7 +95,7 @@ def _oft_blocks(d: Delta, f: Factors64) -> torch.Tensor:
     return sum(c * torch.linalg.matrix_power(q, k) for k, c in enumerate(coefficients))
 
 
-def _oft(d: Delta, row: int, exact: torch.Tensor, size: torch.Tensor, f: Factors64) -> Row:
+def _oft(d: Delta, row: int, exact: torch.Tensor, size: torch.Tensor, f: Factors64, before: Before) -> Row:
     r = _oft_blocks(d, f)
     cols, b = exact.shape[0], r.shape[-1]
     r = r.expand(cols // b, b, b) if r.shape[0] == 1 else r
@@ -103,7 +104,7 @@ def _oft(d: Delta, row: int, exact: torch.Tensor, size: torch.Tensor, f: Factors
     return rotate(exact), magnitude, b + 4
 
 
-def _hra(d: Delta, row: int, exact: torch.Tensor, size: torch.Tensor, f: Factors64) -> Row:
+def _hra(d: Delta, row: int, exact: torch.Tensor, size: torch.Tensor, f: Factors64, before: Before) -> Row:
     """The dense R of PEFT's get_delta_weight, built in float64: W' = W R."""
     u = f(d, "u")
     n, r = u.shape
@@ -117,12 +118,29 @@ def _hra(d: Delta, row: int, exact: torch.Tensor, size: torch.Tensor, f: Factors
     return exact @ rotation, size @ rotation.abs(), 4 * r + 4
 
 
-def _shira(d: Delta, row: int, exact: torch.Tensor, size: torch.Tensor, f: Factors64) -> Row:
+def _shira(d: Delta, row: int, exact: torch.Tensor, size: torch.Tensor, f: Factors64, before: Before) -> Row:
     idx, values = f(d, "indices").long(), f(d, "values") * d.scale
     mine = idx[0] == row
     term = torch.zeros_like(exact).index_add_(0, idx[1][mine], values[mine])  # (repeated indices add up)
     return exact + term, size + term.abs(), 2
 
 
-EXTRA_ROWS: dict[str, Callable[[Delta, int, torch.Tensor, torch.Tensor, Factors64], Row]] = {
-    "ia3_rows": _ia3, "ia3_columns": _ia3, "ia3_bias": _ia3, "loha": _loha, "lokr": _lokr, "vera": _vera, "adalora": _adalora, "oft": _oft, "hra": _hra, "shira": _shira}
+def _road(d: Delta, row: int, exact: torch.Tensor, size: torch.Tensor, f: Factors64, before: Before) -> Row:
+    """Row ``row`` of R W: PEFT's rotation of the row with the one half a group away (``_apply_road``)."""
+    g, variant = d.lora.row_group, str(d.adapter.config["variant"])
+    theta, alpha = f(d, "theta"), f(d, "alpha")
+    if variant == "road_1":  # g/2 values a group, the same for both halves
+        theta, alpha = (v.reshape(-1, g // 2).repeat_interleave(2, dim=0).flatten() for v in (theta, alpha))
+    if variant == "road_4":  # [angle, scale] for c, then for s, per group
+        t, a = theta.reshape(-1, 2, g), alpha.reshape(-1, 2, g)
+        c, s = a[:, 0].flatten()[row] * t[:, 0].flatten()[row].cos(), a[:, 1].flatten()[row] * t[:, 1].flatten()[row].sin()
+    else:
+        c, s = alpha[row] * theta[row].cos(), alpha[row] * theta[row].sin()
+    first_half = row % g < g // 2
+    partner, partner_size = before(row + g // 2 if first_half else row - g // 2)
+    sign = -1.0 if first_half else 1.0
+    return c * exact + sign * s * partner, abs(c) * size + abs(s) * partner_size, 4
+
+
+EXTRA_ROWS: dict[str, Callable[[Delta, int, torch.Tensor, torch.Tensor, Factors64, Before], Row]] = {
+    "ia3_rows": _ia3, "ia3_columns": _ia3, "ia3_bias": _ia3, "loha": _loha, "lokr": _lokr, "vera": _vera, "adalora": _adalora, "oft": _oft, "hra": _hra, "shira": _shira, "road": _road}

@@ -18,7 +18,7 @@ import math
 import os
 import random
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -145,7 +145,8 @@ def _sample_rows(t: TensorPlan, base: BaseCheckpoint, out: BaseCheckpoint, io: R
     for row in picks:
         w = base_rows(t, src, io, row, 1, cols)[0]
         got = as_tensor(io.read(dst, row * cols * out_item, cols * out_item), t.out_dtype).double()
-        exact, size, roundings = _exact_row(w, t.deltas, factors, row, f64)
+        exact, size, roundings = _exact_row(lambda r: w if r == row else base_rows(t, src, io, r, 1, cols)[0],
+                                            t.deltas, factors, row, f64)
         # (+ 4: a dequantization's own float32 roundings: scale products, a double-quantized absmax)
         arithmetic = (max(r_max, roundings) + 2 + (4 if t.quant else 0)) * 2.0**-24 * size
         if column_scale is not None:  # column DoRA: the norms come from every row; float64 sums of squares
@@ -206,14 +207,19 @@ def _scale_row(t: TensorPlan, io: Reader, row: int, cols: int, bn: int, bk: int)
     return grid[row // bn][torch.arange(cols) // bk]
 
 
-def _exact_row(w: torch.Tensor, deltas: list[Delta], factors: list[Any], row: int,
+def _exact_row(base_row: Callable[[int], torch.Tensor], deltas: list[Delta], factors: list[Any], row: int,
                f64: Factors64) -> tuple[torch.Tensor, torch.Tensor, int]:
     """Row ``row`` of W changed by each delta in order, in float64: LoRA-like factors here, other
-    methods by checkrows; the sum of |terms| and the most float32 roundings any term took."""
+    methods by checkrows (which may ask for another row as it was before them: RoAd's pairs); the
+    sum of |terms| and the most float32 roundings any term took."""
+    w = base_row(row)
     exact, size, roundings = w.clone(), w.abs(), 0
-    for d, f in zip(deltas, factors):
+    for i, (d, f) in enumerate(zip(deltas, factors)):
         if f is None:
-            exact, size, r = EXTRA_ROWS[d.method](d, row, exact, size, f64)
+            def before(other: int, i: int = i) -> tuple[torch.Tensor, torch.Tensor]:
+                return _exact_row(base_row, deltas[:i], factors[:i], other, f64)[:2]
+
+            exact, size, r = EXTRA_ROWS[d.method](d, row, exact, size, f64, before)
             roundings = max(roundings, r)
         else:
             exact, size = _additive(exact, [f], row, size)

@@ -37,6 +37,9 @@ CONFIGS = {
     "hra": lambda: peft.HRAConfig(r=4, target_modules=["q_proj", "v_proj", "down_proj"]),
     "hra-gram-schmidt": lambda: peft.HRAConfig(r=4, apply_GS=True, target_modules=["q_proj", "v_proj", "down_proj"]),
     "shira": lambda: peft.ShiraConfig(r=4, target_modules=["q_proj", "v_proj", "down_proj"]),
+    "road-1": lambda: peft.RoadConfig(variant="road_1", group_size=8, target_modules=["q_proj", "v_proj", "down_proj"]),
+    "road-2": lambda: peft.RoadConfig(variant="road_2", group_size=16, target_modules=["q_proj", "v_proj", "down_proj"]),
+    "road-4": lambda: peft.RoadConfig(variant="road_4", group_size=4, target_modules=["q_proj", "v_proj", "down_proj"]),
 }
 
 
@@ -83,6 +86,10 @@ def formula(kind: str, saved: dict[str, torch.Tensor], config: dict, module: str
         return w @ hra_rotation(t["hra_u"], config)
     if kind == "ia3":
         return w * t["ia3_l"]  # (out, 1) scales rows, (1, in) columns
+    if kind.startswith("road"):  # R W with PEFT's own matrix form of R (its _get_delta_weight)
+        from peft.tuners.road.layer import _get_delta_weight
+
+        return _get_delta_weight(config["variant"], config["group_size"], t["road_theta"], t["road_alpha"]) @ w
     if kind == "shira":  # a sparse delta at the saved (row, column) indices
         rows, cols = t["shira_indices"].long()
         return w.index_put((rows, cols), t["shira_weight"], accumulate=True)
@@ -148,7 +155,11 @@ def one_rounding(exact: torch.Tensor, got: torch.Tensor, magnitude: torch.Tensor
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
 @pytest.mark.parametrize("kind", list(CONFIGS))
-def test_method_merges_like_peft(tmp_path: Path, bases: dict, arch: str, kind: str) -> None:
+def test_method_merges_like_peft(tmp_path: Path, bases: dict, arch: str, kind: str,
+                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    from streammerge.run import workingset
+
+    monkeypatch.setattr(workingset, "MAX_CHUNK", 1000)  # chunks of ~15 rows (RoAd: whole groups of paired rows)
     base = bases[arch]
     adapter, peft_merged = make_adapter(base, tmp_path / "adapter", kind)
     out = tmp_path / "out"
@@ -169,6 +180,11 @@ def test_method_merges_like_peft(tmp_path: Path, bases: dict, arch: str, kind: s
             if kind.startswith("oft"):  # |W| @ |R|^T
                 rotation = oft_rotation(saved[f"base_model.model.{module}.oft_R.weight"], config, w.shape[1])
                 magnitude = w.double().abs() @ rotation.abs().T
+            elif kind.startswith("road"):  # |R| @ |W|
+                from peft.tuners.road.layer import _get_delta_weight
+
+                t = {x: saved[f"base_model.model.{module}.road_{x}"].double() for x in ("theta", "alpha")}
+                magnitude = _get_delta_weight(config["variant"], config["group_size"], t["theta"], t["alpha"]).abs() @ w.double().abs()
             elif kind.startswith("hra"):  # |W| @ |R|
                 magnitude = w.double().abs() @ hra_rotation(saved[f"base_model.model.{module}.hra_u"], config).abs()
             else:  # the same formula on magnitudes
@@ -213,7 +229,7 @@ def test_ia3_composes_with_lora_in_the_order_given(tmp_path: Path, bases: dict, 
 
 
 @pytest.mark.parametrize("config, said", [
-    ({"peft_type": "BOFT", "r": 4}, "peft_type 'BOFT' is not mergeable by streammerge (LORA, ADALORA, HRA, IA3, LN_TUNING, LOHA, LOKR, OFT, SHIRA and VERA are)"),
+    ({"peft_type": "BOFT", "r": 4}, "peft_type 'BOFT' is not mergeable by streammerge (LORA, ADALORA, HRA, IA3, LN_TUNING, LOHA, LOKR, OFT, ROAD, SHIRA and VERA are)"),
     ({"peft_type": "IA3", "fan_in_fan_out": True, "target_modules": ["c_attn"]},
      "IA3 with fan_in_fan_out (Conv1D layers, GPT-2 style) is not merged"),
     ({"peft_type": "VERA", "r": 8, "save_projection": False}, "VeRA saved with save_projection=false"),

@@ -13,6 +13,7 @@ tensors decide the layout, not the config (e.g. the shape of IA3's vector says w
   delta = (lambda_b * B[:out]) @ (lambda_d * A[:, :in]) (no alpha).
 - AdaLoRA: ``<m>.lora_A`` (k, in), ``lora_E`` (k, 1), ``lora_B`` (out, k): delta = B (A * E) * lora_alpha
   / (init_r + 1e-5) (see ``_adalora``); a module pruned to rank 0 changes nothing and is left out.
+- RoAd: ``<m>.road_theta`` and ``road_alpha``: rotations of pairs of output rows (``deltas/road.py``).
 - SHiRA: ``<m>.shira_indices`` (2, n) (rows; columns) and ``shira_weight`` (n,): a sparse delta.
 - HRA: ``<m>.hra_u`` (in, r): Householder reflections of the input side (``deltas/hra.py``).
 - LN tuning: ``<m>.ln_tuning_layers.weight`` (and ``.bias``): the norm's trained tensors, which replace
@@ -47,6 +48,7 @@ ROLES: dict[str, dict[str, str]] = {
     "LN_TUNING": {},
     "HRA": {"hra_u": "u"},
     "SHIRA": {"shira_indices": "indices", "shira_weight": "values"},
+    "ROAD": {"road_theta": "theta", "road_alpha": "alpha"},
 }
 # peft_type -> the infix of saved layers that replace the base's ("<m>.ln_tuning_layers.weight" -> "<m>.weight")
 REPLACING = {"LN_TUNING": ".ln_tuning_layers."}
@@ -78,6 +80,12 @@ def _module(peft_type: str, config: dict[str, Any], module: str, roles: dict[str
         return LoraModule(module, "", "", roles["lambda_d"].shape[0], 1.0, 1.0, method="vera", keys=keys)
     if peft_type == "ADALORA":
         return _adalora(config, module, roles, keys, where)
+    if peft_type == "ROAD":  # pairs of output rows in groups: chunks hold whole groups
+        group = config.get("group_size")
+        if config.get("variant") not in ("road_1", "road_2", "road_4") or not isinstance(group, int) or group < 2:
+            raise UnsupportedError(f"{where}: RoAd variant {config.get('variant')!r}, group_size {group!r} is not read by "
+                                   "this version (road_1, road_2, road_4 with an even group size are)")
+        return LoraModule(module, "", "", 0, 1.0, 1.0, method="road", keys=keys, row_group=group)
     if peft_type == "SHIRA":  # (scaling 1.0, as PEFT sets it)
         return LoraModule(module, "", "", 0, 1.0, 1.0, method="shira", keys=keys)
     if peft_type in ("OFT", "HRA"):  # rotations and reflections: no scaling, weight 1 (checked)
@@ -138,8 +146,9 @@ def read_method_adapter(path: Path, config: dict[str, Any], *, weight: float) ->
                                "save_projection=True")
     if peft_type == "OFT":
         _check_oft(config, where, weight)
-    if peft_type == "HRA" and weight != 1:
-        raise UnsupportedError(f"{where}: an HRA reflection cannot be weighted ({weight} given); merge it with weight 1")
+    if peft_type in ("HRA", "ROAD") and weight != 1:
+        raise UnsupportedError(f"{where}: a {peft_type} rotation cannot be weighted ({weight} given); merge it with "
+                               "weight 1")
     if config.get("fan_in_fan_out"):
         raise UnsupportedError(f"{where}: {peft_type} with fan_in_fan_out (Conv1D layers, GPT-2 style) is not merged "
                                "by this version")

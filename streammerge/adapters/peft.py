@@ -67,7 +67,7 @@ def _saved_module(param_path: str, modules_to_save: list[str]) -> bool:
     return any(module.endswith(m) for m in modules_to_save if isinstance(m, str))
 
 
-MERGED_TYPES = "LORA, ADALORA, HRA, IA3, LN_TUNING, LOHA, LOKR, OFT, SHIRA and VERA"
+MERGED_TYPES = "LORA, ADALORA, HRA, IA3, LN_TUNING, LOHA, LOKR, OFT, ROAD, SHIRA and VERA"
 # PEFT types with no static weight delta: why each cannot be merged into the weights at all
 NO_WEIGHT_DELTA = {
     "PROMPT_TUNING": "soft prompt tokens prepended to the input",
@@ -125,7 +125,7 @@ def _check_config(config: dict[str, Any], where: Path) -> None:
         )
 
 
-def _pattern_value(pattern: dict[str, Any], module: str, default: float) -> float:
+def _pattern_value(pattern: dict[str, Any], module: str, default: Any) -> Any:
     """PEFT's rule: the first key (in dict order) with ``re.match(rf"(.*\\.)?({key})$", module)``."""
     for key, value in pattern.items():
         if re.match(rf"(.*\.)?({key})$", module):

@@ -44,6 +44,7 @@ class LoraModule:
     method: str = "lora"
     keys: tuple[tuple[str, str], ...] = ()
     bias_method: str | None = None  # a delta the layer's bias takes too, when the base has one (IA3)
+    row_group: int = 1  # rows a chunk must hold together (RoAd's groups of paired rows)
 
     def key(self, role: str) -> str:
         return dict(self.keys)[role]

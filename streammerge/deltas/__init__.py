@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
-from . import additive, dora, hra, ia3, lora, oft
+from . import additive, dora, hra, ia3, lora, oft, road
 
 if TYPE_CHECKING:
     import torch
@@ -90,12 +90,13 @@ METHODS: dict[str, Method] = {
     "oft": oft.OFT,
     "hra": hra.HRA,
     "shira": additive.SHIRA,
+    "road": road.ROAD,
 }
 
 
 # methods that scale the weight rather than add to it: with other deltas on the same weight the
 # order of the adapters matters (each applies to what the ones before it made)
-MULTIPLICATIVE = frozenset({"ia3_rows", "ia3_columns", "ia3_bias", "oft", "hra"})
+MULTIPLICATIVE = frozenset({"ia3_rows", "ia3_columns", "ia3_bias", "oft", "hra", "road"})
 
 
 def method(name: str) -> Method:

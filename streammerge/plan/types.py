@@ -157,11 +157,12 @@ class TensorPlan:
 
     @property
     def row_alignment(self) -> int:
-        """Chunks start at multiples of this many rows: the codes' (a word of AWQ holds 8 rows) and the
-        new scale blocks' (a re-quantized block of bn rows is encoded at once)."""
+        """Chunks start at multiples of this many rows: the codes' (a word of AWQ holds 8 rows), the
+        new scale blocks' (a re-quantized block of bn rows is encoded at once) and the deltas' (RoAd's
+        groups of paired rows)."""
         read = self.quant.row_alignment if self.quant is not None and self.source is None else 1
         bn = self.requant.block[0] if self.requant is not None and self.requant.block[0] < self.info.shape[0] else 1
-        return math.lcm(read, bn)
+        return math.lcm(read, bn, *(d.lora.row_group for d in self.deltas))
 
     @property
     def rows_cols(self) -> tuple[int, int]:

@@ -7,6 +7,7 @@ tensor (fused-expert factors stay cached while their per-expert tensors alternat
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -81,7 +82,7 @@ class TensorMerger:
         if isinstance(encode, Requantizer):  # it keeps W0 of each block, before the deltas
             deltas.insert(0, encode.snapshot)
         rows, cols = t.rows_cols
-        align = max(decode.row_alignment, encode.row_alignment)
+        align = math.lcm(decode.row_alignment, encode.row_alignment, t.row_alignment)
         step = max(align, proc.capacity // cols // align * align)
         observers = [d for d in deltas if isinstance(d, FirstPass)]
         if observers:  # e.g. column DoRA: every row of W + dW seen before the merge pass
@@ -89,7 +90,8 @@ class TensorMerger:
                 o.begin(cols, proc.device)
             for row0, n, slot in self._chunks(proc, src, origin, decode, rows, cols, step):
                 try:
-                    proc.first_pass(slot, src=decode, row0=row0, rows=n, cols=cols, deltas=deltas, observers=observers)
+                    proc.first_pass(slot, src=decode, row0=row0, rows=n, cols=cols, deltas=deltas, observers=observers,
+                                    align=align)
                 finally:
                     slot.free.set()
             for o in observers:
@@ -101,7 +103,7 @@ class TensorMerger:
             try:
                 target.io.check()
                 out = proc.merge_rows(slot, src=decode, out=encode, row0=row0, rows=n, cols=cols, deltas=deltas,
-                                      tensor=t.name)
+                                      tensor=t.name, align=align)
                 target.io.submit(lambda at=row0 * cols * encode.itemsize, out=out: writer.write(t.name, at, out),
                                  done=slot.free.set)
             except BaseException:

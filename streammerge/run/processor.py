@@ -76,7 +76,7 @@ class Processor:
         return slot.bytes[end - nbytes : end]
 
     def merge_rows(self, slot: Slot, *, src: Codec, out: Codec, row0: int, rows: int, cols: int,
-                   deltas: Sequence[Applied], tensor: str) -> memoryview:
+                   deltas: Sequence[Applied], tensor: str, align: int = 1) -> memoryview:
         """Rows ``[row0, row0+rows)`` whose raw bytes are already in ``raw_bytes(slot, ...)``: decoded,
         changed by ``deltas`` in order, checked finite, encoded once. Returns the output bytes (a view
         of ``slot``).
@@ -88,7 +88,7 @@ class Processor:
         out_bytes = rows * cols * out.itemsize
         io = slot.tensor if self.dev_io is None else self.dev_io
         stored = out.rows(io[:out_bytes], rows, cols)
-        for b0, work in self._blocks(slot, src, row0, rows, cols, max(src.row_alignment, out.row_alignment)):
+        for b0, work in self._blocks(slot, src, row0, rows, cols, align):  # (blocks of whole aligned rows)
             for d in deltas:
                 d.apply(work, row0 + b0, work.shape[0])
             block = stored[b0 : b0 + work.shape[0]]
@@ -100,9 +100,9 @@ class Processor:
         return slot.bytes[:out_bytes]
 
     def first_pass(self, slot: Slot, *, src: Codec, row0: int, rows: int, cols: int, deltas: Sequence[Applied],
-                   observers: Sequence[FirstPass]) -> None:
+                   observers: Sequence[FirstPass], align: int = 1) -> None:
         """Rows of ``W + dW`` (float32, as merged) shown to the deltas that need every row first."""
-        for b0, work in self._blocks(slot, src, row0, rows, cols, src.row_alignment):
+        for b0, work in self._blocks(slot, src, row0, rows, cols, align):
             for d in deltas:
                 d.apply(work, row0 + b0, work.shape[0])
             for o in observers:
