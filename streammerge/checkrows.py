@@ -142,5 +142,20 @@ def _road(d: Delta, row: int, exact: torch.Tensor, size: torch.Tensor, f: Factor
     return c * exact + sign * s * partner, abs(c) * size + abs(s) * partner_size, 4
 
 
+def _miss(d: Delta, row: int, exact: torch.Tensor, size: torch.Tensor, f: Factors64, before: Before) -> Row:
+    """PEFT's MiSS on one row: B^T tiled over the column blocks, or (bat) the row's blocks times B_i plus B_i."""
+    b, fn, cols = f(d, "B"), d.adapter.config.get("init_weights"), exact.shape[0]
+    if fn == "bat":
+        r = b.shape[1]
+        bi = b[row // r]
+        blocks = exact.view(-1, r)  # (in/r, r): the row's column blocks
+        term = (blocks @ bi + bi[row % r]).reshape(-1) * d.scale
+        magnitude = (size.view(-1, r) @ bi.abs() + bi[row % r].abs()).reshape(-1) * abs(d.scale)
+        return exact + term, size + magnitude, r + 2
+    column = b[:, row % b.shape[1]] if fn == "mini" else b[:, row]  # (r,)
+    term = d.scale * column[torch.arange(cols) % b.shape[0]]
+    return exact + term, size + term.abs(), 2
+
+
 EXTRA_ROWS: dict[str, Callable[[Delta, int, torch.Tensor, torch.Tensor, Factors64, Before], Row]] = {
-    "ia3_rows": _ia3, "ia3_columns": _ia3, "ia3_bias": _ia3, "loha": _loha, "lokr": _lokr, "vera": _vera, "adalora": _adalora, "oft": _oft, "hra": _hra, "shira": _shira, "road": _road}
+    "ia3_rows": _ia3, "ia3_columns": _ia3, "ia3_bias": _ia3, "loha": _loha, "lokr": _lokr, "vera": _vera, "adalora": _adalora, "oft": _oft, "hra": _hra, "shira": _shira, "road": _road, "miss": _miss}

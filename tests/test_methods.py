@@ -40,6 +40,9 @@ CONFIGS = {
     "road-1": lambda: peft.RoadConfig(variant="road_1", group_size=8, target_modules=["q_proj", "v_proj", "down_proj"]),
     "road-2": lambda: peft.RoadConfig(variant="road_2", group_size=16, target_modules=["q_proj", "v_proj", "down_proj"]),
     "road-4": lambda: peft.RoadConfig(variant="road_4", group_size=4, target_modules=["q_proj", "v_proj", "down_proj"]),
+    "miss": lambda: peft.MissConfig(r=8, target_modules=["q_proj", "v_proj", "down_proj"]),
+    "miss-mini": lambda: peft.MissConfig(r=8, mini_r=4, init_weights="mini", target_modules=["q_proj", "v_proj", "down_proj"]),
+    "miss-bat": lambda: peft.MissConfig(r=8, init_weights="bat", target_modules=["q_proj", "v_proj", "down_proj"]),
 }
 
 
@@ -90,6 +93,8 @@ def formula(kind: str, saved: dict[str, torch.Tensor], config: dict, module: str
         from peft.tuners.road.layer import _get_delta_weight
 
         return _get_delta_weight(config["variant"], config["group_size"], t["road_theta"], t["road_alpha"]) @ w
+    if kind.startswith("miss"):  # PEFT's own merge arithmetic (its get_delta_weight*) on float64 copies
+        return miss_merged(t["miss_block"], config, w)
     if kind == "shira":  # a sparse delta at the saved (row, column) indices
         rows, cols = t["shira_indices"].long()
         return w.index_put((rows, cols), t["shira_weight"], accumulate=True)
@@ -144,6 +149,21 @@ def hra_rotation(u: torch.Tensor, config: dict) -> torch.Tensor:
     for i in range(u.shape[1]):
         r = r - 2 * r @ torch.outer(unit[:, i], unit[:, i])
     return r
+
+
+def miss_merged(b: torch.Tensor, config: dict, w: torch.Tensor) -> torch.Tensor:
+    """W merged with MiSS from its definition, float64: B^T added to every r-column block (mini: B
+    repeated along the outputs), or (bat) each r x r block W_ij + W_ij @ B_i + B_i."""
+    out, cols = w.shape
+    if config["init_weights"] == "bat":
+        r = b.shape[1]
+        blocks = w.reshape(out // r, r, cols // r, r).permute(0, 2, 1, 3)  # (i, j, a, c)
+        merged = blocks + blocks @ b[:, None] + b[:, None]
+        return merged.permute(0, 2, 1, 3).reshape(out, cols)
+    if config["init_weights"] == "mini":
+        b = b.repeat(1, out // b.shape[1])
+    r = b.shape[0]
+    return w + b.T[:, torch.arange(cols) % r]
 
 
 def one_rounding(exact: torch.Tensor, got: torch.Tensor, magnitude: torch.Tensor) -> bool:
@@ -229,7 +249,7 @@ def test_ia3_composes_with_lora_in_the_order_given(tmp_path: Path, bases: dict, 
 
 
 @pytest.mark.parametrize("config, said", [
-    ({"peft_type": "BOFT", "r": 4}, "peft_type 'BOFT' is not mergeable by streammerge (LORA, ADALORA, HRA, IA3, LN_TUNING, LOHA, LOKR, OFT, ROAD, SHIRA and VERA are)"),
+    ({"peft_type": "BOFT", "r": 4}, "peft_type 'BOFT' is not mergeable by streammerge (LORA, ADALORA, HRA, IA3, LN_TUNING, LOHA, LOKR, MISS, OFT, ROAD, SHIRA and VERA are)"),
     ({"peft_type": "IA3", "fan_in_fan_out": True, "target_modules": ["c_attn"]},
      "IA3 with fan_in_fan_out (Conv1D layers, GPT-2 style) is not merged"),
     ({"peft_type": "VERA", "r": 8, "save_projection": False}, "VeRA saved with save_projection=false"),

@@ -14,6 +14,7 @@ tensors decide the layout, not the config (e.g. the shape of IA3's vector says w
 - AdaLoRA: ``<m>.lora_A`` (k, in), ``lora_E`` (k, 1), ``lora_B`` (out, k): delta = B (A * E) * lora_alpha
   / (init_r + 1e-5) (see ``_adalora``); a module pruned to rank 0 changes nothing and is left out.
 - RoAd: ``<m>.road_theta`` and ``road_alpha``: rotations of pairs of output rows (``deltas/road.py``).
+- MiSS: ``<m>.miss_block``, default, ``mini`` or ``bat`` (``deltas/miss.py``).
 - SHiRA: ``<m>.shira_indices`` (2, n) (rows; columns) and ``shira_weight`` (n,): a sparse delta.
 - HRA: ``<m>.hra_u`` (in, r): Householder reflections of the input side (``deltas/hra.py``).
 - LN tuning: ``<m>.ln_tuning_layers.weight`` (and ``.bias``): the norm's trained tensors, which replace
@@ -49,6 +50,7 @@ ROLES: dict[str, dict[str, str]] = {
     "HRA": {"hra_u": "u"},
     "SHIRA": {"shira_indices": "indices", "shira_weight": "values"},
     "ROAD": {"road_theta": "theta", "road_alpha": "alpha"},
+    "MISS": {"miss_block": "B"},
 }
 # peft_type -> the infix of saved layers that replace the base's ("<m>.ln_tuning_layers.weight" -> "<m>.weight")
 REPLACING = {"LN_TUNING": ".ln_tuning_layers."}
@@ -86,6 +88,10 @@ def _module(peft_type: str, config: dict[str, Any], module: str, roles: dict[str
             raise UnsupportedError(f"{where}: RoAd variant {config.get('variant')!r}, group_size {group!r} is not read by "
                                    "this version (road_1, road_2, road_4 with an even group size are)")
         return LoraModule(module, "", "", 0, 1.0, 1.0, method="road", keys=keys, row_group=group)
+    if peft_type == "MISS":
+        if config.get("init_weights", True) not in (True, False, "bat", "mini"):
+            raise UnsupportedError(f"{where}: MiSS init_weights {config.get('init_weights')!r} is not read by this version")
+        return LoraModule(module, "", "", roles["B"].shape[-1], 1.0, 1.0, method="miss", keys=keys)
     if peft_type == "SHIRA":  # (scaling 1.0, as PEFT sets it)
         return LoraModule(module, "", "", 0, 1.0, 1.0, method="shira", keys=keys)
     if peft_type in ("OFT", "HRA"):  # rotations and reflections: no scaling, weight 1 (checked)

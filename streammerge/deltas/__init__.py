@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
-from . import additive, dora, hra, ia3, lora, oft, road
+from . import additive, dora, hra, ia3, lora, miss, oft, road
 
 if TYPE_CHECKING:
     import torch
@@ -91,6 +91,7 @@ METHODS: dict[str, Method] = {
     "hra": hra.HRA,
     "shira": additive.SHIRA,
     "road": road.ROAD,
+    "miss": miss.MISS,
 }
 
 
