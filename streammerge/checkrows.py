@@ -157,5 +157,13 @@ def _miss(d: Delta, row: int, exact: torch.Tensor, size: torch.Tensor, f: Factor
     return exact + term, size + term.abs(), 2
 
 
+def _c3a(d: Delta, row: int, exact: torch.Tensor, size: torch.Tensor, f: Factors64, before: Before) -> Row:
+    """Row ``row`` of PEFT's circulant delta: each column block's kernel rolled by the row's place in its block."""
+    kernel = f(d, "kernel")
+    b, cols = kernel.shape[2], exact.shape[0]
+    term = torch.roll(kernel[row // b], shifts=row % b, dims=-1).reshape(-1) * (d.scale / cols)
+    return exact + term, size + term.abs(), 2
+
+
 EXTRA_ROWS: dict[str, Callable[[Delta, int, torch.Tensor, torch.Tensor, Factors64, Before], Row]] = {
-    "ia3_rows": _ia3, "ia3_columns": _ia3, "ia3_bias": _ia3, "loha": _loha, "lokr": _lokr, "vera": _vera, "adalora": _adalora, "oft": _oft, "hra": _hra, "shira": _shira, "road": _road, "miss": _miss}
+    "ia3_rows": _ia3, "ia3_columns": _ia3, "ia3_bias": _ia3, "loha": _loha, "lokr": _lokr, "vera": _vera, "adalora": _adalora, "oft": _oft, "hra": _hra, "shira": _shira, "road": _road, "miss": _miss, "c3a": _c3a}

@@ -43,6 +43,7 @@ CONFIGS = {
     "miss": lambda: peft.MissConfig(r=8, target_modules=["q_proj", "v_proj", "down_proj"]),
     "miss-mini": lambda: peft.MissConfig(r=8, mini_r=4, init_weights="mini", target_modules=["q_proj", "v_proj", "down_proj"]),
     "miss-bat": lambda: peft.MissConfig(r=8, init_weights="bat", target_modules=["q_proj", "v_proj", "down_proj"]),
+    "c3a": lambda: peft.C3AConfig(block_size=16, target_modules=["q_proj", "v_proj", "down_proj"]),
 }
 
 
@@ -95,6 +96,10 @@ def formula(kind: str, saved: dict[str, torch.Tensor], config: dict, module: str
         return _get_delta_weight(config["variant"], config["group_size"], t["road_theta"], t["road_alpha"]) @ w
     if kind.startswith("miss"):  # PEFT's own merge arithmetic (its get_delta_weight*) on float64 copies
         return miss_merged(t["miss_block"], config, w)
+    if kind == "c3a":  # PEFT's own circulant construction (FFT), over in_features
+        from peft.tuners.c3a.utils import get_circulant_fast
+
+        return w + get_circulant_fast(t["c3a_kernel"]) / w.shape[1]
     if kind == "shira":  # a sparse delta at the saved (row, column) indices
         rows, cols = t["shira_indices"].long()
         return w.index_put((rows, cols), t["shira_weight"], accumulate=True)
@@ -249,7 +254,7 @@ def test_ia3_composes_with_lora_in_the_order_given(tmp_path: Path, bases: dict, 
 
 
 @pytest.mark.parametrize("config, said", [
-    ({"peft_type": "BOFT", "r": 4}, "peft_type 'BOFT' is not mergeable by streammerge (LORA, ADALORA, HRA, IA3, LN_TUNING, LOHA, LOKR, MISS, OFT, ROAD, SHIRA and VERA are)"),
+    ({"peft_type": "BOFT", "r": 4}, "peft_type 'BOFT' is not mergeable by streammerge (LORA, ADALORA, C3A, HRA, IA3, LN_TUNING, LOHA, LOKR, MISS, OFT, ROAD, SHIRA and VERA are)"),
     ({"peft_type": "IA3", "fan_in_fan_out": True, "target_modules": ["c_attn"]},
      "IA3 with fan_in_fan_out (Conv1D layers, GPT-2 style) is not merged"),
     ({"peft_type": "VERA", "r": 8, "save_projection": False}, "VeRA saved with save_projection=false"),

@@ -92,6 +92,7 @@ METHODS: dict[str, Method] = {
     "shira": additive.SHIRA,
     "road": road.ROAD,
     "miss": miss.MISS,
+    "c3a": additive.C3A_,
 }
 
 

@@ -7,6 +7,7 @@ only), s = adapter weight * the module's scaling:
 - ``vera``:    W[rows] += s * (lambda_b * B[:out])[rows] @ (lambda_d * A[:, :in])  (shared projections)
 - ``adalora``: W[rows] += s * B[rows] @ (A * E)   (s: lora_alpha / (init_r + 1e-5), see adapters/methods.py)
 - ``shira``:   W[i, j] += s * value for the saved sparse (i, j) of the chunk's rows
+- ``c3a``:     W[i*b + p, j*b + q] += s / in * kernel[i, j, (q - p) mod b]   (block-circulant)
 LoHa and LoKr make temporaries of a block's size (``block_buffers``), which the working set counts.
 """
 
@@ -198,4 +199,39 @@ class Shira:
         return Sparse(idx[0], idx[1], values, d.scale)
 
 
-LOHA, LOKR, VERA, ADALORA, SHIRA = LoHa(), LoKr(), VeRA(), AdaLoRA(), Shira()
+class Circulant:
+    """C3A's block-circulant delta: row o = i*b + p holds, in column block j, the kernel w[i, j]
+    rolled by p (``W[o, j*b + q] += s * w[i, j, (q - p) mod b]``), over in_features as PEFT scales it."""
+
+    def __init__(self, kernel: torch.Tensor, scale: float) -> None:
+        self.kernel, self.scale = kernel, scale  # (out/b, in/b, b)
+
+    def apply(self, work: torch.Tensor, row0: int, rows: int) -> None:
+        import torch
+
+        m, n, b = self.kernel.shape
+        o = torch.arange(row0, row0 + rows, device=work.device)
+        shift = (torch.arange(b, device=work.device)[None, :] - (o % b)[:, None]) % b  # (rows, b): (q - p) mod b
+        rolled = torch.gather(self.kernel[o // b], 2, shift[:, None, :].expand(rows, n, b))  # (rows, in/b, b)
+        work.add_(rolled.view(rows, n * b), alpha=self.scale / (n * b))
+
+
+@dataclass(frozen=True)
+class C3A:
+    first_pass = False
+    block_buffers = 3  # (the rows' kernels, the gather's indices, the rolled rows)
+
+    def factor_keys(self, d: Delta) -> list[str]:
+        return [d.lora.key("kernel")]
+
+    def check(self, d: Delta, tensor: str, info: TensorInfo) -> str | None:
+        k = d.adapter.tensors[d.lora.key("kernel")].shape
+        if len(info.shape) != 2 or len(k) != 3 or [k[0] * k[2], k[1] * k[2]] != list(info.shape):
+            return f"{d.lora.module}: c3a_kernel {list(k)} does not make {tensor} {list(info.shape)}"
+        return None
+
+    def load(self, d: Delta, factors: Factors) -> Circulant:
+        return Circulant(factors.get(d.adapter, d.lora.key("kernel")), d.scale)
+
+
+LOHA, LOKR, VERA, ADALORA, SHIRA, C3A_ = LoHa(), LoKr(), VeRA(), AdaLoRA(), Shira(), C3A()
