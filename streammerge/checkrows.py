@@ -165,5 +165,18 @@ def _c3a(d: Delta, row: int, exact: torch.Tensor, size: torch.Tensor, f: Factors
     return exact + term, size + term.abs(), 2
 
 
+def _delora(d: Delta, row: int, exact: torch.Tensor, size: torch.Tensor, f: Factors64, before: Before) -> Row:
+    a, b, lam, norm = (f(d, r) for r in ("A", "B", "lambda", "w_norm"))
+    bound = lam / a.shape[0] / (torch.linalg.vector_norm(a, dim=1).clamp(min=1e-4)
+                                * torch.linalg.vector_norm(b, dim=0).clamp(min=1e-4))
+    term = d.scale * ((b[row] * bound) @ a) * norm
+    return exact + term, size + abs(d.scale) * ((b[row] * bound).abs() @ a.abs()) * norm.abs(), a.shape[0] + 4
+
+
+def _hira(d: Delta, row: int, exact: torch.Tensor, size: torch.Tensor, f: Factors64, before: Before) -> Row:
+    product = f(d, "B")[row] @ f(d, "A")  # (in,)
+    return exact * (1 + d.scale * product), size * (1 + abs(d.scale) * product.abs()), f(d, "A").shape[0] + 3
+
+
 EXTRA_ROWS: dict[str, Callable[[Delta, int, torch.Tensor, torch.Tensor, Factors64, Before], Row]] = {
-    "ia3_rows": _ia3, "ia3_columns": _ia3, "ia3_bias": _ia3, "loha": _loha, "lokr": _lokr, "vera": _vera, "adalora": _adalora, "oft": _oft, "hra": _hra, "shira": _shira, "road": _road, "miss": _miss, "c3a": _c3a}
+    "ia3_rows": _ia3, "ia3_columns": _ia3, "ia3_bias": _ia3, "loha": _loha, "lokr": _lokr, "vera": _vera, "adalora": _adalora, "oft": _oft, "hra": _hra, "shira": _shira, "road": _road, "miss": _miss, "c3a": _c3a, "delora": _delora, "hira": _hira}

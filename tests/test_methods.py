@@ -44,6 +44,8 @@ CONFIGS = {
     "miss-mini": lambda: peft.MissConfig(r=8, mini_r=4, init_weights="mini", target_modules=["q_proj", "v_proj", "down_proj"]),
     "miss-bat": lambda: peft.MissConfig(r=8, init_weights="bat", target_modules=["q_proj", "v_proj", "down_proj"]),
     "c3a": lambda: peft.C3AConfig(block_size=16, target_modules=["q_proj", "v_proj", "down_proj"]),
+    "delora": lambda: peft.DeloraConfig(r=4, delora_lambda=3, target_modules=["q_proj", "v_proj", "down_proj"]),
+    "hira": lambda: peft.HiraConfig(r=4, target_modules=["q_proj", "v_proj", "down_proj"]),
 }
 
 
@@ -100,6 +102,12 @@ def formula(kind: str, saved: dict[str, torch.Tensor], config: dict, module: str
         from peft.tuners.c3a.utils import get_circulant_fast
 
         return w + get_circulant_fast(t["c3a_kernel"]) / w.shape[1]
+    if kind == "delora":  # B diag(lambda / r / (|A_i| |B^i|)) A, times the saved column norms of W
+        a, b = t["delora_A"], t["delora_B"]
+        diag = t["delora_lambda"] / a.shape[0] / (a.norm(dim=1).clamp(min=1e-4) * b.norm(dim=0).clamp(min=1e-4))
+        return w + (b @ torch.diag(diag) @ a) * t["delora_w_norm"][None, :]
+    if kind == "hira":  # W + W * (B A)
+        return w + w * (t["hira_B"] @ t["hira_A"])
     if kind == "shira":  # a sparse delta at the saved (row, column) indices
         rows, cols = t["shira_indices"].long()
         return w.index_put((rows, cols), t["shira_weight"], accumulate=True)
@@ -254,7 +262,7 @@ def test_ia3_composes_with_lora_in_the_order_given(tmp_path: Path, bases: dict, 
 
 
 @pytest.mark.parametrize("config, said", [
-    ({"peft_type": "BOFT", "r": 4}, "peft_type 'BOFT' is not mergeable by streammerge (LORA, ADALORA, C3A, HRA, IA3, LN_TUNING, LOHA, LOKR, MISS, OFT, ROAD, SHIRA and VERA are)"),
+    ({"peft_type": "BOFT", "r": 4}, "peft_type 'BOFT' is not mergeable by streammerge (LORA, ADALORA, C3A, DELORA, HIRA, HRA, IA3, LN_TUNING, LOHA, LOKR, MISS, OFT, ROAD, SHIRA and VERA are)"),
     ({"peft_type": "IA3", "fan_in_fan_out": True, "target_modules": ["c_attn"]},
      "IA3 with fan_in_fan_out (Conv1D layers, GPT-2 style) is not merged"),
     ({"peft_type": "VERA", "r": 8, "save_projection": False}, "VeRA saved with save_projection=false"),

@@ -16,6 +16,8 @@ tensors decide the layout, not the config (e.g. the shape of IA3's vector says w
 - RoAd: ``<m>.road_theta`` and ``road_alpha``: rotations of pairs of output rows (``deltas/road.py``).
 - MiSS: ``<m>.miss_block``, default, ``mini`` or ``bat`` (``deltas/miss.py``).
 - C3A: ``<m>.c3a_kernel`` (out/b, in/b, b): a block-circulant delta over in_features.
+- DeLoRA: ``<m>.delora_A``, ``delora_B``, ``delora_lambda``, ``delora_w_norm``; HiRA: ``<m>.hira_A``,
+  ``hira_B`` (``deltas/additive.py``).
 - SHiRA: ``<m>.shira_indices`` (2, n) (rows; columns) and ``shira_weight`` (n,): a sparse delta.
 - HRA: ``<m>.hra_u`` (in, r): Householder reflections of the input side (``deltas/hra.py``).
 - LN tuning: ``<m>.ln_tuning_layers.weight`` (and ``.bias``): the norm's trained tensors, which replace
@@ -53,6 +55,8 @@ ROLES: dict[str, dict[str, str]] = {
     "ROAD": {"road_theta": "theta", "road_alpha": "alpha"},
     "MISS": {"miss_block": "B"},
     "C3A": {"c3a_kernel": "kernel"},
+    "DELORA": {"delora_A": "A", "delora_B": "B", "delora_lambda": "lambda", "delora_w_norm": "w_norm"},
+    "HIRA": {"hira_A": "A", "hira_B": "B"},
 }
 # peft_type -> the infix of saved layers that replace the base's ("<m>.ln_tuning_layers.weight" -> "<m>.weight")
 REPLACING = {"LN_TUNING": ".ln_tuning_layers."}
@@ -94,6 +98,8 @@ def _module(peft_type: str, config: dict[str, Any], module: str, roles: dict[str
         if config.get("init_weights", True) not in (True, False, "bat", "mini"):
             raise UnsupportedError(f"{where}: MiSS init_weights {config.get('init_weights')!r} is not read by this version")
         return LoraModule(module, "", "", roles["B"].shape[-1], 1.0, 1.0, method="miss", keys=keys)
+    if peft_type in ("DELORA", "HIRA"):  # (DeLoRA's r: the saved rank; its scaling is in the delta)
+        return LoraModule(module, "", "", roles["A"].shape[0], 1.0, 1.0, method=peft_type.lower(), keys=keys)
     if peft_type in ("SHIRA", "C3A"):  # (scaling 1.0, as PEFT sets it; C3A's 1/in is in its delta)
         return LoraModule(module, "", "", 0, 1.0, 1.0, method=peft_type.lower(), keys=keys)
     if peft_type in ("OFT", "HRA"):  # rotations and reflections: no scaling, weight 1 (checked)

@@ -93,12 +93,14 @@ METHODS: dict[str, Method] = {
     "road": road.ROAD,
     "miss": miss.MISS,
     "c3a": additive.C3A_,
+    "delora": additive.DELORA,
+    "hira": additive.HIRA,
 }
 
 
 # methods that scale the weight rather than add to it: with other deltas on the same weight the
 # order of the adapters matters (each applies to what the ones before it made)
-MULTIPLICATIVE = frozenset({"ia3_rows", "ia3_columns", "ia3_bias", "oft", "hra", "road"})
+MULTIPLICATIVE = frozenset({"ia3_rows", "ia3_columns", "ia3_bias", "oft", "hra", "road", "hira", "miss"})
 
 
 def method(name: str) -> Method:

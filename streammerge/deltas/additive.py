@@ -8,6 +8,8 @@ only), s = adapter weight * the module's scaling:
 - ``adalora``: W[rows] += s * B[rows] @ (A * E)   (s: lora_alpha / (init_r + 1e-5), see adapters/methods.py)
 - ``shira``:   W[i, j] += s * value for the saved sparse (i, j) of the chunk's rows
 - ``c3a``:     W[i*b + p, j*b + q] += s / in * kernel[i, j, (q - p) mod b]   (block-circulant)
+- ``delora``:  W[rows] += s * B[rows] @ (normalised, lambda-bounded A) * w_norm
+- ``hira``:    W[rows] += s * W[rows] * (B[rows] @ A)   (Hadamard with W itself)
 LoHa and LoKr make temporaries of a block's size (``block_buffers``), which the working set counts.
 """
 
@@ -234,4 +236,60 @@ class C3A:
         return Circulant(factors.get(d.adapter, d.lora.key("kernel")), d.scale)
 
 
+@dataclass(frozen=True)
+class DeLoRA:
+    """``W[rows] += s * B[rows] @ (diag(lambda / r / (|A_i| |B^i|)) A) * w_norm``: each rank's pair of
+    factors normalised (norms clamped at 1e-4, as PEFT does), bounded by lambda, scaled per input
+    column by the saved norms of W (``delora_w_norm``); all of it folded into A at load."""
+
+    first_pass = False
+    block_buffers = 0
+
+    def factor_keys(self, d: Delta) -> list[str]:
+        return [d.lora.key(r) for r in ("A", "B", "lambda", "w_norm")]
+
+    def check(self, d: Delta, tensor: str, info: TensorInfo) -> str | None:
+        a, b, lam, norm = (d.adapter.tensors[k].shape for k in self.factor_keys(d))
+        if len(info.shape) != 2 or [b[0], a[1]] != list(info.shape) or b[1] != a[0] or norm != (a[1],) or lam != (1,):
+            return f"{d.lora.module}: DeLoRA A {list(a)}, B {list(b)}, w_norm {list(norm)} do not make {tensor} {list(info.shape)}"
+        return None
+
+    def load(self, d: Delta, factors: Factors) -> Rows:
+        a, b, lam, norm = (factors.get(d.adapter, k).double() for k in self.factor_keys(d))
+        diag = lam / d.lora.r / (a.norm(dim=1).clamp(min=1e-4) * b.norm(dim=0).clamp(min=1e-4))  # (r,)
+        return Rows((diag[:, None] * a * norm[None, :]).float(), b.float(), d.scale)
+
+
+class Hadamard1:
+    """``W[rows] += s * W[rows] * (B[rows] @ A)``: the low-rank product scales W element by element."""
+
+    def __init__(self, a: torch.Tensor, b: torch.Tensor, scale: float) -> None:
+        self.a, self.b, self.scale = a, b, scale
+
+    def apply(self, work: torch.Tensor, row0: int, rows: int) -> None:
+        work.addcmul_(work, self.b[row0 : row0 + rows] @ self.a, value=self.scale)
+
+
+@dataclass(frozen=True)
+class HiRA:
+    """HiRA (PEFT's merge: ``W + W * (B @ A)``, W as it stands at this delta's turn)."""
+
+    first_pass = False
+    block_buffers = 1
+
+    def factor_keys(self, d: Delta) -> list[str]:
+        return [d.lora.key("A"), d.lora.key("B")]
+
+    def check(self, d: Delta, tensor: str, info: TensorInfo) -> str | None:
+        a, b = (d.adapter.tensors[k].shape for k in self.factor_keys(d))
+        if len(info.shape) != 2 or [b[0], a[1]] != list(info.shape) or b[1] != a[0]:
+            return f"{d.lora.module}: HiRA B @ A {[b[0], a[1]]} does not fit {tensor} {list(info.shape)}"
+        return None
+
+    def load(self, d: Delta, factors: Factors) -> Hadamard1:
+        a, b = (factors.get(d.adapter, k) for k in self.factor_keys(d))
+        return Hadamard1(a, b, d.scale)
+
+
 LOHA, LOKR, VERA, ADALORA, SHIRA, C3A_ = LoHa(), LoKr(), VeRA(), AdaLoRA(), Shira(), C3A()
+DELORA, HIRA = DeLoRA(), HiRA()
