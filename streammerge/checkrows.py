@@ -66,7 +66,8 @@ def _lokr(d: Delta, row: int, exact: torch.Tensor, size: torch.Tensor, f: Factor
 def _vera(d: Delta, row: int, exact: torch.Tensor, size: torch.Tensor, f: Factors64, before: Before) -> Row:
     cols = exact.shape[0]
     b_row = f(d, "lambda_b")[row] * f(d, "B")[row]  # (r,)
-    a = f(d, "lambda_d")[:, None] * f(d, "A")[:, :cols]  # (r, in)
+    a = f(d, "lambda_d")[:, None] * f(d, "A")[:, :cols]  # (r, in), or PVeRA's (2r, in): its means first
+    a = a[: b_row.shape[0]]
     return exact + d.scale * (b_row @ a), size + abs(d.scale) * (b_row.abs() @ a.abs()), a.shape[0] + 2
 
 
@@ -178,5 +179,10 @@ def _hira(d: Delta, row: int, exact: torch.Tensor, size: torch.Tensor, f: Factor
     return exact * (1 + d.scale * product), size * (1 + abs(d.scale) * product.abs()), f(d, "A").shape[0] + 3
 
 
+def _beft(d: Delta, row: int, exact: torch.Tensor, size: torch.Tensor, f: Factors64, before: Before) -> Row:
+    term = d.scale * f(d, "bias").reshape(-1)
+    return exact + term, size + term.abs(), 1
+
+
 EXTRA_ROWS: dict[str, Callable[[Delta, int, torch.Tensor, torch.Tensor, Factors64, Before], Row]] = {
-    "ia3_rows": _ia3, "ia3_columns": _ia3, "ia3_bias": _ia3, "loha": _loha, "lokr": _lokr, "vera": _vera, "adalora": _adalora, "oft": _oft, "hra": _hra, "shira": _shira, "road": _road, "miss": _miss, "c3a": _c3a, "delora": _delora, "hira": _hira}
+    "ia3_rows": _ia3, "ia3_columns": _ia3, "ia3_bias": _ia3, "loha": _loha, "lokr": _lokr, "vera": _vera, "adalora": _adalora, "oft": _oft, "hra": _hra, "shira": _shira, "road": _road, "miss": _miss, "c3a": _c3a, "delora": _delora, "hira": _hira, "pvera": _vera, "beft": _beft}

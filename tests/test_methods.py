@@ -46,6 +46,7 @@ CONFIGS = {
     "c3a": lambda: peft.C3AConfig(block_size=16, target_modules=["q_proj", "v_proj", "down_proj"]),
     "delora": lambda: peft.DeloraConfig(r=4, delora_lambda=3, target_modules=["q_proj", "v_proj", "down_proj"]),
     "hira": lambda: peft.HiraConfig(r=4, target_modules=["q_proj", "v_proj", "down_proj"]),
+    "pvera": lambda: peft.PveraConfig(r=8, target_modules=["q_proj", "v_proj", "down_proj"], init_weights=False),
 }
 
 
@@ -111,10 +112,11 @@ def formula(kind: str, saved: dict[str, torch.Tensor], config: dict, module: str
     if kind == "shira":  # a sparse delta at the saved (row, column) indices
         rows, cols = t["shira_indices"].long()
         return w.index_put((rows, cols), t["shira_weight"], accumulate=True)
-    if kind == "vera":  # the shared projections, sliced to the layer
-        a, b = saved["base_model.vera_A"].double(), saved["base_model.vera_B"].double()
+    if kind in ("vera", "pvera"):  # the shared projections, sliced to the layer (PVeRA: the means, 1st half)
+        a, b = saved[f"base_model.{kind}_A"].double(), saved[f"base_model.{kind}_B"].double()
         out, cols = w.shape
-        return w + (t["vera_lambda_b"][:, None] * b[:out]) @ (t["vera_lambda_d"][:, None] * a[:, :cols])
+        lambda_d = t[f"{kind}_lambda_d"][: b.shape[1]]
+        return w + (t[f"{kind}_lambda_b"][:, None] * b[:out]) @ (lambda_d[:, None] * a[: b.shape[1], :cols])
     scale = config["alpha"] / config["r"]
     if kind == "loha":
         return w + scale * (t["hada_w1_a"] @ t["hada_w1_b"]) * (t["hada_w2_a"] @ t["hada_w2_b"])
@@ -262,10 +264,10 @@ def test_ia3_composes_with_lora_in_the_order_given(tmp_path: Path, bases: dict, 
 
 
 @pytest.mark.parametrize("config, said", [
-    ({"peft_type": "BOFT", "r": 4}, "peft_type 'BOFT' is not mergeable by streammerge (LORA, ADALORA, C3A, DELORA, HIRA, HRA, IA3, LN_TUNING, LOHA, LOKR, MISS, OFT, ROAD, SHIRA and VERA are)"),
+    ({"peft_type": "BOFT", "r": 4}, "peft_type 'BOFT' is not mergeable by streammerge (LORA, ADALORA, BEFT, C3A, DELORA, HIRA, HRA, IA3, LN_TUNING, LOHA, LOKR, MISS, OFT, PVERA, ROAD, SHIRA and VERA are)"),
     ({"peft_type": "IA3", "fan_in_fan_out": True, "target_modules": ["c_attn"]},
      "IA3 with fan_in_fan_out (Conv1D layers, GPT-2 style) is not merged"),
-    ({"peft_type": "VERA", "r": 8, "save_projection": False}, "VeRA saved with save_projection=false"),
+    ({"peft_type": "VERA", "r": 8, "save_projection": False}, "VERA saved with save_projection=false"),
     ({"peft_type": "PREFIX_TUNING"}, "is key/value prefixes added to every attention layer at run time, not a change "
                                      "of the weights: there is nothing to merge"),
     ({"peft_type": "XLORA"}, "a classifier mixing LoRA experts per token at run time"),
@@ -415,3 +417,31 @@ def test_a_vlm_merges_additive_and_multiplicative_methods(tmp_path: Path, kind: 
     assert any("vision" in n for n in theirs if not torch.equal(bits(ours[n]), bits(ref[n])))
     assert main(["verify", str(out)]) == 0
     transformers.AutoConfig.from_pretrained(out)  # (loads as the same architecture)
+
+
+def test_beft_adds_to_the_biases(tmp_path: Path, bases: dict) -> None:
+    """BEFT trains a bias offset: Qwen2's q/k biases gain it, nothing else changes."""
+    import transformers
+
+    base = bases["qwen2"]
+    model = peft.get_peft_model(transformers.AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32),
+                                peft.BeftConfig(target_modules=["q_proj", "k_proj"]))
+    for p in (p for p in model.parameters() if p.requires_grad):
+        p.data = 0.3 * torch.randn_like(p)
+    model.save_pretrained(tmp_path / "adapter")
+    peft_merged = model.merge_and_unload().state_dict()
+    saved = load_file(tmp_path / "adapter" / "adapter_model.safetensors")
+    out = tmp_path / "out"
+    assert main(["--base", str(base), "--adapter", str(tmp_path / "adapter"), "--output", str(out), "-q"]) == 0
+    got, ref = read_checkpoint(out), read_checkpoint(base)
+    offsets = {k.removeprefix("base_model.model.").replace(".beft_bias", ".bias"): v.reshape(-1).double()
+               for k, v in saved.items()}
+    assert len(offsets) == 4
+    for name, tensor in got.items():
+        if name in offsets:
+            exact = ref[name].double() + offsets[name]
+            assert one_rounding(exact, tensor, ref[name].double().abs() + offsets[name].abs()), name
+            assert (tensor.double() - peft_merged[name].double()).abs().le(exact.abs() * 2.0**-8 + 1e-6).all(), name
+        else:
+            assert torch.equal(bits(tensor), bits(ref[name])), name
+    assert main(["verify", str(out)]) == 0

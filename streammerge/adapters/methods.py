@@ -18,6 +18,8 @@ tensors decide the layout, not the config (e.g. the shape of IA3's vector says w
 - C3A: ``<m>.c3a_kernel`` (out/b, in/b, b): a block-circulant delta over in_features.
 - DeLoRA: ``<m>.delora_A``, ``delora_B``, ``delora_lambda``, ``delora_w_norm``; HiRA: ``<m>.hira_A``,
   ``hira_B`` (``deltas/additive.py``).
+- PVeRA: VeRA's tensors (``pvera_*``) with a mean and a log-variance per rank: merged on the means.
+- BEFT: ``<m>.beft_bias``: added to the layer's bias.
 - SHiRA: ``<m>.shira_indices`` (2, n) (rows; columns) and ``shira_weight`` (n,): a sparse delta.
 - HRA: ``<m>.hra_u`` (in, r): Householder reflections of the input side (``deltas/hra.py``).
 - LN tuning: ``<m>.ln_tuning_layers.weight`` (and ``.bias``): the norm's trained tensors, which replace
@@ -57,11 +59,14 @@ ROLES: dict[str, dict[str, str]] = {
     "C3A": {"c3a_kernel": "kernel"},
     "DELORA": {"delora_A": "A", "delora_B": "B", "delora_lambda": "lambda", "delora_w_norm": "w_norm"},
     "HIRA": {"hira_A": "A", "hira_B": "B"},
+    "PVERA": {"pvera_lambda_b": "lambda_b", "pvera_lambda_d": "lambda_d"},
+    "BEFT": {"beft_bias": "bias"},
 }
 # peft_type -> the infix of saved layers that replace the base's ("<m>.ln_tuning_layers.weight" -> "<m>.weight")
 REPLACING = {"LN_TUNING": ".ln_tuning_layers."}
 # peft_type -> tensors shared by every module (saved once) -> role
-SHARED: dict[str, dict[str, str]] = {"VERA": {"base_model.vera_A": "A", "base_model.vera_B": "B"}}
+SHARED: dict[str, dict[str, str]] = {"VERA": {"base_model.vera_A": "A", "base_model.vera_B": "B"},
+                                     "PVERA": {"base_model.pvera_A": "A", "base_model.pvera_B": "B"}}
 CONVOLUTION_ROLES = {"t1", "t2"}
 
 
@@ -81,11 +86,13 @@ def _module(peft_type: str, config: dict[str, Any], module: str, roles: dict[str
         raise UnsupportedError(f"{where}: {module!r} holds {peft_type}'s convolution (CP) factors; streammerge "
                                "merges its Linear form only")
     keys = tuple(sorted((role, info.name) for role, info in roles.items()))
-    if peft_type == "VERA":
+    if peft_type == "BEFT":  # the layer's bias, not its weight
+        return LoraModule(module, "", "", 0, 1.0, 1.0, method="beft", keys=keys, target_param="bias")
+    if peft_type in ("VERA", "PVERA"):
         if {"lambda_b", "lambda_d", "A", "B"} - set(roles):
             raise InputError(f"{where}: {module!r} has {sorted(roles)}; VeRA needs vera_lambda_b, vera_lambda_d and "
                              "the shared vera_A / vera_B")
-        return LoraModule(module, "", "", roles["lambda_d"].shape[0], 1.0, 1.0, method="vera", keys=keys)
+        return LoraModule(module, "", "", roles["lambda_d"].shape[0], 1.0, 1.0, method=peft_type.lower(), keys=keys)
     if peft_type == "ADALORA":
         return _adalora(config, module, roles, keys, where)
     if peft_type == "ROAD":  # pairs of output rows in groups: chunks hold whole groups
@@ -154,8 +161,8 @@ def read_method_adapter(path: Path, config: dict[str, Any], *, weight: float) ->
     """A PEFT adapter of one of ``ROLES``' methods; its modules_to_save tensors replace the base's."""
     peft_type = str(config.get("peft_type"))
     where = path / "adapter_config.json"
-    if peft_type == "VERA" and config.get("save_projection") is False:
-        raise UnsupportedError(f"{where}: VeRA saved with save_projection=false: its shared vera_A / vera_B are not in "
+    if peft_type in ("VERA", "PVERA") and config.get("save_projection") is False:
+        raise UnsupportedError(f"{where}: {peft_type} saved with save_projection=false: its shared projections are not in "
                                "the adapter (PEFT regenerates them from projection_prng_key); re-save it with "
                                "save_projection=True")
     if peft_type == "OFT":

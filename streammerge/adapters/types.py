@@ -45,6 +45,7 @@ class LoraModule:
     keys: tuple[tuple[str, str], ...] = ()
     bias_method: str | None = None  # a delta the layer's bias takes too, when the base has one (IA3)
     row_group: int = 1  # rows a chunk must hold together (RoAd's groups of paired rows)
+    target_param: str = "weight"  # the layer parameter the delta goes to (BEFT: the bias)
 
     def key(self, role: str) -> str:
         return dict(self.keys)[role]

@@ -95,6 +95,8 @@ METHODS: dict[str, Method] = {
     "c3a": additive.C3A_,
     "delora": additive.DELORA,
     "hira": additive.HIRA,
+    "pvera": additive.PVERA,
+    "beft": additive.BEFT_,
 }
 
 

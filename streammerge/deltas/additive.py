@@ -10,6 +10,8 @@ only), s = adapter weight * the module's scaling:
 - ``c3a``:     W[i*b + p, j*b + q] += s / in * kernel[i, j, (q - p) mod b]   (block-circulant)
 - ``delora``:  W[rows] += s * B[rows] @ (normalised, lambda-bounded A) * w_norm
 - ``hira``:    W[rows] += s * W[rows] * (B[rows] @ A)   (Hadamard with W itself)
+- ``pvera``:   ``vera`` on the means (the first half of lambda_d and A)
+- ``beft``:    bias += s * beft_bias
 LoHa and LoKr make temporaries of a block's size (``block_buffers``), which the working set counts.
 """
 
@@ -109,8 +111,11 @@ class LoKr:
 @dataclass(frozen=True)
 class VeRA:
     """``W[rows] += s * (lambda_b * B[:out])[rows] @ (lambda_d * A[:, :in])``, the shared projections
-    sliced to the layer (PEFT's ``get_delta_weight``); then a LoRA product."""
+    sliced to the layer (PEFT's ``get_delta_weight``); then a LoRA product. PVeRA (``mean_half``)
+    saves a mean and a log-variance for each rank (lambda_d and A of 2r rows): a merge takes the
+    means, the first r, as PEFT's merge does."""
 
+    mean_half: bool = False
     first_pass = False
     block_buffers = 0
 
@@ -119,14 +124,17 @@ class VeRA:
 
     def check(self, d: Delta, tensor: str, info: TensorInfo) -> str | None:
         b, dd, a, bb = (d.adapter.tensors[k].shape for k in self.factor_keys(d))
+        ranks = a[0] // 2 if self.mean_half and len(a) == 2 else (a[0] if len(a) == 2 else -1)
         if (len(info.shape) != 2 or len(a) != 2 or len(bb) != 2 or b != (info.shape[0],) or dd != (a[0],)
-                or bb[1] != a[0] or a[1] < info.shape[1] or bb[0] < info.shape[0]):
+                or bb[1] != ranks or a[1] < info.shape[1] or bb[0] < info.shape[0]):
             return (f"{d.lora.module}: VeRA lambda_b {list(b)}, lambda_d {list(dd)}, vera_A {list(a)}, vera_B {list(bb)} "
                     f"do not make {tensor} {list(info.shape)}")
         return None
 
     def load(self, d: Delta, factors: Factors) -> Rows:
         lambda_b, lambda_d, a, b = (factors.get(d.adapter, k) for k in self.factor_keys(d))
+        if self.mean_half:
+            lambda_d, a = lambda_d[: lambda_d.shape[0] // 2], a[: a.shape[0] // 2]
         return SlicedRows(lambda_d[:, None] * a, lambda_b[:, None] * b[: lambda_b.shape[0]], d.scale)
 
 
@@ -291,5 +299,33 @@ class HiRA:
         return Hadamard1(a, b, d.scale)
 
 
-LOHA, LOKR, VERA, ADALORA, SHIRA, C3A_ = LoHa(), LoKr(), VeRA(), AdaLoRA(), Shira(), C3A()
-DELORA, HIRA = DeLoRA(), HiRA()
+class AddRow:
+    """``bias += s * v``: the bias viewed as one row."""
+
+    def __init__(self, v: torch.Tensor, scale: float) -> None:
+        self.v, self.scale = v, scale
+
+    def apply(self, work: torch.Tensor, row0: int, rows: int) -> None:
+        work.add_(self.v.view(1, -1), alpha=self.scale)
+
+
+@dataclass(frozen=True)
+class BEFT:
+    """BEFT: a trained bias offset, ``bias += s * beft_bias`` (PEFT: ``bias + beft_bias.squeeze()``)."""
+
+    first_pass = False
+    block_buffers = 0
+
+    def factor_keys(self, d: Delta) -> list[str]:
+        return [d.lora.key("bias")]
+
+    def check(self, d: Delta, tensor: str, info: TensorInfo) -> str | None:
+        n = d.adapter.tensors[d.lora.key("bias")].numel
+        return None if info.shape == (n,) else f"{d.lora.module}: beft_bias has {n} entries but {tensor} is {list(info.shape)}"
+
+    def load(self, d: Delta, factors: Factors) -> AddRow:
+        return AddRow(factors.get(d.adapter, d.lora.key("bias")).reshape(-1), d.scale)
+
+
+LOHA, LOKR, VERA, PVERA, ADALORA, SHIRA, C3A_ = LoHa(), LoKr(), VeRA(), VeRA(mean_half=True), AdaLoRA(), Shira(), C3A()
+DELORA, HIRA, BEFT_ = DeLoRA(), HiRA(), BEFT()

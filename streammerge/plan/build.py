@@ -200,7 +200,7 @@ def _adapter_deltas(adapter: LoraAdapter, look: _Lookup, deltas: dict[str, list[
             for tensor, delta in _expert_deltas(adapter, lora, look.names, look.user_rules, base):
                 deltas.setdefault(tensor, []).append(delta)
             continue
-        match = look.resolve(module)
+        match = look.resolve(module, param=lora.target_param)
         if match is None:
             unmatched.append(module)
             continue
