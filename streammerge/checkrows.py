@@ -184,5 +184,18 @@ def _beft(d: Delta, row: int, exact: torch.Tensor, size: torch.Tensor, f: Factor
     return exact + term, size + term.abs(), 1
 
 
+def _randlora(d: Delta, row: int, exact: torch.Tensor, size: torch.Tensor, f: Factors64, before: Before) -> Row:
+    """PEFT's RandLoRA update, (update_B.T @ update_A.T).T, formed whole in float64 for this row."""
+    lam, gamma, a, b = (f(d, r) for r in ("lambda", "gamma", "A", "B"))
+    out, cols = d.shape
+    small, large, bases = min(out, cols), max(out, cols), gamma.shape[0]
+    unique = (lam[:, :, None] * a[:, :bases, :small] * gamma[None]).flatten(end_dim=1)
+    shared = b[:large, :bases, :].flatten(start_dim=1)
+    first, second = (unique, shared) if small == cols else (shared.T, unique.T)  # get_scaled_bases's order
+    update = (first.T @ second.T).T  # (out, in)
+    magnitude = (first.abs().T @ second.abs().T).T
+    return exact + d.scale * update[row], size + abs(d.scale) * magnitude[row], unique.shape[0] + 2
+
+
 EXTRA_ROWS: dict[str, Callable[[Delta, int, torch.Tensor, torch.Tensor, Factors64, Before], Row]] = {
-    "ia3_rows": _ia3, "ia3_columns": _ia3, "ia3_bias": _ia3, "loha": _loha, "lokr": _lokr, "vera": _vera, "adalora": _adalora, "oft": _oft, "hra": _hra, "shira": _shira, "road": _road, "miss": _miss, "c3a": _c3a, "delora": _delora, "hira": _hira, "pvera": _vera, "beft": _beft}
+    "ia3_rows": _ia3, "ia3_columns": _ia3, "ia3_bias": _ia3, "loha": _loha, "lokr": _lokr, "vera": _vera, "adalora": _adalora, "oft": _oft, "hra": _hra, "shira": _shira, "road": _road, "miss": _miss, "c3a": _c3a, "delora": _delora, "hira": _hira, "pvera": _vera, "beft": _beft, "randlora": _randlora}

@@ -47,6 +47,7 @@ CONFIGS = {
     "delora": lambda: peft.DeloraConfig(r=4, delora_lambda=3, target_modules=["q_proj", "v_proj", "down_proj"]),
     "hira": lambda: peft.HiraConfig(r=4, target_modules=["q_proj", "v_proj", "down_proj"]),
     "pvera": lambda: peft.PveraConfig(r=8, target_modules=["q_proj", "v_proj", "down_proj"], init_weights=False),
+    "randlora": lambda: peft.RandLoraConfig(r=8, randlora_alpha=16, target_modules=["q_proj", "v_proj", "down_proj"]),
 }
 
 
@@ -99,6 +100,8 @@ def formula(kind: str, saved: dict[str, torch.Tensor], config: dict, module: str
         return _get_delta_weight(config["variant"], config["group_size"], t["road_theta"], t["road_alpha"]) @ w
     if kind.startswith("miss"):  # PEFT's own merge arithmetic (its get_delta_weight*) on float64 copies
         return miss_merged(t["miss_block"], config, w)
+    if kind == "randlora":  # PEFT's own get_delta_weight, on a layer rebuilt from the saved tensors
+        return w + randlora_delta(t, saved, config, w.shape)
     if kind == "c3a":  # PEFT's own circulant construction (FFT), over in_features
         from peft.tuners.c3a.utils import get_circulant_fast
 
@@ -179,6 +182,19 @@ def miss_merged(b: torch.Tensor, config: dict, w: torch.Tensor) -> torch.Tensor:
         b = b.repeat(1, out // b.shape[1])
     r = b.shape[0]
     return w + b.T[:, torch.arange(cols) % r]
+
+
+def randlora_delta(t: dict, saved: dict, config: dict, shape: tuple[int, int]) -> torch.Tensor:
+    """PEFT's RandLoRA update from its definition: lambda and gamma scale the unique base on the smaller
+    side, (update_B.T @ update_A.T).T with PEFT's pairing of the two flattenings, times alpha / r."""
+    out, cols = shape
+    a, b = saved["base_model.randlora_A"].double(), saved["base_model.randlora_B"].double()
+    lam, gamma = t["randlora_lambda"], t["randlora_gamma"]
+    small, large, bases = min(out, cols), max(out, cols), gamma.shape[0]
+    update_a = (lam[:, :, None] * a[:, :bases, :small] * gamma[None]).flatten(end_dim=1)
+    update_b = b[:large, :bases, :].flatten(start_dim=1)
+    first, second = (update_a, update_b) if small == cols else (update_b.T, update_a.T)
+    return (first.T @ second.T).T * config["randlora_alpha"] / config["r"]
 
 
 def one_rounding(exact: torch.Tensor, got: torch.Tensor, magnitude: torch.Tensor) -> bool:
@@ -264,7 +280,7 @@ def test_ia3_composes_with_lora_in_the_order_given(tmp_path: Path, bases: dict, 
 
 
 @pytest.mark.parametrize("config, said", [
-    ({"peft_type": "BOFT", "r": 4}, "peft_type 'BOFT' is not mergeable by streammerge (LORA, ADALORA, BEFT, C3A, DELORA, HIRA, HRA, IA3, LN_TUNING, LOHA, LOKR, MISS, OFT, PVERA, ROAD, SHIRA and VERA are)"),
+    ({"peft_type": "BOFT", "r": 4}, "peft_type 'BOFT' is not mergeable by streammerge (LORA, ADALORA, BEFT, C3A, DELORA, HIRA, HRA, IA3, LN_TUNING, LOHA, LOKR, MISS, OFT, PVERA, RANDLORA, ROAD, SHIRA and VERA are)"),
     ({"peft_type": "IA3", "fan_in_fan_out": True, "target_modules": ["c_attn"]},
      "IA3 with fan_in_fan_out (Conv1D layers, GPT-2 style) is not merged"),
     ({"peft_type": "VERA", "r": 8, "save_projection": False}, "VERA saved with save_projection=false"),

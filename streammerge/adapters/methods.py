@@ -20,6 +20,7 @@ tensors decide the layout, not the config (e.g. the shape of IA3's vector says w
   ``hira_B`` (``deltas/additive.py``).
 - PVeRA: VeRA's tensors (``pvera_*``) with a mean and a log-variance per rank: merged on the means.
 - BEFT: ``<m>.beft_bias``: added to the layer's bias.
+- RandLoRA: ``<m>.randlora_lambda``, ``randlora_gamma`` and the shared random bases.
 - SHiRA: ``<m>.shira_indices`` (2, n) (rows; columns) and ``shira_weight`` (n,): a sparse delta.
 - HRA: ``<m>.hra_u`` (in, r): Householder reflections of the input side (``deltas/hra.py``).
 - LN tuning: ``<m>.ln_tuning_layers.weight`` (and ``.bias``): the norm's trained tensors, which replace
@@ -61,12 +62,14 @@ ROLES: dict[str, dict[str, str]] = {
     "HIRA": {"hira_A": "A", "hira_B": "B"},
     "PVERA": {"pvera_lambda_b": "lambda_b", "pvera_lambda_d": "lambda_d"},
     "BEFT": {"beft_bias": "bias"},
+    "RANDLORA": {"randlora_lambda": "lambda", "randlora_gamma": "gamma", "randlora_A": "A", "randlora_B": "B"},
 }
 # peft_type -> the infix of saved layers that replace the base's ("<m>.ln_tuning_layers.weight" -> "<m>.weight")
 REPLACING = {"LN_TUNING": ".ln_tuning_layers."}
 # peft_type -> tensors shared by every module (saved once) -> role
 SHARED: dict[str, dict[str, str]] = {"VERA": {"base_model.vera_A": "A", "base_model.vera_B": "B"},
-                                     "PVERA": {"base_model.pvera_A": "A", "base_model.pvera_B": "B"}}
+                                     "PVERA": {"base_model.pvera_A": "A", "base_model.pvera_B": "B"},
+                                     "RANDLORA": {"base_model.randlora_A": "A", "base_model.randlora_B": "B"}}
 CONVOLUTION_ROLES = {"t1", "t2"}
 
 
@@ -86,6 +89,12 @@ def _module(peft_type: str, config: dict[str, Any], module: str, roles: dict[str
         raise UnsupportedError(f"{where}: {module!r} holds {peft_type}'s convolution (CP) factors; streammerge "
                                "merges its Linear form only")
     keys = tuple(sorted((role, info.name) for role, info in roles.items()))
+    if peft_type == "RANDLORA":  # scaling randlora_alpha / r
+        r, alpha = config.get("r"), config.get("randlora_alpha")
+        if not isinstance(r, int) or r <= 0 or not isinstance(alpha, (int, float)) or {"lambda", "gamma", "A", "B"} - set(roles):
+            raise InputError(f"{where}: RandLoRA {module!r} needs r, randlora_alpha, its lambda and gamma and the shared "
+                             f"bases; got r={r!r}, randlora_alpha={alpha!r}, {sorted(roles)}")
+        return LoraModule(module, "", "", r, float(alpha), float(alpha) / r, method="randlora", keys=keys)
     if peft_type == "BEFT":  # the layer's bias, not its weight
         return LoraModule(module, "", "", 0, 1.0, 1.0, method="beft", keys=keys, target_param="bias")
     if peft_type in ("VERA", "PVERA"):
@@ -161,7 +170,7 @@ def read_method_adapter(path: Path, config: dict[str, Any], *, weight: float) ->
     """A PEFT adapter of one of ``ROLES``' methods; its modules_to_save tensors replace the base's."""
     peft_type = str(config.get("peft_type"))
     where = path / "adapter_config.json"
-    if peft_type in ("VERA", "PVERA") and config.get("save_projection") is False:
+    if peft_type in ("VERA", "PVERA", "RANDLORA") and config.get("save_projection") is False:
         raise UnsupportedError(f"{where}: {peft_type} saved with save_projection=false: its shared projections are not in "
                                "the adapter (PEFT regenerates them from projection_prng_key); re-save it with "
                                "save_projection=True")

@@ -97,6 +97,7 @@ METHODS: dict[str, Method] = {
     "hira": additive.HIRA,
     "pvera": additive.PVERA,
     "beft": additive.BEFT_,
+    "randlora": additive.RANDLORA,
 }
 
 

@@ -12,13 +12,14 @@ only), s = adapter weight * the module's scaling:
 - ``hira``:    W[rows] += s * W[rows] * (B[rows] @ A)   (Hadamard with W itself)
 - ``pvera``:   ``vera`` on the means (the first half of lambda_d and A)
 - ``beft``:    bias += s * beft_bias
+- ``randlora``: W[rows] += s * L[rows] @ R, PEFT's scaled random bases (see ``randlora_factors``)
 LoHa and LoKr make temporaries of a block's size (``block_buffers``), which the working set counts.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from .lora import Rows
 
@@ -327,5 +328,42 @@ class BEFT:
         return AddRow(factors.get(d.adapter, d.lora.key("bias")).reshape(-1), d.scale)
 
 
+def randlora_factors(d: Delta, lam: Any, gamma: Any, a: Any, b: Any) -> tuple[Any, Any]:
+    """RandLoRA's delta as L @ R, exactly as PEFT's ``get_scaled_bases`` orders it: the scaled unique
+    base on the layer's smaller side, (r * bases, min) from ``lambda[:, :, None] * A * gamma``, the
+    shared B on the larger, (max, bases * r); the two flattenings pair as PEFT pairs them."""
+    out, cols = d.shape
+    small, large, bases = min(out, cols), max(out, cols), gamma.shape[0]
+    scaled = (lam[:, :, None] * a[:, :bases, :small] * gamma[None]).flatten(end_dim=1)  # (r * bases, small)
+    shared = b[:large, :bases, :].flatten(start_dim=1)  # (large, bases * r)
+    if small == cols:
+        return shared, scaled  # (out, k) @ (k, in)
+    return scaled.T, shared.T
+
+
+@dataclass(frozen=True)
+class RandLoRA:
+    """RandLoRA: ``W[rows] += s * L[rows] @ R`` with L, R from ``randlora_factors`` (s: randlora_alpha / r)."""
+
+    first_pass = False
+    block_buffers = 0
+
+    def factor_keys(self, d: Delta) -> list[str]:
+        return [d.lora.key(r) for r in ("lambda", "gamma", "A", "B")]
+
+    def check(self, d: Delta, tensor: str, info: TensorInfo) -> str | None:
+        lam, gamma, a, b = (d.adapter.tensors[k].shape for k in self.factor_keys(d))
+        small, large = (min(info.shape), max(info.shape)) if len(info.shape) == 2 else (0, 0)
+        if (not small or len(a) != 3 or len(b) != 3 or gamma != (lam[1], small) or a[2] < small or b[0] < large
+                or b[1] < lam[1] or b[2] != lam[0] or a[0] != lam[0]):
+            return f"{d.lora.module}: RandLoRA lambda {list(lam)}, gamma {list(gamma)} do not fit {tensor} {list(info.shape)}"
+        return None
+
+    def load(self, d: Delta, factors: Factors) -> Rows:
+        lam, gamma, a, b = (factors.get(d.adapter, k).double() for k in self.factor_keys(d))
+        left, right = randlora_factors(d, lam, gamma, a, b)
+        return Rows(right.float().contiguous(), left.float().contiguous(), d.scale)
+
+
 LOHA, LOKR, VERA, PVERA, ADALORA, SHIRA, C3A_ = LoHa(), LoKr(), VeRA(), VeRA(mean_half=True), AdaLoRA(), Shira(), C3A()
-DELORA, HIRA, BEFT_ = DeLoRA(), HiRA(), BEFT()
+DELORA, HIRA, BEFT_, RANDLORA = DeLoRA(), HiRA(), BEFT(), RandLoRA()

@@ -215,7 +215,8 @@ def _adapter_deltas(adapter: LoraAdapter, look: _Lookup, deltas: dict[str, list[
             _refuse_conv(adapter, lora, match.tensor, info)
         layout = stored_transposed(base.model_type, match.tensor.removesuffix(".weight"))
         rule = match.rule.family + (f"; {layout.family}" if layout else "")
-        delta = Delta(adapter, lora, rule, _method_name(adapter, lora, match.tensor, layout is not None))
+        delta = Delta(adapter, lora, rule, _method_name(adapter, lora, match.tensor, layout is not None),
+                      shape=tuple(info.shape))
         problem = method(delta.method).check(delta, match.tensor, info)
         if problem is None and info.dtype not in FLOAT_DTYPES and match.tensor not in look.quantized:
             problem = f"{match.tensor} is {info.dtype}; only {'/'.join(FLOAT_DTYPES)} weights can be merged"

@@ -34,6 +34,7 @@ class Delta:
     method: str = "lora"
     expert: int = -1
     rows: tuple[int, int] | None = None
+    shape: tuple[int, ...] = ()  # the tensor it changes (methods whose factors depend on the layer's size)
 
     @property
     def transposed(self) -> bool:
