@@ -34,6 +34,8 @@ forms (``hada_t1``/``hada_t2``, ``lokr_t2``) and Conv1D layouts (``fan_in_fan_ou
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -83,58 +85,106 @@ def _scaling(config: dict[str, Any], module: str, where: Path) -> tuple[int, flo
     return r, float(alpha), float(alpha) / r
 
 
+@dataclass(frozen=True)
+class Spec:
+    """One saved module of a method: what its builder reads."""
+
+    peft_type: str
+    config: dict[str, Any]
+    module: str
+    roles: dict[str, TensorInfo]
+    keys: tuple[tuple[str, str], ...]
+    where: Path
+
+    def needs(self, *groups: set[str]) -> None:
+        """Each group's roles present (one of a group's alternatives, for LoKr's whole-or-halves)."""
+        for group in groups:
+            if not group & set(self.roles):
+                raise InputError(f"{self.where}: {self.module!r} has {sorted(self.roles)}; {self.peft_type} needs "
+                                 f"{sorted(group)}")
+
+    def plain(self, r: int = 0, **fields: Any) -> LoraModule:
+        """The module with its method named after its peft_type, no scaling (1.0) unless given."""
+        return LoraModule(self.module, "", "", r, fields.pop("lora_alpha", 1.0), fields.pop("scaling", 1.0),
+                          method=fields.pop("method", self.peft_type.lower()), keys=self.keys, **fields)
+
+
+def _lycoris(spec: Spec) -> LoraModule:
+    """LoHa and LoKr: r and alpha per module (patterns), scaling alpha / r."""
+    if spec.peft_type == "LOHA":
+        spec.needs(*({x} for x in ("w1a", "w1b", "w2a", "w2b")))
+    else:
+        spec.needs({"w1", "w1a"}, {"w2", "w2a"})
+        for name in ("w1", "w2"):
+            if not spec.roles.keys() & {name} and {name + "a", name + "b"} - spec.roles.keys():
+                raise InputError(f"{spec.where}: {spec.module!r} has {sorted(spec.roles)}; LoKr needs lokr_{name} or "
+                                 f"both lokr_{name}_a and lokr_{name}_b")
+    r, alpha, scaling = _scaling(spec.config, spec.module, spec.where)
+    return spec.plain(r, lora_alpha=alpha, scaling=scaling)
+
+
+def _ia3(spec: Spec) -> LoraModule:
+    """IA3: the saved vector's shape says the side: (out, 1) rows and the bias, (1, in) columns."""
+    shape = spec.roles["l"].shape
+    if len(shape) != 2 or 1 not in shape:
+        raise InputError(f"{spec.where}: {spec.module!r} has ia3_l {list(shape)}; expected [out, 1] or [1, in]")
+    rows = shape[1] == 1 and shape[0] != 1
+    return spec.plain(method="ia3_rows" if rows else "ia3_columns", bias_method="ia3_bias" if rows else None)
+
+
+def _vera(spec: Spec) -> LoraModule:
+    spec.needs({"lambda_b"}, {"lambda_d"}, {"A"}, {"B"})
+    return spec.plain(spec.roles["lambda_d"].shape[0])
+
+
+def _road(spec: Spec) -> LoraModule:
+    """RoAd: pairs of output rows in groups: the chunks hold whole groups."""
+    group = spec.config.get("group_size")
+    if spec.config.get("variant") not in ("road_1", "road_2", "road_4") or not isinstance(group, int) or group < 2:
+        raise UnsupportedError(f"{spec.where}: RoAd variant {spec.config.get('variant')!r}, group_size {group!r} is not "
+                               "read by this version (road_1, road_2, road_4 with an even group size are)")
+    return spec.plain(row_group=group)
+
+
+def _miss(spec: Spec) -> LoraModule:
+    if spec.config.get("init_weights", True) not in (True, False, "bat", "mini"):
+        raise UnsupportedError(f"{spec.where}: MiSS init_weights {spec.config.get('init_weights')!r} is not read by this "
+                               "version")
+    return spec.plain(spec.roles["B"].shape[-1])
+
+
+def _randlora(spec: Spec) -> LoraModule:
+    """RandLoRA: scaling randlora_alpha / r."""
+    spec.needs({"lambda"}, {"gamma"}, {"A"}, {"B"})
+    r, alpha = spec.config.get("r"), spec.config.get("randlora_alpha")
+    if not isinstance(r, int) or r <= 0 or not isinstance(alpha, (int, float)):
+        raise InputError(f"{spec.where}: RandLoRA needs an integer r and a number randlora_alpha, got r={r!r}, "
+                         f"randlora_alpha={alpha!r}")
+    return spec.plain(r, lora_alpha=float(alpha), scaling=float(alpha) / r)
+
+
+def _rank_of(role: str) -> Callable[[Spec], LoraModule]:
+    """Methods with no scaling of their own (it is in their delta, or there is none): r for the plan's listing."""
+    return lambda spec: spec.plain(spec.roles[role].shape[0] if role else 0)
+
+
+# peft_type -> how one of its saved modules becomes a LoraModule (a new method is a row here)
+BUILDERS: dict[str, Callable[[Spec], LoraModule]] = {
+    "IA3": _ia3, "LOHA": _lycoris, "LOKR": _lycoris, "VERA": _vera, "PVERA": _vera, "ROAD": _road, "MISS": _miss,
+    "RANDLORA": _randlora, "ADALORA": lambda spec: _adalora(spec.config, spec.module, spec.roles, spec.keys, spec.where),
+    "OFT": _rank_of("R"), "HRA": lambda spec: spec.plain(spec.roles["u"].shape[-1]), "DELORA": _rank_of("A"),
+    "HIRA": _rank_of("A"), "SHIRA": _rank_of(""), "C3A": _rank_of(""),
+    "BEFT": lambda spec: spec.plain(target_param="bias"),  # the layer's bias, not its weight
+}
+
+
 def _module(peft_type: str, config: dict[str, Any], module: str, roles: dict[str, TensorInfo],
             where: Path) -> LoraModule:
     if CONVOLUTION_ROLES & set(roles):
         raise UnsupportedError(f"{where}: {module!r} holds {peft_type}'s convolution (CP) factors; streammerge "
                                "merges its Linear form only")
     keys = tuple(sorted((role, info.name) for role, info in roles.items()))
-    if peft_type == "RANDLORA":  # scaling randlora_alpha / r
-        r, alpha = config.get("r"), config.get("randlora_alpha")
-        if not isinstance(r, int) or r <= 0 or not isinstance(alpha, (int, float)) or {"lambda", "gamma", "A", "B"} - set(roles):
-            raise InputError(f"{where}: RandLoRA {module!r} needs r, randlora_alpha, its lambda and gamma and the shared "
-                             f"bases; got r={r!r}, randlora_alpha={alpha!r}, {sorted(roles)}")
-        return LoraModule(module, "", "", r, float(alpha), float(alpha) / r, method="randlora", keys=keys)
-    if peft_type == "BEFT":  # the layer's bias, not its weight
-        return LoraModule(module, "", "", 0, 1.0, 1.0, method="beft", keys=keys, target_param="bias")
-    if peft_type in ("VERA", "PVERA"):
-        if {"lambda_b", "lambda_d", "A", "B"} - set(roles):
-            raise InputError(f"{where}: {module!r} has {sorted(roles)}; VeRA needs vera_lambda_b, vera_lambda_d and "
-                             "the shared vera_A / vera_B")
-        return LoraModule(module, "", "", roles["lambda_d"].shape[0], 1.0, 1.0, method=peft_type.lower(), keys=keys)
-    if peft_type == "ADALORA":
-        return _adalora(config, module, roles, keys, where)
-    if peft_type == "ROAD":  # pairs of output rows in groups: chunks hold whole groups
-        group = config.get("group_size")
-        if config.get("variant") not in ("road_1", "road_2", "road_4") or not isinstance(group, int) or group < 2:
-            raise UnsupportedError(f"{where}: RoAd variant {config.get('variant')!r}, group_size {group!r} is not read by "
-                                   "this version (road_1, road_2, road_4 with an even group size are)")
-        return LoraModule(module, "", "", 0, 1.0, 1.0, method="road", keys=keys, row_group=group)
-    if peft_type == "MISS":
-        if config.get("init_weights", True) not in (True, False, "bat", "mini"):
-            raise UnsupportedError(f"{where}: MiSS init_weights {config.get('init_weights')!r} is not read by this version")
-        return LoraModule(module, "", "", roles["B"].shape[-1], 1.0, 1.0, method="miss", keys=keys)
-    if peft_type in ("DELORA", "HIRA"):  # (DeLoRA's r: the saved rank; its scaling is in the delta)
-        return LoraModule(module, "", "", roles["A"].shape[0], 1.0, 1.0, method=peft_type.lower(), keys=keys)
-    if peft_type in ("SHIRA", "C3A"):  # (scaling 1.0, as PEFT sets it; C3A's 1/in is in its delta)
-        return LoraModule(module, "", "", 0, 1.0, 1.0, method=peft_type.lower(), keys=keys)
-    if peft_type in ("OFT", "HRA"):  # rotations and reflections: no scaling, weight 1 (checked)
-        role = "R" if peft_type == "OFT" else "u"
-        return LoraModule(module, "", "", roles[role].shape[-1], 1.0, 1.0, method=peft_type.lower(), keys=keys)
-    if peft_type == "IA3":
-        shape = roles["l"].shape
-        if len(shape) != 2 or 1 not in shape:
-            raise InputError(f"{where}: {module!r} has ia3_l {list(shape)}; expected [out, 1] or [1, in]")
-        output_side = shape[1] == 1 and shape[0] != 1
-        return LoraModule(module, "", "", 0, 1.0, 1.0, method="ia3_rows" if output_side else "ia3_columns",
-                          keys=keys, bias_method="ia3_bias" if output_side else None)
-    needed = [{"w1a", "w1b", "w2a", "w2b"}] if peft_type == "LOHA" else [{"w1"} | {"w1a", "w1b"}, {"w2"} | {"w2a", "w2b"}]
-    for group in needed:
-        present = group & set(roles)
-        if not present or (peft_type == "LOKR" and present not in ({"w1"}, {"w1a", "w1b"}, {"w2"}, {"w2a", "w2b"})):
-            raise InputError(f"{where}: {module!r} has {sorted(roles)}; {peft_type} needs {sorted(group)}")
-    r, alpha, scaling = _scaling(config, module, where)
-    return LoraModule(module, "", "", r, alpha, scaling, method=peft_type.lower(), keys=keys)
+    return BUILDERS[peft_type](Spec(peft_type, config, module, roles, keys, where))
 
 
 def _adalora(config: dict[str, Any], module: str, roles: dict[str, TensorInfo], keys: tuple[tuple[str, str], ...],
