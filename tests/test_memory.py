@@ -229,11 +229,12 @@ def test_a_gptq_or_awq_base_stays_under_budget(tmp_path: Path, layout: str) -> N
     assert merged.dtype == torch.bfloat16 and ((merged[rows].double() - exact).abs() <= bound).all()
 
 
-@pytest.mark.parametrize("kind", ["loha", "ia3"])
+@pytest.mark.parametrize("kind", ["loha", "ia3", "road"])
 def test_other_methods_stay_under_budget(tmp_path: Path, big: tuple[Path, Path], kind: str) -> None:
     """One method of each kind on the 8192 x 8192 weight at --max-mem 64MB: LoHa (additive, two
-    products of a block's size as temporaries, counted in the working set) and IA3 (multiplicative,
-    the input side: every row scaled by the same vector)."""
+    products of a block's size as temporaries, counted in the working set), IA3 (multiplicative,
+    the input side: every row scaled by the same vector) and RoAd (pairs of output rows: chunks of
+    whole groups of 64 rows)."""
     base, _ = big
     gen = torch.Generator().manual_seed(4)
     adapter = tmp_path / "adapter"
@@ -241,8 +242,11 @@ def test_other_methods_stay_under_budget(tmp_path: Path, big: tuple[Path, Path],
     if kind == "loha":
         factors = {"hada_w1_a": (8192, 8), "hada_w1_b": (8, 8192), "hada_w2_a": (8192, 8), "hada_w2_b": (8, 8192)}
         config = {"peft_type": "LOHA", "r": 8, "alpha": 16}
-    else:
+    elif kind == "ia3":
         factors, config = {"ia3_l": (1, 8192)}, {"peft_type": "IA3", "feedforward_modules": ["big"]}
+    else:
+        factors, config = {"road_theta": (8192,), "road_alpha": (8192,)}, {"peft_type": "ROAD", "variant": "road_2",
+                                                                          "group_size": 64}
     tensors = {f"base_model.model.big.{k}": torch.randn(s, generator=gen) * 0.1 + (1 if kind == "ia3" else 0)
                for k, s in factors.items()}
     save_file(tensors, adapter / "adapter_model.safetensors")
@@ -259,7 +263,15 @@ def test_other_methods_stay_under_budget(tmp_path: Path, big: tuple[Path, Path],
     t = {k.rsplit(".", 1)[-1]: v.double() for k, v in tensors.items()}
     if kind == "loha":
         exact = w + 2.0 * (t["hada_w1_a"][::331] @ t["hada_w1_b"]) * (t["hada_w2_a"][::331] @ t["hada_w2_b"])
-    else:
+    elif kind == "ia3":
         exact = w * t["ia3_l"]
+    else:  # row i pairs with i + 32 (first half of its group of 64) or i - 32
+        rows = torch.arange(0, 8192, 331)
+        first = rows % 64 < 32
+        partner = torch.where(first, rows + 32, rows - 32)
+        with safe_open(base / "model-00001-of-00003.safetensors", "pt") as f:
+            other = f.get_tensor("big.weight")[partner].double()
+        c, s = t["road_alpha"] * t["road_theta"].cos(), t["road_alpha"] * t["road_theta"].sin()
+        exact = c[rows][:, None] * w + torch.where(first, -s[rows], s[rows])[:, None] * other
     got = read_checkpoint(out)["big.weight"][::331].double()
     assert ((got - exact).abs() <= exact.abs() * 2.0**-8 + 1e-6).all()

@@ -455,3 +455,16 @@ def test_beft_adds_to_the_biases(tmp_path: Path, bases: dict) -> None:
         else:
             assert torch.equal(bits(tensor), bits(ref[name])), name
     assert main(["verify", str(out)]) == 0
+
+
+def test_mixed_methods_in_one_pass_match_separate_runs(tmp_path: Path, bases: dict) -> None:
+    """Two outputs in one pass, an IA3 and a LoHa adapter: each byte-identical to its own run."""
+    base = bases["qwen2"]
+    ia3, _ = make_adapter(base, tmp_path / "ia3", "ia3")
+    loha, _ = make_adapter(base, tmp_path / "loha", "loha")
+    assert main(["--base", str(base), "--adapter", str(ia3), "--output", str(tmp_path / "both-ia3"),
+                 "--adapter", str(loha), "--output", str(tmp_path / "both-loha"), "-q"]) == 0
+    for name, adapter in (("ia3", ia3), ("loha", loha)):
+        assert main(["--base", str(base), "--adapter", str(adapter), "--output", str(tmp_path / f"alone-{name}"), "-q"]) == 0
+        together, alone = read_checkpoint(tmp_path / f"both-{name}"), read_checkpoint(tmp_path / f"alone-{name}")
+        assert set(together) == set(alone) and all(torch.equal(bits(together[n]), bits(alone[n])) for n in alone), name
