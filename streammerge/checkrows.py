@@ -197,5 +197,21 @@ def _randlora(d: Delta, row: int, exact: torch.Tensor, size: torch.Tensor, f: Fa
     return exact + d.scale * update[row], size + abs(d.scale) * magnitude[row], unique.shape[0] + 2
 
 
+def _gralora(d: Delta, row: int, exact: torch.Tensor, size: torch.Tensor, f: Factors64, before: Before) -> Row:
+    """Row ``row`` of GraLoRA's delta, block by block: output block i, input block j:
+    B[i, j*sub:(j+1)*sub, o'] @ A[j, :, i*sub:(i+1)*sub].T (+ the hybrid LoRA's row)."""
+    a, b = f(d, "A"), f(d, "B")
+    k, part, r = a.shape
+    sub, per_block = r // k, b.shape[2]
+    i, o = divmod(row, per_block)
+    term = torch.cat([b[i, j * sub : (j + 1) * sub, o] @ a[j, :, i * sub : (i + 1) * sub].T for j in range(k)])
+    bound = torch.cat([b[i, j * sub : (j + 1) * sub, o].abs() @ a[j, :, i * sub : (i + 1) * sub].abs().T
+                       for j in range(k)])
+    if d.lora.has("A_general"):
+        term = term + f(d, "B_general")[row] @ f(d, "A_general")
+        bound = bound + f(d, "B_general")[row].abs() @ f(d, "A_general").abs()
+    return exact + d.scale * term, size + abs(d.scale) * bound, r + 2
+
+
 EXTRA_ROWS: dict[str, Callable[[Delta, int, torch.Tensor, torch.Tensor, Factors64, Before], Row]] = {
-    "ia3_rows": _ia3, "ia3_columns": _ia3, "ia3_bias": _ia3, "loha": _loha, "lokr": _lokr, "vera": _vera, "adalora": _adalora, "oft": _oft, "hra": _hra, "shira": _shira, "road": _road, "miss": _miss, "c3a": _c3a, "delora": _delora, "hira": _hira, "pvera": _vera, "beft": _beft, "randlora": _randlora}
+    "ia3_rows": _ia3, "ia3_columns": _ia3, "ia3_bias": _ia3, "loha": _loha, "lokr": _lokr, "vera": _vera, "adalora": _adalora, "oft": _oft, "hra": _hra, "shira": _shira, "road": _road, "miss": _miss, "c3a": _c3a, "delora": _delora, "hira": _hira, "pvera": _vera, "beft": _beft, "randlora": _randlora, "gralora": _gralora}

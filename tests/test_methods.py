@@ -48,6 +48,9 @@ CONFIGS = {
     "hira": lambda: peft.HiraConfig(r=4, target_modules=["q_proj", "v_proj", "down_proj"]),
     "pvera": lambda: peft.PveraConfig(r=8, target_modules=["q_proj", "v_proj", "down_proj"], init_weights=False),
     "randlora": lambda: peft.RandLoraConfig(r=8, randlora_alpha=16, target_modules=["q_proj", "v_proj", "down_proj"]),
+    "gralora": lambda: peft.GraloraConfig(r=8, gralora_k=2, target_modules=["q_proj", "v_proj", "down_proj"]),
+    "gralora-hybrid": lambda: peft.GraloraConfig(r=8, gralora_k=4, hybrid_r=2, alpha=16,
+                                                 target_modules=["q_proj", "v_proj", "down_proj"]),
 }
 
 
@@ -100,6 +103,16 @@ def formula(kind: str, saved: dict[str, torch.Tensor], config: dict, module: str
         return _get_delta_weight(config["variant"], config["group_size"], t["road_theta"], t["road_alpha"]) @ w
     if kind.startswith("miss"):  # PEFT's own merge arithmetic (its get_delta_weight*) on float64 copies
         return miss_merged(t["miss_block"], config, w)
+    if kind.startswith("gralora"):  # the k x k grid of low-rank blocks, + the hybrid LoRA
+        a, b = t["gralora_A"], t["gralora_B"]
+        k, _, r = a.shape
+        sub = r // k
+        grid = [[b[i, j * sub:(j + 1) * sub].T @ a[j, :, i * sub:(i + 1) * sub].T for j in range(k)] for i in range(k)]
+        delta = torch.cat([torch.cat(row, dim=1) for row in grid], dim=0)
+        hybrid = t.get("gralora_A_general.weight")
+        if hybrid is not None:
+            delta = delta + t["gralora_B_general.weight"] @ hybrid
+        return w + config["alpha"] / (r + (0 if hybrid is None else hybrid.shape[0])) * delta
     if kind == "randlora":  # PEFT's own get_delta_weight, on a layer rebuilt from the saved tensors
         return w + randlora_delta(t, saved, config, w.shape)
     if kind == "c3a":  # PEFT's own circulant construction (FFT), over in_features
@@ -280,7 +293,7 @@ def test_ia3_composes_with_lora_in_the_order_given(tmp_path: Path, bases: dict, 
 
 
 @pytest.mark.parametrize("config, said", [
-    ({"peft_type": "BOFT", "r": 4}, "peft_type 'BOFT' is not mergeable by streammerge (LORA, ADALORA, BEFT, C3A, DELORA, HIRA, HRA, IA3, LN_TUNING, LOHA, LOKR, MISS, OFT, PVERA, RANDLORA, ROAD, SHIRA and VERA are)"),
+    ({"peft_type": "BOFT", "r": 4}, "peft_type 'BOFT' is not mergeable by streammerge (LORA, ADALORA, BEFT, C3A, DELORA, GRALORA, HIRA, HRA, IA3, LN_TUNING, LOHA, LOKR, MISS, OFT, PVERA, RANDLORA, ROAD, SHIRA and VERA are)"),
     ({"peft_type": "IA3", "fan_in_fan_out": True, "target_modules": ["c_attn"]},
      "IA3 with fan_in_fan_out (Conv1D layers, GPT-2 style) is not merged"),
     ({"peft_type": "VERA", "r": 8, "save_projection": False}, "VERA saved with save_projection=false"),

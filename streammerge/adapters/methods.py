@@ -20,6 +20,7 @@ tensors decide the layout, not the config (e.g. the shape of IA3's vector says w
   ``hira_B`` (``deltas/additive.py``).
 - PVeRA: VeRA's tensors (``pvera_*``) with a mean and a log-variance per rank: merged on the means.
 - BEFT: ``<m>.beft_bias``: added to the layer's bias.
+- GraLoRA: ``<m>.gralora_A`` (k, in/k, r), ``gralora_B`` (k, r, out/k), and a hybrid LoRA.
 - RandLoRA: ``<m>.randlora_lambda``, ``randlora_gamma`` and the shared random bases.
 - SHiRA: ``<m>.shira_indices`` (2, n) (rows; columns) and ``shira_weight`` (n,): a sparse delta.
 - HRA: ``<m>.hra_u`` (in, r): Householder reflections of the input side (``deltas/hra.py``).
@@ -65,6 +66,8 @@ ROLES: dict[str, dict[str, str]] = {
     "PVERA": {"pvera_lambda_b": "lambda_b", "pvera_lambda_d": "lambda_d"},
     "BEFT": {"beft_bias": "bias"},
     "RANDLORA": {"randlora_lambda": "lambda", "randlora_gamma": "gamma", "randlora_A": "A", "randlora_B": "B"},
+    "GRALORA": {"gralora_A": "A", "gralora_B": "B", "gralora_A_general.weight": "A_general",
+                "gralora_B_general.weight": "B_general"},
 }
 # peft_type -> the infix of saved layers that replace the base's ("<m>.ln_tuning_layers.weight" -> "<m>.weight")
 REPLACING = {"LN_TUNING": ".ln_tuning_layers."}
@@ -163,6 +166,17 @@ def _randlora(spec: Spec) -> LoraModule:
     return spec.plain(r, lora_alpha=float(alpha), scaling=float(alpha) / r)
 
 
+def _gralora(spec: Spec) -> LoraModule:
+    """GraLoRA: scaling alpha / (r + hybrid_r), both ranks from the saved shapes."""
+    spec.needs({"A"}, {"B"})
+    r = spec.roles["A"].shape[-1]
+    hybrid = spec.roles["A_general"].shape[0] if "A_general" in spec.roles else 0
+    alpha = spec.config.get("alpha")
+    if not isinstance(alpha, (int, float)) or r % max(1, spec.roles["A"].shape[0]):
+        raise InputError(f"{spec.where}: GraLoRA {spec.module!r} needs a number alpha and r divisible by gralora_k")
+    return spec.plain(r, lora_alpha=float(alpha), scaling=float(alpha) / (r + hybrid))
+
+
 def _rank_of(role: str) -> Callable[[Spec], LoraModule]:
     """Methods with no scaling of their own (it is in their delta, or there is none): r for the plan's listing."""
     return lambda spec: spec.plain(spec.roles[role].shape[0] if role else 0)
@@ -171,7 +185,7 @@ def _rank_of(role: str) -> Callable[[Spec], LoraModule]:
 # peft_type -> how one of its saved modules becomes a LoraModule (a new method is a row here)
 BUILDERS: dict[str, Callable[[Spec], LoraModule]] = {
     "IA3": _ia3, "LOHA": _lycoris, "LOKR": _lycoris, "VERA": _vera, "PVERA": _vera, "ROAD": _road, "MISS": _miss,
-    "RANDLORA": _randlora, "ADALORA": lambda spec: _adalora(spec.config, spec.module, spec.roles, spec.keys, spec.where),
+    "RANDLORA": _randlora, "GRALORA": _gralora, "ADALORA": lambda spec: _adalora(spec.config, spec.module, spec.roles, spec.keys, spec.where),
     "OFT": _rank_of("R"), "HRA": lambda spec: spec.plain(spec.roles["u"].shape[-1]), "DELORA": _rank_of("A"),
     "HIRA": _rank_of("A"), "SHIRA": _rank_of(""), "C3A": _rank_of(""),
     "BEFT": lambda spec: spec.plain(target_param="bias"),  # the layer's bias, not its weight

@@ -98,6 +98,7 @@ METHODS: dict[str, Method] = {
     "pvera": additive.PVERA,
     "beft": additive.BEFT_,
     "randlora": additive.RANDLORA,
+    "gralora": additive.GRALORA,
 }
 
 

@@ -13,6 +13,7 @@ only), s = adapter weight * the module's scaling:
 - ``pvera``:   ``vera`` on the means (the first half of lambda_d and A)
 - ``beft``:    bias += s * beft_bias
 - ``randlora``: W[rows] += s * L[rows] @ R, PEFT's scaled random bases (see ``randlora_factors``)
+- ``gralora``: W[rows] += s * L[rows] @ R[output block]: a k x k grid of low-rank blocks (``GraLoRA``)
 LoHa and LoKr make temporaries of a block's size (``block_buffers``), which the working set counts.
 """
 
@@ -365,5 +366,57 @@ class RandLoRA:
         return Rows(right.float().contiguous(), left.float().contiguous(), d.scale)
 
 
+class BlockRows:
+    """``W[rows] += s * L[rows] @ R[block of the row]`` (+ a plain LoRA, GraLoRA's hybrid part)."""
+
+    def __init__(self, left: torch.Tensor, right: torch.Tensor, scale: float, extra: Rows | None) -> None:
+        self.left, self.right, self.scale, self.extra = left, right, scale, extra  # (out, r), (k, r, in)
+
+    def apply(self, work: torch.Tensor, row0: int, rows: int) -> None:
+        per_block = self.left.shape[0] // self.right.shape[0]
+        for k in range(row0 // per_block, (row0 + rows - 1) // per_block + 1):
+            lo, hi = max(row0, k * per_block), min(row0 + rows, (k + 1) * per_block)
+            work[lo - row0 : hi - row0].addmm_(self.left[lo:hi], self.right[k], alpha=self.scale)
+        if self.extra is not None:
+            self.extra.apply(work, row0, rows)
+
+
+@dataclass(frozen=True)
+class GraLoRA:
+    """GraLoRA: W split in a k x k grid of blocks, block (i, j) gaining ``B[i, j*sub:(j+1)*sub].T @
+    A[j, :, i*sub:(i+1)*sub].T`` (sub = r / k), i.e. per output block i a LoRA of rank r whose A is
+    block-sparse; plus, with hybrid_r, a plain LoRA (``gralora_A_general`` / ``_B_general``).
+    s = alpha / (r + hybrid_r)."""
+
+    first_pass = False
+    block_buffers = 0
+
+    def factor_keys(self, d: Delta) -> list[str]:
+        return [d.lora.key(r) for r in ("A", "B", "A_general", "B_general") if d.lora.has(r)]
+
+    def check(self, d: Delta, tensor: str, info: TensorInfo) -> str | None:
+        a, b = d.adapter.tensors[d.lora.key("A")].shape, d.adapter.tensors[d.lora.key("B")].shape
+        k = a[0] if len(a) == 3 else 0
+        if (len(info.shape) != 2 or not k or len(b) != 3 or b[0] != k or a[2] != b[1] or a[2] % k
+                or [k * b[2], k * a[1]] != list(info.shape)):
+            return f"{d.lora.module}: GraLoRA A {list(a)}, B {list(b)} do not make {tensor} {list(info.shape)}"
+        return None
+
+    def load(self, d: Delta, factors: Factors) -> BlockRows:
+        import torch
+
+        a, b = factors.get(d.adapter, d.lora.key("A")), factors.get(d.adapter, d.lora.key("B"))
+        k, part, r = a.shape  # (k, in/k, r)
+        sub = r // k
+        left = b.permute(0, 2, 1).reshape(-1, r)  # (out, r): row i*(out/k) + o' is B[i, :, o']
+        right = torch.zeros(k, r, k * part, dtype=a.dtype, device=a.device)
+        for i in range(k):
+            for j in range(k):
+                right[i, j * sub : (j + 1) * sub, j * part : (j + 1) * part] = a[j, :, i * sub : (i + 1) * sub].t()
+        extra = (Rows(factors.get(d.adapter, d.lora.key("A_general")), factors.get(d.adapter, d.lora.key("B_general")),
+                      d.scale) if d.lora.has("A_general") else None)
+        return BlockRows(left, right, d.scale, extra)
+
+
 LOHA, LOKR, VERA, PVERA, ADALORA, SHIRA, C3A_ = LoHa(), LoKr(), VeRA(), VeRA(mean_half=True), AdaLoRA(), Shira(), C3A()
-DELORA, HIRA, BEFT_, RANDLORA = DeLoRA(), HiRA(), BEFT(), RandLoRA()
+DELORA, HIRA, BEFT_, RANDLORA, GRALORA = DeLoRA(), HiRA(), BEFT(), RandLoRA(), GraLoRA()
