@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
-from . import additive, dora, hra, ia3, lora, miss, oft, road
+from . import additive, dora, hra, ia3, lora, miss, oft, road, structured
 
 if TYPE_CHECKING:
     import torch
@@ -93,12 +93,12 @@ METHODS: dict[str, Method] = {
     "road": road.ROAD,
     "miss": miss.MISS,
     "c3a": additive.C3A_,
-    "delora": additive.DELORA,
-    "hira": additive.HIRA,
+    "delora": structured.DELORA,
+    "hira": structured.HIRA,
     "pvera": additive.PVERA,
-    "beft": additive.BEFT_,
-    "randlora": additive.RANDLORA,
-    "gralora": additive.GRALORA,
+    "beft": structured.BEFT,
+    "randlora": structured.RANDLORA,
+    "gralora": structured.GRALORA,
 }
 
 
