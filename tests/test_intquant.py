@@ -289,3 +289,19 @@ def test_other_integer_formats_are_refused_by_name(tmp_path: Path, llama: dict, 
     assert main(["--base", str(base), "--adapter", str(llama["peft"].adapter), "--output", str(out), "-q"]) == 4
     err = capsys.readouterr().err
     assert said in err and len(err.strip().splitlines()) == 1 and not out.exists()
+
+
+def test_other_compressed_tensors_formats_are_refused_by_name(tmp_path: Path, llama: dict, packed: dict,
+                                                              capsys) -> None:
+    import shutil
+
+    base = Path(shutil.copytree(packed["W4A16"], tmp_path / "base"))
+    config = json.loads((base / "config.json").read_text())
+    config["quantization_config"]["format"] = "nvfp4-pack-quantized"
+    for group in config["quantization_config"]["config_groups"].values():
+        group["format"] = "nvfp4-pack-quantized"
+    (base / "config.json").write_text(json.dumps(config))
+    out = tmp_path / "out"
+    assert main(["--base", str(base), "--adapter", str(llama["peft"].adapter), "--output", str(out), "-q"]) == 4
+    err = capsys.readouterr().err
+    assert "compressed-tensors format nvfp4-pack-quantized is not read by this version" in err and not out.exists()
