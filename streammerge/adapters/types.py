@@ -1,7 +1,8 @@
 """What an adapter is once read: its validated config, per-module factor keys and lazy tensor access.
 
-Every adapter format (PEFT, mlx-lm) is read into one ``LoraAdapter``; tensors are read only when
-the merge reaches the base tensor they belong to.
+Every adapter format (PEFT LoRA, PEFT's other methods, mlx-lm) is read into one ``LoraAdapter``
+(one ``LoraModule`` per adapted layer: LoRA's factor keys, or another method's tensors by role);
+tensors are read only when the merge reaches the base tensor they belong to.
 """
 
 from __future__ import annotations

@@ -1,11 +1,17 @@
 """Deltas: how an adapter module changes a float32 block of rows of one base tensor.
 
-Each method is registered by the name the plan gives it (``Delta.method``) and answers three
-things: which adapter tensors it holds on the merge device (``factor_keys``, for the memory
-budget), whether it needs a first pass over the tensor's rows before the merge (``first_pass``),
-and how to load itself (``load``) into an object whose ``apply(work, row0, rows)`` changes rows
-``[row0, row0 + rows)`` held in ``work`` in place. A new PEFT method is a new module and a row in
-``METHODS``; the engine never branches on the method.
+Each method is registered by the name the plan gives it (``Delta.method``) and answers: which
+adapter tensors it holds on the merge device (``factor_keys``, for the memory budget), how many
+float32 temporaries of a block's size its ``apply`` makes (``block_buffers``, for the budget too),
+whether its tensors fit a base tensor (``check``, from headers: the plan's shape checks), whether it
+needs a first pass over the tensor's rows before the merge (``first_pass``), and how to load itself
+(``load``) into an object whose ``apply(work, row0, rows)`` changes rows ``[row0, row0 + rows)``
+held in ``work`` in place. A new PEFT method is a reader row in ``adapters/methods.py``, a module
+here and a row in ``METHODS`` (and its float64 reading in ``checkrows.py``); the engine never
+branches on the method. Methods (in this package's modules): LoRA and its variants (``lora``,
+``dora``), IA3 (``ia3``), LoHa, LoKr, VeRA, PVeRA, AdaLoRA, SHiRA, C3A (``additive``), DeLoRA,
+HiRA, BEFT, RandLoRA, GraLoRA (``structured``), OFT (``oft``), HRA (``hra``), RoAd (``road``),
+MiSS (``miss``).
 
 Imports no torch: the plan asks ``factor_keys`` from headers alone.
 """
