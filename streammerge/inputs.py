@@ -149,8 +149,10 @@ def _refuse_duplicates(adapters: list[LoraAdapter]) -> None:
 def _refuse_noop(adapters: list[LoraAdapter]) -> None:
     for adapter in adapters:
         if not changes_something(adapter):
+            lora = all(m.method == "lora" for m in adapter.modules.values())
             why = "its weight is 0" if adapter.weight == 0 else (
-                "every lora_B is zero, as PEFT initialises it: was the adapter saved before training?")
+                ("every lora_B is zero" if lora else "every module is an identity as saved (a factor of zeros, or an "
+                 "IA3 vector of ones)") + ", as PEFT initialises it: was the adapter saved before training?")
             raise PlanError(f"adapter {adapter.path} changes nothing ({why}); "
                             "pass --allow-noop to write an unchanged copy anyway")
 

@@ -102,8 +102,10 @@ def changes_something(adapter: LoraAdapter) -> bool:
     if adapter.replacements or adapter.token_rows:
         return True
     for module in adapter.modules.values():
-        if module.method != "lora":  # (an untrained IA3 is all ones, a LoHa all zeros: not told apart here)
-            return True
+        if module.method != "lora":
+            if not _identity(adapter, module):
+                return True
+            continue
         if adapter._bin is not None:
             if bool(adapter._bin[module.b_key].any()):
                 return True
@@ -112,3 +114,27 @@ def changes_something(adapter: LoraAdapter) -> bool:
         if read_tensor_bytes(adapter._header, module.b_key).strip(b"\0"):  # any bit set (-0.0 too: conservative)
             return True
     return False
+
+
+# Other methods: roles any one of which, all zeros, makes the whole delta zero (PEFT initialises one
+# of them so: an untrained adapter), and IA3's vector, an identity when all ones. Methods not listed
+# are taken to change something (HRA, RoAd and GraLoRA's untrained states are not a zero factor).
+ZERO_KILLS: dict[str, tuple[str, ...]] = {
+    "loha": ("w1a", "w1b", "w2a", "w2b"), "lokr": ("w1", "w1a", "w1b", "w2", "w2a", "w2b"),
+    "vera": ("lambda_b", "lambda_d"), "pvera": ("lambda_b", "lambda_d"), "adalora": ("A", "B", "E"),
+    "delora": ("A", "B", "lambda"), "hira": ("A", "B"), "randlora": ("lambda", "gamma"), "c3a": ("kernel",),
+    "shira": ("values",), "beft": ("bias",), "oft": ("R",), "miss": ("B",),
+}
+ONE = {"F32": b"\x00\x00\x80\x3f", "BF16": b"\x80\x3f", "F16": b"\x00\x3c"}  # 1.0, little-endian
+
+
+def _identity(adapter: LoraAdapter, module: LoraModule) -> bool:
+    """Does this module of another method provably change nothing (from its bytes, no torch)?"""
+    if adapter._header is None:  # (.bin adapters: not read here)
+        return False
+    keys = dict(module.keys)
+    if module.method in ("ia3_rows", "ia3_columns"):
+        info = adapter.tensors[keys["l"]]
+        return read_tensor_bytes(adapter._header, keys["l"]) == ONE.get(info.dtype, b"?") * info.numel
+    return any(not read_tensor_bytes(adapter._header, keys[role]).strip(b"\0")
+               for role in ZERO_KILLS.get(module.method, ()) if role in keys)
