@@ -213,5 +213,16 @@ def _gralora(d: Delta, row: int, exact: torch.Tensor, size: torch.Tensor, f: Fac
     return exact + d.scale * term, size + abs(d.scale) * bound, r + 2
 
 
+def _boft(d: Delta, row: int, exact: torch.Tensor, size: torch.Tensor, f: Factors64, before: Before) -> Row:
+    """PEFT's BOFT on one row: blocks rotated by the Cayley map of their skew parts, then the row scale."""
+    r, s = f(d, "R")[0], f(d, "s")[row, 0]
+    skew = 0.5 * (r - r.transpose(1, 2))
+    eye = torch.eye(r.shape[-1], dtype=torch.float64)
+    q = (eye - skew) @ torch.linalg.inv(eye + skew)  # (blocks, b, b)
+    rotated = torch.einsum("rk,rck->rc", exact.view(q.shape[0], -1), q).reshape(-1)
+    magnitude = torch.einsum("rk,rck->rc", size.view(q.shape[0], -1), q.abs()).reshape(-1)
+    return rotated * s, magnitude * abs(s), r.shape[-1] + 5
+
+
 EXTRA_ROWS: dict[str, Callable[[Delta, int, torch.Tensor, torch.Tensor, Factors64, Before], Row]] = {
-    "ia3_rows": _ia3, "ia3_columns": _ia3, "ia3_bias": _ia3, "loha": _loha, "lokr": _lokr, "vera": _vera, "adalora": _adalora, "oft": _oft, "hra": _hra, "shira": _shira, "road": _road, "miss": _miss, "c3a": _c3a, "delora": _delora, "hira": _hira, "pvera": _vera, "beft": _beft, "randlora": _randlora, "gralora": _gralora}
+    "ia3_rows": _ia3, "ia3_columns": _ia3, "ia3_bias": _ia3, "loha": _loha, "lokr": _lokr, "vera": _vera, "adalora": _adalora, "oft": _oft, "hra": _hra, "shira": _shira, "road": _road, "miss": _miss, "c3a": _c3a, "delora": _delora, "hira": _hira, "pvera": _vera, "beft": _beft, "randlora": _randlora, "gralora": _gralora, "boft": _boft}

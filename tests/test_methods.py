@@ -51,6 +51,7 @@ CONFIGS = {
     "gralora": lambda: peft.GraloraConfig(r=8, gralora_k=2, target_modules=["q_proj", "v_proj", "down_proj"]),
     "gralora-hybrid": lambda: peft.GraloraConfig(r=8, gralora_k=4, hybrid_r=2, alpha=16,
                                                  target_modules=["q_proj", "v_proj", "down_proj"]),
+    "boft": lambda: peft.BOFTConfig(boft_block_size=8, target_modules=["q_proj", "v_proj", "down_proj"]),
 }
 
 
@@ -95,6 +96,8 @@ def formula(kind: str, saved: dict[str, torch.Tensor], config: dict, module: str
         return w @ oft_rotation(t["oft_R.weight"], config, w.shape[1]).T
     if kind.startswith("hra"):
         return w @ hra_rotation(t["hra_u"], config)
+    if kind == "boft":  # (W R^T) * s: R block-diagonal, the Cayley map of each block's skew part
+        return w @ boft_rotation(t["boft_R"]).T * t["boft_s"]
     if kind == "ia3":
         return w * t["ia3_l"]  # (out, 1) scales rows, (1, in) columns
     if kind.startswith("road"):  # R W with PEFT's own matrix form of R (its _get_delta_weight)
@@ -210,6 +213,13 @@ def randlora_delta(t: dict, saved: dict, config: dict, shape: tuple[int, int]) -
     return (first.T @ second.T).T * config["randlora_alpha"] / config["r"]
 
 
+def boft_rotation(r: torch.Tensor) -> torch.Tensor:
+    """PEFT's one-factor BOFT matrix in float64: block_diag of solve(I + S, I - S, left=False), S = (B - B^T)/2."""
+    skew = 0.5 * (r[0] - r[0].transpose(1, 2))
+    eye = torch.eye(skew.shape[-1], dtype=torch.float64).expand_as(skew)
+    return torch.block_diag(*torch.linalg.solve(eye + skew, eye - skew, left=False))
+
+
 def one_rounding(exact: torch.Tensor, got: torch.Tensor, magnitude: torch.Tensor) -> bool:
     """|got - exact| within half a bf16 ulp of exact plus a float32 arithmetic bound (32 roundings)."""
     _, e = torch.frexp(exact)
@@ -249,6 +259,9 @@ def test_method_merges_like_peft(tmp_path: Path, bases: dict, arch: str, kind: s
 
                 t = {x: saved[f"base_model.model.{module}.road_{x}"].double() for x in ("theta", "alpha")}
                 magnitude = _get_delta_weight(config["variant"], config["group_size"], t["theta"], t["alpha"]).abs() @ w.double().abs()
+            elif kind == "boft":  # |W| @ |R|^T * |s|
+                magnitude = (w.double().abs() @ boft_rotation(saved[f"base_model.model.{module}.boft_R"].double()).abs().T
+                             * saved[f"base_model.model.{module}.boft_s"].double().abs())
             elif kind.startswith("hra"):  # |W| @ |R|
                 magnitude = w.double().abs() @ hra_rotation(saved[f"base_model.model.{module}.hra_u"], config).abs()
             else:  # the same formula on magnitudes
@@ -293,7 +306,7 @@ def test_ia3_composes_with_lora_in_the_order_given(tmp_path: Path, bases: dict, 
 
 
 @pytest.mark.parametrize("config, said", [
-    ({"peft_type": "BOFT", "r": 4}, "peft_type 'BOFT' is not mergeable by streammerge (LORA, ADALORA, BEFT, C3A, DELORA, GRALORA, HIRA, HRA, IA3, LN_TUNING, LOHA, LOKR, MISS, OFT, PVERA, RANDLORA, ROAD, SHIRA and VERA are)"),
+    ({"peft_type": "FOURIERFT", "n_frequency": 4}, "peft_type 'FOURIERFT' is not mergeable by streammerge (LORA, ADALORA, BEFT, BOFT, C3A, DELORA, GRALORA, HIRA, HRA, IA3, LN_TUNING, LOHA, LOKR, MISS, OFT, PVERA, RANDLORA, ROAD, SHIRA and VERA are)"),
     ({"peft_type": "IA3", "fan_in_fan_out": True, "target_modules": ["c_attn"]},
      "IA3 with fan_in_fan_out (Conv1D layers, GPT-2 style) is not merged"),
     ({"peft_type": "VERA", "r": 8, "save_projection": False}, "VERA saved with save_projection=false"),
@@ -302,7 +315,7 @@ def test_ia3_composes_with_lora_in_the_order_given(tmp_path: Path, bases: dict, 
     ({"peft_type": "XLORA"}, "a classifier mixing LoRA experts per token at run time"),
     ({"config": {"reduction_factor": 16, "non_linearity": "relu"}, "name": "sst"},
      "is an AdapterHub bottleneck adapter: it adds layers to the model"),
-], ids=["boft", "ia3-conv1d", "vera-no-projection", "prefix-tuning", "xlora", "adapterhub"])
+], ids=["fourierft", "ia3-conv1d", "vera-no-projection", "prefix-tuning", "xlora", "adapterhub"])
 def test_methods_not_merged_are_refused_by_name(tmp_path: Path, bases: dict, config: dict, said: str, capsys) -> None:
     from safetensors.torch import save_file
 

@@ -23,6 +23,7 @@ tensors decide the layout, not the config (e.g. the shape of IA3's vector says w
 - GraLoRA: ``<m>.gralora_A`` (k, in/k, r), ``gralora_B`` (k, r, out/k), and a hybrid LoRA.
 - RandLoRA: ``<m>.randlora_lambda``, ``randlora_gamma`` and the shared random bases.
 - SHiRA: ``<m>.shira_indices`` (2, n) (rows; columns) and ``shira_weight`` (n,): a sparse delta.
+- BOFT: ``<m>.boft_R`` (1, blocks, b, b) and ``boft_s`` (out, 1) (``deltas/boft.py``).
 - HRA: ``<m>.hra_u`` (in, r): Householder reflections of the input side (``deltas/hra.py``).
 - LN tuning: ``<m>.ln_tuning_layers.weight`` (and ``.bias``): the norm's trained tensors, which replace
   the base's (as modules_to_save do).
@@ -68,6 +69,7 @@ ROLES: dict[str, dict[str, str]] = {
     "RANDLORA": {"randlora_lambda": "lambda", "randlora_gamma": "gamma", "randlora_A": "A", "randlora_B": "B"},
     "GRALORA": {"gralora_A": "A", "gralora_B": "B", "gralora_A_general.weight": "A_general",
                 "gralora_B_general.weight": "B_general"},
+    "BOFT": {"boft_R": "R", "boft_s": "s"},
 }
 # peft_type -> the infix of saved layers that replace the base's ("<m>.ln_tuning_layers.weight" -> "<m>.weight")
 REPLACING = {"LN_TUNING": ".ln_tuning_layers."}
@@ -189,7 +191,18 @@ BUILDERS: dict[str, Callable[[Spec], LoraModule]] = {
     "OFT": _rank_of("R"), "HRA": lambda spec: spec.plain(spec.roles["u"].shape[-1]), "DELORA": _rank_of("A"),
     "HIRA": _rank_of("A"), "SHIRA": _rank_of(""), "C3A": _rank_of(""),
     "BEFT": lambda spec: spec.plain(target_param="bias"),  # the layer's bias, not its weight
+    "BOFT": lambda spec: _boft(spec),
 }
+
+
+def _boft(spec: Spec) -> LoraModule:
+    spec.needs({"R"}, {"s"})
+    shape = spec.roles["R"].shape
+    if len(shape) != 4 or shape[0] != 1:
+        raise UnsupportedError(f"{spec.where}: BOFT {spec.module!r} has {shape[0] if shape else '?'} butterfly factors "
+                               "(boft_R " f"{list(shape)}); this version merges one (what PEFT trains without its CUDA "
+                               "extension)")
+    return spec.plain(shape[1])
 
 
 def _module(peft_type: str, config: dict[str, Any], module: str, roles: dict[str, TensorInfo],
@@ -240,7 +253,7 @@ def read_method_adapter(path: Path, config: dict[str, Any], *, weight: float) ->
                                "save_projection=True")
     if peft_type == "OFT":
         _check_oft(config, where, weight)
-    if peft_type in ("HRA", "ROAD") and weight != 1:
+    if peft_type in ("HRA", "ROAD", "BOFT") and weight != 1:
         raise UnsupportedError(f"{where}: a {peft_type} rotation cannot be weighted ({weight} given); merge it with "
                                "weight 1")
     if config.get("fan_in_fan_out"):

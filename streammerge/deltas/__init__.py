@@ -10,7 +10,7 @@ held in ``work`` in place. A new PEFT method is a reader row in ``adapters/metho
 here and a row in ``METHODS`` (and its float64 reading in ``checkrows.py``); the engine never
 branches on the method. Methods (in this package's modules): LoRA and its variants (``lora``,
 ``dora``), IA3 (``ia3``), LoHa, LoKr, VeRA, PVeRA, AdaLoRA, SHiRA, C3A (``additive``), DeLoRA,
-HiRA, BEFT, RandLoRA, GraLoRA (``structured``), OFT (``oft``), HRA (``hra``), RoAd (``road``),
+HiRA, BEFT, RandLoRA, GraLoRA (``structured``), OFT (``oft``), BOFT (``boft``), HRA (``hra``), RoAd (``road``),
 MiSS (``miss``).
 
 Imports no torch: the plan asks ``factor_keys`` from headers alone.
@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
-from . import additive, dora, hra, ia3, lora, miss, oft, road, structured
+from . import additive, boft, dora, hra, ia3, lora, miss, oft, road, structured
 
 if TYPE_CHECKING:
     import torch
@@ -105,12 +105,13 @@ METHODS: dict[str, Method] = {
     "beft": structured.BEFT,
     "randlora": structured.RANDLORA,
     "gralora": structured.GRALORA,
+    "boft": boft.BOFT,
 }
 
 
 # methods that scale the weight rather than add to it: with other deltas on the same weight the
 # order of the adapters matters (each applies to what the ones before it made)
-MULTIPLICATIVE = frozenset({"ia3_rows", "ia3_columns", "ia3_bias", "oft", "hra", "road", "hira", "miss"})
+MULTIPLICATIVE = frozenset({"ia3_rows", "ia3_columns", "ia3_bias", "oft", "boft", "hra", "road", "hira", "miss"})
 
 
 def method(name: str) -> Method:
