@@ -224,5 +224,28 @@ def _boft(d: Delta, row: int, exact: torch.Tensor, size: torch.Tensor, f: Factor
     return rotated * s, magnitude * abs(s), r.shape[-1] + 5
 
 
+def _vb_side(d: Delta, f: Factors64, side: str) -> torch.Tensor:
+    """One side's low-rank rows as PEFT loads a VB-LoRA: logits of -inf but at the top k (from the
+    saved logits, or rebuilt from the saved top-k weights), softmax, times the bank."""
+    bank, k = f(d, "bank"), int(d.adapter.config["topk"])
+    if d.lora.has(f"logits_{side}"):
+        logits = f(d, f"logits_{side}")
+        kept = torch.full_like(logits, float("-inf")).scatter(-1, logits.topk(k, dim=-1).indices,
+                                                              logits.topk(k, dim=-1).values)
+    else:
+        idx, w = f(d, f"{side}_idx").long(), f(d, f"{side}_w")
+        w = torch.cat([w, 1 - w.sum(-1, keepdim=True)], dim=-1)
+        kept = torch.full((*idx.shape[:-1], bank.shape[0]), float("-inf"), dtype=torch.float64).scatter(-1, idx, w.log())
+    return kept.softmax(dim=-1) @ bank  # (..., length)
+
+
+def _vblora(d: Delta, row: int, exact: torch.Tensor, size: torch.Tensor, f: Factors64, before: Before) -> Row:
+    a = _vb_side(d, f, "A")
+    a = a.reshape(a.shape[0], -1)  # (r, in)
+    b = _vb_side(d, f, "B")
+    b = b.transpose(1, 2).reshape(-1, b.shape[1])  # (out, r)
+    return exact + d.scale * (b[row] @ a), size + abs(d.scale) * (b[row].abs() @ a.abs()), a.shape[0] + 4
+
+
 EXTRA_ROWS: dict[str, Callable[[Delta, int, torch.Tensor, torch.Tensor, Factors64, Before], Row]] = {
-    "ia3_rows": _ia3, "ia3_columns": _ia3, "ia3_bias": _ia3, "loha": _loha, "lokr": _lokr, "vera": _vera, "adalora": _adalora, "oft": _oft, "hra": _hra, "shira": _shira, "road": _road, "miss": _miss, "c3a": _c3a, "delora": _delora, "hira": _hira, "pvera": _vera, "beft": _beft, "randlora": _randlora, "gralora": _gralora, "boft": _boft}
+    "ia3_rows": _ia3, "ia3_columns": _ia3, "ia3_bias": _ia3, "loha": _loha, "lokr": _lokr, "vera": _vera, "adalora": _adalora, "oft": _oft, "hra": _hra, "shira": _shira, "road": _road, "miss": _miss, "c3a": _c3a, "delora": _delora, "hira": _hira, "pvera": _vera, "beft": _beft, "randlora": _randlora, "gralora": _gralora, "boft": _boft, "vblora": _vblora}

@@ -52,6 +52,11 @@ CONFIGS = {
     "gralora-hybrid": lambda: peft.GraloraConfig(r=8, gralora_k=4, hybrid_r=2, alpha=16,
                                                  target_modules=["q_proj", "v_proj", "down_proj"]),
     "boft": lambda: peft.BOFTConfig(boft_block_size=8, target_modules=["q_proj", "v_proj", "down_proj"]),
+    "vblora": lambda: peft.VBLoRAConfig(r=4, vector_length=16, num_vectors=32, topk=3,
+                                        target_modules=["q_proj", "v_proj", "down_proj"]),
+    "vblora-topk-only": lambda: peft.VBLoRAConfig(r=4, vector_length=16, num_vectors=32, topk=3,
+                                                  save_only_topk_weights=True,
+                                                  target_modules=["q_proj", "v_proj", "down_proj"]),
 }
 
 
@@ -96,6 +101,8 @@ def formula(kind: str, saved: dict[str, torch.Tensor], config: dict, module: str
         return w @ oft_rotation(t["oft_R.weight"], config, w.shape[1]).T
     if kind.startswith("hra"):
         return w @ hra_rotation(t["hra_u"], config)
+    if kind.startswith("vblora"):  # B @ A from the bank, PEFT's own arithmetic on a layer it loads
+        return w + vblora_delta(t, saved, config)
     if kind == "boft":  # (W R^T) * s: R block-diagonal, the Cayley map of each block's skew part
         return w @ boft_rotation(t["boft_R"]).T * t["boft_s"]
     if kind == "ia3":
@@ -213,6 +220,24 @@ def randlora_delta(t: dict, saved: dict, config: dict, shape: tuple[int, int]) -
     return (first.T @ second.T).T * config["randlora_alpha"] / config["r"]
 
 
+def vblora_delta(t: dict, saved: dict, config: dict) -> torch.Tensor:
+    """VB-LoRA's B @ A in float64: per side the top-k logits' softmax (or the saved k - 1 weights and
+    the remainder) weighting bank vectors; A's tiles along its rows, B's along its columns."""
+    bank, k = saved["base_model.vblora_vector_bank"].double(), config["topk"]
+
+    def side(name: str) -> torch.Tensor:
+        if name in t:
+            values, indices = t[name].topk(k, dim=-1)
+            weights = torch.softmax(values, dim=-1)
+        else:
+            indices, weights = t[name + "_topk_indices"].long(), t[name + "_topk_weights"]
+            weights = torch.cat([weights, 1 - weights.sum(-1, keepdim=True)], dim=-1)
+        return torch.einsum("...k,...kl->...l", weights, bank[indices])
+
+    a, b = side("vblora_logits_A"), side("vblora_logits_B")
+    return b.transpose(1, 2).reshape(-1, b.shape[1]) @ a.reshape(a.shape[0], -1)
+
+
 def boft_rotation(r: torch.Tensor) -> torch.Tensor:
     """PEFT's one-factor BOFT matrix in float64: block_diag of solve(I + S, I - S, left=False), S = (B - B^T)/2."""
     skew = 0.5 * (r[0] - r[0].transpose(1, 2))
@@ -306,7 +331,7 @@ def test_ia3_composes_with_lora_in_the_order_given(tmp_path: Path, bases: dict, 
 
 
 @pytest.mark.parametrize("config, said", [
-    ({"peft_type": "FOURIERFT", "n_frequency": 4}, "peft_type 'FOURIERFT' is not mergeable by streammerge (LORA, ADALORA, BEFT, BOFT, C3A, DELORA, GRALORA, HIRA, HRA, IA3, LN_TUNING, LOHA, LOKR, MISS, OFT, PVERA, RANDLORA, ROAD, SHIRA and VERA are)"),
+    ({"peft_type": "FOURIERFT", "n_frequency": 4}, "peft_type 'FOURIERFT' is not mergeable by streammerge (LORA, ADALORA, BEFT, BOFT, C3A, DELORA, GRALORA, HIRA, HRA, IA3, LN_TUNING, LOHA, LOKR, MISS, OFT, PVERA, RANDLORA, ROAD, SHIRA, VBLORA and VERA are)"),
     ({"peft_type": "IA3", "fan_in_fan_out": True, "target_modules": ["c_attn"]},
      "IA3 with fan_in_fan_out (Conv1D layers, GPT-2 style) is not merged"),
     ({"peft_type": "VERA", "r": 8, "save_projection": False}, "VERA saved with save_projection=false"),

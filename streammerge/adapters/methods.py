@@ -23,6 +23,8 @@ tensors decide the layout, not the config (e.g. the shape of IA3's vector says w
 - GraLoRA: ``<m>.gralora_A`` (k, in/k, r), ``gralora_B`` (k, r, out/k), and a hybrid LoRA.
 - RandLoRA: ``<m>.randlora_lambda``, ``randlora_gamma`` and the shared random bases.
 - SHiRA: ``<m>.shira_indices`` (2, n) (rows; columns) and ``shira_weight`` (n,): a sparse delta.
+- VB-LoRA: ``<m>.vblora_logits_A/B`` (or their ``_topk_indices`` / ``_topk_weights``) and the shared
+  ``base_model.vblora_vector_bank``.
 - BOFT: ``<m>.boft_R`` (1, blocks, b, b) and ``boft_s`` (out, 1) (``deltas/boft.py``).
 - HRA: ``<m>.hra_u`` (in, r): Householder reflections of the input side (``deltas/hra.py``).
 - LN tuning: ``<m>.ln_tuning_layers.weight`` (and ``.bias``): the norm's trained tensors, which replace
@@ -70,13 +72,17 @@ ROLES: dict[str, dict[str, str]] = {
     "GRALORA": {"gralora_A": "A", "gralora_B": "B", "gralora_A_general.weight": "A_general",
                 "gralora_B_general.weight": "B_general"},
     "BOFT": {"boft_R": "R", "boft_s": "s"},
+    "VBLORA": {"vblora_logits_A": "logits_A", "vblora_logits_B": "logits_B", "vblora_logits_A_topk_indices": "A_idx",
+               "vblora_logits_A_topk_weights": "A_w", "vblora_logits_B_topk_indices": "B_idx",
+               "vblora_logits_B_topk_weights": "B_w"},
 }
 # peft_type -> the infix of saved layers that replace the base's ("<m>.ln_tuning_layers.weight" -> "<m>.weight")
 REPLACING = {"LN_TUNING": ".ln_tuning_layers."}
 # peft_type -> tensors shared by every module (saved once) -> role
 SHARED: dict[str, dict[str, str]] = {"VERA": {"base_model.vera_A": "A", "base_model.vera_B": "B"},
                                      "PVERA": {"base_model.pvera_A": "A", "base_model.pvera_B": "B"},
-                                     "RANDLORA": {"base_model.randlora_A": "A", "base_model.randlora_B": "B"}}
+                                     "RANDLORA": {"base_model.randlora_A": "A", "base_model.randlora_B": "B"},
+                                     "VBLORA": {"base_model.vblora_vector_bank": "bank"}}
 CONVOLUTION_ROLES = {"t1", "t2"}
 
 
@@ -192,7 +198,17 @@ BUILDERS: dict[str, Callable[[Spec], LoraModule]] = {
     "HIRA": _rank_of("A"), "SHIRA": _rank_of(""), "C3A": _rank_of(""),
     "BEFT": lambda spec: spec.plain(target_param="bias"),  # the layer's bias, not its weight
     "BOFT": lambda spec: _boft(spec),
+    "VBLORA": lambda spec: _vblora(spec),
 }
+
+
+def _vblora(spec: Spec) -> LoraModule:
+    """VB-LoRA, saved with its full logits or only their top-k (indices and k - 1 weights)."""
+    spec.needs({"bank"}, {"logits_A", "A_idx"}, {"logits_B", "B_idx"})
+    if not isinstance(spec.config.get("topk"), int) or spec.config["topk"] < 1:
+        raise InputError(f"{spec.where}: VB-LoRA needs an integer topk, got {spec.config.get('topk')!r}")
+    side = spec.roles.get("logits_A") or spec.roles["A_idx"]
+    return spec.plain(side.shape[0])
 
 
 def _boft(spec: Spec) -> LoraModule:

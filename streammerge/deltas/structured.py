@@ -4,6 +4,7 @@
 - ``beft``:     bias += s * beft_bias
 - ``randlora``: W[rows] += s * L[rows] @ R, PEFT's scaled random bases (see ``randlora_factors``)
 - ``gralora``:  W[rows] += s * L[rows] @ R[output block]: a k x k grid of low-rank blocks (``GraLoRA``)
+- ``vblora``:   W[rows] += s * B[rows] @ A, A and B mixed from a shared vector bank (``VBLoRA``)
 """
 
 from __future__ import annotations
@@ -193,4 +194,49 @@ class GraLoRA:
         return BlockRows(left, right, d.scale, extra)
 
 
-DELORA, HIRA, BEFT, RANDLORA, GRALORA = DeLoRA(), HiRA(), BEFT_(), RandLoRA(), GraLoRA()
+def vb_mix(d: Delta, factors: Factors, side: str) -> torch.Tensor:
+    """VB-LoRA's low-rank rows for one side: each the top-k bank vectors, weighted (softmax of the top-k
+    logits, or the k - 1 weights saved by save_only_topk_weights plus 1 minus their sum), summed."""
+    import torch
+
+    bank = factors.get(d.adapter, d.lora.key("bank")).double()  # (vectors, length)
+    if d.lora.has(f"logits_{side}"):
+        top = factors.get(d.adapter, d.lora.key(f"logits_{side}")).double().topk(int(d.adapter.config["topk"]), dim=-1)
+        weights, indices = top.values.softmax(dim=-1), top.indices
+    else:
+        indices = factors.get(d.adapter, d.lora.key(f"{side}_idx")).long()
+        saved = factors.get(d.adapter, d.lora.key(f"{side}_w")).double()
+        weights = torch.cat([saved, 1 - saved.sum(-1, keepdim=True)], dim=-1)
+    return (weights[..., None] * bank[indices]).sum(-2)  # (..., length)
+
+
+@dataclass(frozen=True)
+class VBLoRA:
+    """VB-LoRA: A (r, in) and B (out, r) mixed from a shared vector bank (``vb_mix``): logits_A
+    (r, in / length, vectors) give A's rows tile by tile, logits_B (out / length, r, vectors) B's
+    columns; then a LoRA product (no scaling)."""
+
+    first_pass = False
+    block_buffers = 0
+
+    def factor_keys(self, d: Delta) -> list[str]:
+        return [k for _, k in d.lora.keys]
+
+    def check(self, d: Delta, tensor: str, info: TensorInfo) -> str | None:
+        t = d.adapter.tensors
+        bank = t[d.lora.key("bank")].shape
+        a = t[d.lora.key("logits_A" if d.lora.has("logits_A") else "A_idx")].shape
+        b = t[d.lora.key("logits_B" if d.lora.has("logits_B") else "B_idx")].shape
+        if len(info.shape) != 2 or len(bank) != 2 or [b[0] * bank[1], a[1] * bank[1]] != list(info.shape) or a[0] != b[1]:
+            return f"{d.lora.module}: VB-LoRA logits {list(a)}, {list(b)} with a bank {list(bank)} do not make {tensor}"
+        return None
+
+    def load(self, d: Delta, factors: Factors) -> Rows:
+        a = vb_mix(d, factors, "A")  # (r, in_tiles, length)
+        b = vb_mix(d, factors, "B")  # (out_tiles, r, length)
+        a = a.reshape(a.shape[0], -1)
+        b = b.transpose(1, 2).reshape(-1, b.shape[1])
+        return Rows(a.float(), b.float(), d.scale)
+
+
+DELORA, HIRA, BEFT, RANDLORA, GRALORA, VBLORA = DeLoRA(), HiRA(), BEFT_(), RandLoRA(), GraLoRA(), VBLoRA()
