@@ -247,5 +247,18 @@ def _vblora(d: Delta, row: int, exact: torch.Tensor, size: torch.Tensor, f: Fact
     return exact + d.scale * (b[row] @ a), size + abs(d.scale) * (b[row].abs() @ a.abs()), a.shape[0] + 4
 
 
+def _supertuning(d: Delta, row: int, exact: torch.Tensor, size: torch.Tensor, f: Factors64, before: Before) -> Row:
+    cols = exact.shape[0]
+    flat, values = d.adapter.load_raw(d.lora.key("flat")).long(), f(d, "values") * d.adapter.weight
+    mine = flat // cols == row
+    term = torch.zeros_like(exact).index_add_(0, flat[mine] % cols, values[mine])
+    size = size + term.abs()
+    if d.lora.has("A"):
+        a, b = f(d, "A"), f(d, "B")[row]
+        term = term + d.scale * (b @ a)
+        size = size + abs(d.scale) * (b.abs() @ a.abs())
+    return exact + term, size, (f(d, "A").shape[0] if d.lora.has("A") else 0) + 3
+
+
 EXTRA_ROWS: dict[str, Callable[[Delta, int, torch.Tensor, torch.Tensor, Factors64, Before], Row]] = {
-    "ia3_rows": _ia3, "ia3_columns": _ia3, "ia3_bias": _ia3, "loha": _loha, "lokr": _lokr, "vera": _vera, "adalora": _adalora, "oft": _oft, "hra": _hra, "shira": _shira, "road": _road, "miss": _miss, "c3a": _c3a, "delora": _delora, "hira": _hira, "pvera": _vera, "beft": _beft, "randlora": _randlora, "gralora": _gralora, "boft": _boft, "vblora": _vblora}
+    "ia3_rows": _ia3, "ia3_columns": _ia3, "ia3_bias": _ia3, "loha": _loha, "lokr": _lokr, "vera": _vera, "adalora": _adalora, "oft": _oft, "hra": _hra, "shira": _shira, "road": _road, "miss": _miss, "c3a": _c3a, "delora": _delora, "hira": _hira, "pvera": _vera, "beft": _beft, "randlora": _randlora, "gralora": _gralora, "boft": _boft, "vblora": _vblora, "supertuning": _supertuning}

@@ -57,6 +57,9 @@ CONFIGS = {
     "vblora-topk-only": lambda: peft.VBLoRAConfig(r=4, vector_length=16, num_vectors=32, topk=3,
                                                   save_only_topk_weights=True,
                                                   target_modules=["q_proj", "v_proj", "down_proj"]),
+    "supertuning": lambda: peft.SupertuningConfig(sparsity=0.95, target_modules=["q_proj", "v_proj", "down_proj"]),
+    "supertuning-lora": lambda: peft.SupertuningConfig(sparsity=0.95, r=4, lora_alpha=8,
+                                                       target_modules=["q_proj", "v_proj", "down_proj"]),
 }
 
 
@@ -135,6 +138,11 @@ def formula(kind: str, saved: dict[str, torch.Tensor], config: dict, module: str
         return w + (b @ torch.diag(diag) @ a) * t["delora_w_norm"][None, :]
     if kind == "hira":  # W + W * (B A)
         return w + w * (t["hira_B"] @ t["hira_A"])
+    if kind.startswith("supertuning"):  # values at flat indices (+ alpha / r * B A)
+        out = w.reshape(-1).index_add(0, t["supertuning_indices"].long(), t["supertuning_values"]).reshape_as(w)
+        if "supertuning_lora_A.weight" in t:
+            out = out + config["lora_alpha"] / config["r"] * t["supertuning_lora_B.weight"] @ t["supertuning_lora_A.weight"]
+        return out
     if kind == "shira":  # a sparse delta at the saved (row, column) indices
         rows, cols = t["shira_indices"].long()
         return w.index_put((rows, cols), t["shira_weight"], accumulate=True)
@@ -331,7 +339,7 @@ def test_ia3_composes_with_lora_in_the_order_given(tmp_path: Path, bases: dict, 
 
 
 @pytest.mark.parametrize("config, said", [
-    ({"peft_type": "FOURIERFT", "n_frequency": 4}, "peft_type 'FOURIERFT' is not mergeable by streammerge (LORA, ADALORA, BEFT, BOFT, C3A, DELORA, GRALORA, HIRA, HRA, IA3, LN_TUNING, LOHA, LOKR, MISS, OFT, PVERA, RANDLORA, ROAD, SHIRA, VBLORA and VERA are)"),
+    ({"peft_type": "FOURIERFT", "n_frequency": 4}, "peft_type 'FOURIERFT' is not mergeable by streammerge (LORA, ADALORA, BEFT, BOFT, C3A, DELORA, GRALORA, HIRA, HRA, IA3, LN_TUNING, LOHA, LOKR, MISS, OFT, PVERA, RANDLORA, ROAD, SHIRA, SUPERTUNING, VBLORA and VERA are)"),
     ({"peft_type": "IA3", "fan_in_fan_out": True, "target_modules": ["c_attn"]},
      "IA3 with fan_in_fan_out (Conv1D layers, GPT-2 style) is not merged"),
     ({"peft_type": "VERA", "r": 8, "save_projection": False}, "VERA saved with save_projection=false"),

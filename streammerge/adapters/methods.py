@@ -23,6 +23,7 @@ tensors decide the layout, not the config (e.g. the shape of IA3's vector says w
 - GraLoRA: ``<m>.gralora_A`` (k, in/k, r), ``gralora_B`` (k, r, out/k), and a hybrid LoRA.
 - RandLoRA: ``<m>.randlora_lambda``, ``randlora_gamma`` and the shared random bases.
 - SHiRA: ``<m>.shira_indices`` (2, n) (rows; columns) and ``shira_weight`` (n,): a sparse delta.
+- Supertuning: ``<m>.supertuning_indices`` (flat), ``supertuning_values`` and, with r, a LoRA.
 - VB-LoRA: ``<m>.vblora_logits_A/B`` (or their ``_topk_indices`` / ``_topk_weights``) and the shared
   ``base_model.vblora_vector_bank``.
 - BOFT: ``<m>.boft_R`` (1, blocks, b, b) and ``boft_s`` (out, 1) (``deltas/boft.py``).
@@ -75,6 +76,8 @@ ROLES: dict[str, dict[str, str]] = {
     "VBLORA": {"vblora_logits_A": "logits_A", "vblora_logits_B": "logits_B", "vblora_logits_A_topk_indices": "A_idx",
                "vblora_logits_A_topk_weights": "A_w", "vblora_logits_B_topk_indices": "B_idx",
                "vblora_logits_B_topk_weights": "B_w"},
+    "SUPERTUNING": {"supertuning_indices": "flat", "supertuning_values": "values", "supertuning_lora_A.weight": "A",
+                    "supertuning_lora_B.weight": "B"},
 }
 # peft_type -> the infix of saved layers that replace the base's ("<m>.ln_tuning_layers.weight" -> "<m>.weight")
 REPLACING = {"LN_TUNING": ".ln_tuning_layers."}
@@ -199,7 +202,23 @@ BUILDERS: dict[str, Callable[[Spec], LoraModule]] = {
     "BEFT": lambda spec: spec.plain(target_param="bias"),  # the layer's bias, not its weight
     "BOFT": lambda spec: _boft(spec),
     "VBLORA": lambda spec: _vblora(spec),
+    "SUPERTUNING": lambda spec: _supertuning(spec),
 }
+
+
+def _supertuning(spec: Spec) -> LoraModule:
+    """Supertuning: its sparse values (indices saved: save_precomputed_indices) and, with r, a LoRA."""
+    if "flat" not in spec.roles:
+        raise UnsupportedError(f"{spec.where}: supertuning {spec.module!r} saved without its indices "
+                               "(save_precomputed_indices=false: PEFT recomputes them from the base weights); "
+                               "re-save it with save_precomputed_indices=True")
+    spec.needs({"values"})
+    if "A" not in spec.roles:
+        return spec.plain()
+    spec.needs({"B"})
+    r, alpha = spec.roles["A"].shape[0], spec.config.get("lora_alpha")
+    alpha = float(alpha) if isinstance(alpha, (int, float)) else float(r)
+    return spec.plain(r, lora_alpha=alpha, scaling=alpha / r)
 
 
 def _vblora(spec: Spec) -> LoraModule:

@@ -81,6 +81,15 @@ class LoraAdapter:
     def label(self) -> str:
         return self.path.name or str(self.path)
 
+    def load_raw(self, key: str) -> torch.Tensor:
+        """Read one adapter tensor in its stored dtype (integer indices beyond float32's 2^24, exactly)."""
+        if self._bin is not None:
+            return self._bin[key]
+        from ..codecs.plain import read_tensor
+
+        assert self._header is not None
+        return read_tensor(self.weights_path, self._header, key)
+
     def load(self, key: str) -> torch.Tensor:
         """Read one adapter tensor as float32 (adapters are small; bf16 factors are widened exactly)."""
         import torch

@@ -9,7 +9,7 @@ needs a first pass over the tensor's rows before the merge (``first_pass``), and
 held in ``work`` in place. A new PEFT method is a reader row in ``adapters/methods.py``, a module
 here and a row in ``METHODS`` (and its float64 reading in ``checkrows.py``); the engine never
 branches on the method. Methods (in this package's modules): LoRA and its variants (``lora``,
-``dora``), IA3 (``ia3``), LoHa, LoKr, VeRA, PVeRA, AdaLoRA, SHiRA, C3A (``additive``), DeLoRA,
+``dora``), IA3 (``ia3``), LoHa, LoKr, VeRA, PVeRA, AdaLoRA, SHiRA, supertuning, C3A (``additive``), DeLoRA,
 HiRA, BEFT, RandLoRA, GraLoRA, VB-LoRA (``structured``), OFT (``oft``), BOFT (``boft``), HRA (``hra``), RoAd (``road``),
 MiSS (``miss``).
 
@@ -107,6 +107,7 @@ METHODS: dict[str, Method] = {
     "gralora": structured.GRALORA,
     "boft": boft.BOFT,
     "vblora": structured.VBLORA,
+    "supertuning": additive.SUPERTUNING,
 }
 
 

@@ -7,6 +7,7 @@ only), s = adapter weight * the module's scaling:
 - ``vera``:    W[rows] += s * (lambda_b * B[:out])[rows] @ (lambda_d * A[:, :in])  (shared projections)
 - ``adalora``: W[rows] += s * B[rows] @ (A * E)   (s: lora_alpha / (init_r + 1e-5), see adapters/methods.py)
 - ``shira``:   W[i, j] += s * value for the saved sparse (i, j) of the chunk's rows
+- ``supertuning``: the same at flat indices, + alpha / r * B @ A in its LoRA mode
 - ``c3a``:     W[i*b + p, j*b + q] += s / in * kernel[i, j, (q - p) mod b]   (block-circulant)
 - ``pvera``:   ``vera`` on the means (the first half of lambda_d and A)
 LoHa and LoKr make temporaries of a block's size (``block_buffers``), which the working set counts.
@@ -179,6 +180,51 @@ class Sparse:
             work.index_put_((self.rows[lo:hi] - row0, self.cols[lo:hi]), self.values[lo:hi], accumulate=True)
 
 
+class Several:
+    """Deltas applied one after the other (a method with two parts: supertuning's sparse values and LoRA)."""
+
+    def __init__(self, parts: list[Sparse | Rows]) -> None:
+        self.parts = parts
+
+    def apply(self, work: torch.Tensor, row0: int, rows: int) -> None:
+        for part in self.parts:
+            part.apply(work, row0, rows)
+
+
+@dataclass(frozen=True)
+class Supertuning:
+    """Supertuning: values scatter-added at flat indices of W (``supertuning_indices``, read exactly as
+    integers: a large weight's flat indices pass float32's 2^24), plus, in its LoRA mode, ``alpha / r
+    * B @ A`` (``supertuning_lora_A/B``)."""
+
+    first_pass = False
+    block_buffers = 0
+
+    def factor_keys(self, d: Delta) -> list[str]:
+        return [k for _, k in d.lora.keys]
+
+    def check(self, d: Delta, tensor: str, info: TensorInfo) -> str | None:
+        t = d.adapter.tensors
+        flat, values = t[d.lora.key("flat")].shape, t[d.lora.key("values")].shape
+        lora_fits = not d.lora.has("A") or [t[d.lora.key("B")].shape[0], t[d.lora.key("A")].shape[1]] == list(info.shape)
+        if len(info.shape) != 2 or len(flat) != 1 or flat != values or not lora_fits:
+            return f"{d.lora.module}: supertuning indices {list(flat)} / values {list(values)} do not fit {tensor}"
+        return None
+
+    def load(self, d: Delta, factors: Factors) -> Several:
+        from ..errors import InputError
+
+        cols = d.shape[1]
+        flat = factors.put(d.adapter.load_raw(d.lora.key("flat")).long())
+        if flat.numel() and (int(flat.min()) < 0 or int(flat.max()) >= d.shape[0] * cols):
+            raise InputError(f"{d.adapter.weights_path}: {d.lora.key('flat')} holds indices outside {list(d.shape)}")
+        parts: list[Sparse | Rows] = [Sparse(flat // cols, flat % cols, factors.get(d.adapter, d.lora.key("values")),
+                                             d.adapter.weight)]
+        if d.lora.has("A"):
+            parts.append(Rows(factors.get(d.adapter, d.lora.key("A")), factors.get(d.adapter, d.lora.key("B")), d.scale))
+        return Several(parts)
+
+
 @dataclass(frozen=True)
 class Shira:
     """SHiRA: a sparse delta, ``shira_indices`` (2, n) (row; column) and ``shira_weight`` (n,) (PEFT's
@@ -242,3 +288,4 @@ class C3A:
 
 
 LOHA, LOKR, VERA, PVERA, ADALORA, SHIRA, C3A_ = LoHa(), LoKr(), VeRA(), VeRA(mean_half=True), AdaLoRA(), Shira(), C3A()
+SUPERTUNING = Supertuning()
