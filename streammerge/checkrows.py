@@ -260,5 +260,12 @@ def _supertuning(d: Delta, row: int, exact: torch.Tensor, size: torch.Tensor, f:
     return exact + term, size, (f(d, "A").shape[0] if d.lora.has("A") else 0) + 3
 
 
+def _unilora(d: Delta, row: int, exact: torch.Tensor, size: torch.Tensor, f: Factors64, before: Before) -> Row:
+    theta = f(d, "theta")
+    a = theta[d.adapter.load_raw(d.lora.key("idx_A")).long()] * f(d, "scales_A")  # (r, in)
+    b = theta[d.adapter.load_raw(d.lora.key("idx_B")).long()[row]] * f(d, "scales_B")[row]  # (r,)
+    return exact + d.scale * (b @ a), size + abs(d.scale) * (b.abs() @ a.abs()), a.shape[0] + 3
+
+
 EXTRA_ROWS: dict[str, Callable[[Delta, int, torch.Tensor, torch.Tensor, Factors64, Before], Row]] = {
-    "ia3_rows": _ia3, "ia3_columns": _ia3, "ia3_bias": _ia3, "loha": _loha, "lokr": _lokr, "vera": _vera, "adalora": _adalora, "oft": _oft, "hra": _hra, "shira": _shira, "road": _road, "miss": _miss, "c3a": _c3a, "delora": _delora, "hira": _hira, "pvera": _vera, "beft": _beft, "randlora": _randlora, "gralora": _gralora, "boft": _boft, "vblora": _vblora, "supertuning": _supertuning}
+    "ia3_rows": _ia3, "ia3_columns": _ia3, "ia3_bias": _ia3, "loha": _loha, "lokr": _lokr, "vera": _vera, "adalora": _adalora, "oft": _oft, "hra": _hra, "shira": _shira, "road": _road, "miss": _miss, "c3a": _c3a, "delora": _delora, "hira": _hira, "pvera": _vera, "beft": _beft, "randlora": _randlora, "gralora": _gralora, "boft": _boft, "vblora": _vblora, "supertuning": _supertuning, "unilora": _unilora}

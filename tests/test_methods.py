@@ -60,6 +60,7 @@ CONFIGS = {
     "supertuning": lambda: peft.SupertuningConfig(sparsity=0.95, target_modules=["q_proj", "v_proj", "down_proj"]),
     "supertuning-lora": lambda: peft.SupertuningConfig(sparsity=0.95, r=4, lora_alpha=8,
                                                        target_modules=["q_proj", "v_proj", "down_proj"]),
+    "unilora": lambda: peft.UniLoraConfig(r=4, save_indices=True, target_modules=["q_proj", "v_proj", "down_proj"]),
 }
 
 
@@ -138,6 +139,11 @@ def formula(kind: str, saved: dict[str, torch.Tensor], config: dict, module: str
         return w + (b @ torch.diag(diag) @ a) * t["delora_w_norm"][None, :]
     if kind == "hira":  # W + W * (B A)
         return w + w * (t["hira_B"] @ t["hira_A"])
+    if kind == "unilora":  # B A with A, B gathered from the shared theta by the saved index maps, scaled
+        theta = saved["base_model.unilora_theta_d"].double()
+        a = theta[t["unilora_indices_A"].long()] * t["unilora_scales_A"]
+        b = theta[t["unilora_indices_B"].long()] * t["unilora_scales_B"]
+        return w + b @ a
     if kind.startswith("supertuning"):  # values at flat indices (+ alpha / r * B A)
         out = w.reshape(-1).index_add(0, t["supertuning_indices"].long(), t["supertuning_values"]).reshape_as(w)
         if "supertuning_lora_A.weight" in t:
@@ -339,7 +345,7 @@ def test_ia3_composes_with_lora_in_the_order_given(tmp_path: Path, bases: dict, 
 
 
 @pytest.mark.parametrize("config, said", [
-    ({"peft_type": "FOURIERFT", "n_frequency": 4}, "peft_type 'FOURIERFT' is not mergeable by streammerge (LORA, ADALORA, BEFT, BOFT, C3A, DELORA, GRALORA, HIRA, HRA, IA3, LN_TUNING, LOHA, LOKR, MISS, OFT, PVERA, RANDLORA, ROAD, SHIRA, SUPERTUNING, VBLORA and VERA are)"),
+    ({"peft_type": "FOURIERFT", "n_frequency": 4}, "peft_type 'FOURIERFT' is not mergeable by streammerge (LORA, ADALORA, BEFT, BOFT, C3A, DELORA, GRALORA, HIRA, HRA, IA3, LN_TUNING, LOHA, LOKR, MISS, OFT, PVERA, RANDLORA, ROAD, SHIRA, SUPERTUNING, UNILORA, VBLORA and VERA are)"),
     ({"peft_type": "IA3", "fan_in_fan_out": True, "target_modules": ["c_attn"]},
      "IA3 with fan_in_fan_out (Conv1D layers, GPT-2 style) is not merged"),
     ({"peft_type": "VERA", "r": 8, "save_projection": False}, "VERA saved with save_projection=false"),

@@ -23,6 +23,8 @@ tensors decide the layout, not the config (e.g. the shape of IA3's vector says w
 - GraLoRA: ``<m>.gralora_A`` (k, in/k, r), ``gralora_B`` (k, r, out/k), and a hybrid LoRA.
 - RandLoRA: ``<m>.randlora_lambda``, ``randlora_gamma`` and the shared random bases.
 - SHiRA: ``<m>.shira_indices`` (2, n) (rows; columns) and ``shira_weight`` (n,): a sparse delta.
+- UniLoRA: ``<m>.unilora_indices_A/B`` and ``unilora_scales_A/B`` (save_indices) and the shared
+  ``base_model.unilora_theta_d``.
 - Supertuning: ``<m>.supertuning_indices`` (flat), ``supertuning_values`` and, with r, a LoRA.
 - VB-LoRA: ``<m>.vblora_logits_A/B`` (or their ``_topk_indices`` / ``_topk_weights``) and the shared
   ``base_model.vblora_vector_bank``.
@@ -78,6 +80,8 @@ ROLES: dict[str, dict[str, str]] = {
                "vblora_logits_B_topk_weights": "B_w"},
     "SUPERTUNING": {"supertuning_indices": "flat", "supertuning_values": "values", "supertuning_lora_A.weight": "A",
                     "supertuning_lora_B.weight": "B"},
+    "UNILORA": {"unilora_indices_A": "idx_A", "unilora_indices_B": "idx_B", "unilora_scales_A": "scales_A",
+                "unilora_scales_B": "scales_B"},
 }
 # peft_type -> the infix of saved layers that replace the base's ("<m>.ln_tuning_layers.weight" -> "<m>.weight")
 REPLACING = {"LN_TUNING": ".ln_tuning_layers."}
@@ -85,7 +89,8 @@ REPLACING = {"LN_TUNING": ".ln_tuning_layers."}
 SHARED: dict[str, dict[str, str]] = {"VERA": {"base_model.vera_A": "A", "base_model.vera_B": "B"},
                                      "PVERA": {"base_model.pvera_A": "A", "base_model.pvera_B": "B"},
                                      "RANDLORA": {"base_model.randlora_A": "A", "base_model.randlora_B": "B"},
-                                     "VBLORA": {"base_model.vblora_vector_bank": "bank"}}
+                                     "VBLORA": {"base_model.vblora_vector_bank": "bank"},
+                                     "UNILORA": {"base_model.unilora_theta_d": "theta"}}
 CONVOLUTION_ROLES = {"t1", "t2"}
 
 
@@ -203,7 +208,18 @@ BUILDERS: dict[str, Callable[[Spec], LoraModule]] = {
     "BOFT": lambda spec: _boft(spec),
     "VBLORA": lambda spec: _vblora(spec),
     "SUPERTUNING": lambda spec: _supertuning(spec),
+    "UNILORA": lambda spec: _unilora(spec),
 }
+
+
+def _unilora(spec: Spec) -> LoraModule:
+    """UniLoRA with its index maps saved (save_indices); without them PEFT draws them at random."""
+    if not {"idx_A", "idx_B", "scales_A", "scales_B"} <= set(spec.roles):
+        raise UnsupportedError(f"{spec.where}: UniLoRA {spec.module!r} saved without its index maps (save_indices="
+                               "false: PEFT draws them again from the random generator); re-save it with "
+                               "save_indices=True")
+    spec.needs({"theta"})
+    return spec.plain(spec.roles["idx_A"].shape[0])
 
 
 def _supertuning(spec: Spec) -> LoraModule:

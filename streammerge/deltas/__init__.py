@@ -10,7 +10,7 @@ held in ``work`` in place. A new PEFT method is a reader row in ``adapters/metho
 here and a row in ``METHODS`` (and its float64 reading in ``checkrows.py``); the engine never
 branches on the method. Methods (in this package's modules): LoRA and its variants (``lora``,
 ``dora``), IA3 (``ia3``), LoHa, LoKr, VeRA, PVeRA, AdaLoRA, SHiRA, supertuning, C3A (``additive``), DeLoRA,
-HiRA, BEFT, RandLoRA, GraLoRA, VB-LoRA (``structured``), OFT (``oft``), BOFT (``boft``), HRA (``hra``), RoAd (``road``),
+HiRA, BEFT, RandLoRA, GraLoRA, VB-LoRA, UniLoRA (``structured``), OFT (``oft``), BOFT (``boft``), HRA (``hra``), RoAd (``road``),
 MiSS (``miss``).
 
 Imports no torch: the plan asks ``factor_keys`` from headers alone.
@@ -108,6 +108,7 @@ METHODS: dict[str, Method] = {
     "boft": boft.BOFT,
     "vblora": structured.VBLORA,
     "supertuning": additive.SUPERTUNING,
+    "unilora": structured.UNILORA,
 }
 
 

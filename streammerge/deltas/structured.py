@@ -5,6 +5,7 @@
 - ``randlora``: W[rows] += s * L[rows] @ R, PEFT's scaled random bases (see ``randlora_factors``)
 - ``gralora``:  W[rows] += s * L[rows] @ R[output block]: a k x k grid of low-rank blocks (``GraLoRA``)
 - ``vblora``:   W[rows] += s * B[rows] @ A, A and B mixed from a shared vector bank (``VBLoRA``)
+- ``unilora``:  W[rows] += s * B[rows] @ A, A and B indexed from one shared vector (``UniLoRA``)
 """
 
 from __future__ import annotations
@@ -239,4 +240,30 @@ class VBLoRA:
         return Rows(a.float(), b.float(), d.scale)
 
 
+@dataclass(frozen=True)
+class UniLoRA:
+    """UniLoRA: A = theta[indices_A] * scales_A (r, in) and B = theta[indices_B] * scales_B (out, r), one
+    shared vector theta indexed per layer (the saved index maps, read exactly as integers); W + B A."""
+
+    first_pass = False
+    block_buffers = 0
+
+    def factor_keys(self, d: Delta) -> list[str]:
+        return [d.lora.key(r) for r in ("theta", "idx_A", "idx_B", "scales_A", "scales_B")]
+
+    def check(self, d: Delta, tensor: str, info: TensorInfo) -> str | None:
+        _, ia, ib, sa, sb = (d.adapter.tensors[k].shape for k in self.factor_keys(d))
+        if len(info.shape) != 2 or ia != sa or ib != sb or len(ia) != 2 or [ib[0], ia[1]] != list(info.shape) or ib[1] != ia[0]:
+            return f"{d.lora.module}: UniLoRA index maps {list(ia)}, {list(ib)} do not make {tensor} {list(info.shape)}"
+        return None
+
+    def load(self, d: Delta, factors: Factors) -> Rows:
+        theta = factors.get(d.adapter, d.lora.key("theta"))
+        ia, ib = (factors.put(d.adapter.load_raw(d.lora.key(r)).long()) for r in ("idx_A", "idx_B"))
+        a = theta[ia] * factors.get(d.adapter, d.lora.key("scales_A"))
+        b = theta[ib] * factors.get(d.adapter, d.lora.key("scales_B"))
+        return Rows(a, b, d.scale)
+
+
 DELORA, HIRA, BEFT, RANDLORA, GRALORA, VBLORA = DeLoRA(), HiRA(), BEFT_(), RandLoRA(), GraLoRA(), VBLoRA()
+UNILORA = UniLoRA()
