@@ -7,7 +7,7 @@ whether its tensors fit a base tensor (``check``, from headers: the plan's shape
 needs a first pass over the tensor's rows before the merge (``first_pass``), and how to load itself
 (``load``) into an object whose ``apply(work, row0, rows)`` changes rows ``[row0, row0 + rows)``
 held in ``work`` in place. A new PEFT method is a reader row in ``adapters/methods.py``, a module
-here and a row in ``METHODS`` (and its float64 reading in ``checkrows.py``); the engine never
+here (``roles.ByRole`` gives what the non-LoRA ones share) and a row in ``METHODS`` (and its float64 reading in ``checkrows.py``); the engine never
 branches on the method. Methods (in this package's modules): LoRA and its variants (``lora``,
 ``dora``), IA3 (``ia3``), LoHa, LoKr, VeRA, PVeRA, AdaLoRA, SHiRA, supertuning, C3A (``additive``), DeLoRA,
 HiRA, BEFT, RandLoRA, GraLoRA, VB-LoRA, UniLoRA (``structured``), OFT (``oft``), BOFT (``boft``), HRA (``hra``), RoAd (``road``),

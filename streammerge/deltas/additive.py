@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from .lora import Rows
+from .roles import ByRole
 
 if TYPE_CHECKING:
     import torch
@@ -61,12 +62,9 @@ def _dims(d: Delta, whole: str, left: str, right: str) -> tuple[int, int]:
 
 
 @dataclass(frozen=True)
-class LoHa:
-    first_pass = False
+class LoHa(ByRole):
+    roles = ("w1a", "w1b", "w2a", "w2b")
     block_buffers = 2
-
-    def factor_keys(self, d: Delta) -> list[str]:
-        return [d.lora.key(r) for r in ("w1a", "w1b", "w2a", "w2b")]
 
     def check(self, d: Delta, tensor: str, info: TensorInfo) -> str | None:
         shapes = [d.adapter.tensors[k].shape for k in self.factor_keys(d)]
@@ -82,12 +80,8 @@ class LoHa:
 
 
 @dataclass(frozen=True)
-class LoKr:
-    first_pass = False
+class LoKr(ByRole):
     block_buffers = 1
-
-    def factor_keys(self, d: Delta) -> list[str]:
-        return [k for _, k in d.lora.keys]
 
     def check(self, d: Delta, tensor: str, info: TensorInfo) -> str | None:
         (a1, a2), (b1, b2) = _dims(d, "w1", "w1a", "w1b"), _dims(d, "w2", "w2a", "w2b")
@@ -107,18 +101,14 @@ class LoKr:
 
 
 @dataclass(frozen=True)
-class VeRA:
+class VeRA(ByRole):
     """``W[rows] += s * (lambda_b * B[:out])[rows] @ (lambda_d * A[:, :in])``, the shared projections
     sliced to the layer (PEFT's ``get_delta_weight``); then a LoRA product. PVeRA (``mean_half``)
     saves a mean and a log-variance for each rank (lambda_d and A of 2r rows): a merge takes the
     means, the first r, as PEFT's merge does."""
 
     mean_half: bool = False
-    first_pass = False
-    block_buffers = 0
-
-    def factor_keys(self, d: Delta) -> list[str]:
-        return [d.lora.key(r) for r in ("lambda_b", "lambda_d", "A", "B")]
+    roles = ("lambda_b", "lambda_d", "A", "B")
 
     def check(self, d: Delta, tensor: str, info: TensorInfo) -> str | None:
         b, dd, a, bb = (d.adapter.tensors[k].shape for k in self.factor_keys(d))
@@ -144,14 +134,10 @@ class SlicedRows(Rows):
 
 
 @dataclass(frozen=True)
-class AdaLoRA:
+class AdaLoRA(ByRole):
     """``W[rows] += s * B[rows] @ (A * E)``: E (k, 1) scales A's rows once at load; then a LoRA product."""
 
-    first_pass = False
-    block_buffers = 0
-
-    def factor_keys(self, d: Delta) -> list[str]:
-        return [d.lora.key(r) for r in ("A", "B", "E")]
+    roles = ("A", "B", "E")
 
     def check(self, d: Delta, tensor: str, info: TensorInfo) -> str | None:
         a, b = d.adapter.tensors[d.lora.key("A")].shape, d.adapter.tensors[d.lora.key("B")].shape
@@ -192,16 +178,11 @@ class Several:
 
 
 @dataclass(frozen=True)
-class Supertuning:
+class Supertuning(ByRole):
     """Supertuning: values scatter-added at flat indices of W (``supertuning_indices``, read exactly as
     integers: a large weight's flat indices pass float32's 2^24), plus, in its LoRA mode, ``alpha / r
     * B @ A`` (``supertuning_lora_A/B``)."""
 
-    first_pass = False
-    block_buffers = 0
-
-    def factor_keys(self, d: Delta) -> list[str]:
-        return [k for _, k in d.lora.keys]
 
     def check(self, d: Delta, tensor: str, info: TensorInfo) -> str | None:
         t = d.adapter.tensors
@@ -226,15 +207,11 @@ class Supertuning:
 
 
 @dataclass(frozen=True)
-class Shira:
+class Shira(ByRole):
     """SHiRA: a sparse delta, ``shira_indices`` (2, n) (row; column) and ``shira_weight`` (n,) (PEFT's
     ``sparse_coo_tensor``: repeated indices add up, as ``index_put_(accumulate=True)`` does)."""
 
-    first_pass = False
-    block_buffers = 0
-
-    def factor_keys(self, d: Delta) -> list[str]:
-        return [d.lora.key("indices"), d.lora.key("values")]
+    roles = ("indices", "values")
 
     def check(self, d: Delta, tensor: str, info: TensorInfo) -> str | None:
         idx, values = (d.adapter.tensors[k].shape for k in self.factor_keys(d))
@@ -270,12 +247,9 @@ class Circulant:
 
 
 @dataclass(frozen=True)
-class C3A:
-    first_pass = False
+class C3A(ByRole):
+    roles = ("kernel",)
     block_buffers = 3  # (the rows' kernels, the gather's indices, the rolled rows)
-
-    def factor_keys(self, d: Delta) -> list[str]:
-        return [d.lora.key("kernel")]
 
     def check(self, d: Delta, tensor: str, info: TensorInfo) -> str | None:
         k = d.adapter.tensors[d.lora.key("kernel")].shape

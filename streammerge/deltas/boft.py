@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from .oft import Rotate
+from .roles import ByRole
 
 if TYPE_CHECKING:
     import torch
@@ -32,12 +33,9 @@ class RotateScale(Rotate):
 
 
 @dataclass(frozen=True)
-class Boft:
-    first_pass = False
+class Boft(ByRole):
+    roles = ("R", "s")
     block_buffers = 1
-
-    def factor_keys(self, d: Delta) -> list[str]:
-        return [d.lora.key("R"), d.lora.key("s")]
 
     def check(self, d: Delta, tensor: str, info: TensorInfo) -> str | None:
         r, s = (d.adapter.tensors[k].shape for k in self.factor_keys(d))

@@ -12,6 +12,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from .roles import ByRole
+
 if TYPE_CHECKING:
     import torch
 
@@ -47,12 +49,8 @@ class Reflections:
 
 
 @dataclass(frozen=True)
-class Hra:
-    first_pass = False
-    block_buffers = 0
-
-    def factor_keys(self, d: Delta) -> list[str]:
-        return [d.lora.key("u")]
+class Hra(ByRole):
+    roles = ("u",)
 
     def check(self, d: Delta, tensor: str, info: TensorInfo) -> str | None:
         shape = d.adapter.tensors[d.lora.key("u")].shape

@@ -11,6 +11,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from .roles import ByRole
+
 if TYPE_CHECKING:
     import torch
 
@@ -33,13 +35,9 @@ class ScaleColumns(ScaleRows):
 
 
 @dataclass(frozen=True)
-class Ia3:
+class Ia3(ByRole):
     side: str  # "rows", "columns" or "bias"
-    first_pass = False
-    block_buffers = 0
-
-    def factor_keys(self, d: Delta) -> list[str]:
-        return [d.lora.key("l")]
+    roles = ("l",)
 
     def check(self, d: Delta, tensor: str, info: TensorInfo) -> str | None:
         n = d.adapter.tensors[d.lora.key("l")].numel

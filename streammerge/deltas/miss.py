@@ -11,6 +11,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from .roles import ByRole
+
 if TYPE_CHECKING:
     import torch
 
@@ -48,12 +50,9 @@ class Blockwise:
 
 
 @dataclass(frozen=True)
-class Miss:
-    first_pass = False
+class Miss(ByRole):
+    roles = ("B",)
     block_buffers = 2  # (the per-row blocks of bat, and its delta)
-
-    def factor_keys(self, d: Delta) -> list[str]:
-        return [d.lora.key("B")]
 
     def check(self, d: Delta, tensor: str, info: TensorInfo) -> str | None:
         shape, fn = d.adapter.tensors[d.lora.key("B")].shape, d.adapter.config.get("init_weights")

@@ -16,6 +16,8 @@ import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from .roles import ByRole
+
 if TYPE_CHECKING:
     import torch
 
@@ -74,12 +76,9 @@ class Rotate:
 
 
 @dataclass(frozen=True)
-class Oft:
-    first_pass = False
+class Oft(ByRole):
+    roles = ("R",)
     block_buffers = 1
-
-    def factor_keys(self, d: Delta) -> list[str]:
-        return [d.lora.key("R")]
 
     def check(self, d: Delta, tensor: str, info: TensorInfo) -> str | None:
         shape = d.adapter.tensors[d.lora.key("R")].shape

@@ -15,6 +15,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from .roles import ByRole
+
 if TYPE_CHECKING:
     import torch
 
@@ -51,12 +53,9 @@ class Pairs:
 
 
 @dataclass(frozen=True)
-class Road:
-    first_pass = False
+class Road(ByRole):
+    roles = ("theta", "alpha")
     block_buffers = 1  # (the first half of a block, kept while the second is rotated)
-
-    def factor_keys(self, d: Delta) -> list[str]:
-        return [d.lora.key("theta"), d.lora.key("alpha")]
 
     def check(self, d: Delta, tensor: str, info: TensorInfo) -> str | None:
         config: dict[str, Any] = d.adapter.config

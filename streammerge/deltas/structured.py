@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from .lora import Rows
+from .roles import ByRole
 
 if TYPE_CHECKING:
     import torch
@@ -24,16 +25,12 @@ if TYPE_CHECKING:
 
 
 @dataclass(frozen=True)
-class DeLoRA:
+class DeLoRA(ByRole):
     """``W[rows] += s * B[rows] @ (diag(lambda / r / (|A_i| |B^i|)) A) * w_norm``: each rank's pair of
     factors normalised (norms clamped at 1e-4, as PEFT does), bounded by lambda, scaled per input
     column by the saved norms of W (``delora_w_norm``); all of it folded into A at load."""
 
-    first_pass = False
-    block_buffers = 0
-
-    def factor_keys(self, d: Delta) -> list[str]:
-        return [d.lora.key(r) for r in ("A", "B", "lambda", "w_norm")]
+    roles = ("A", "B", "lambda", "w_norm")
 
     def check(self, d: Delta, tensor: str, info: TensorInfo) -> str | None:
         a, b, lam, norm = (d.adapter.tensors[k].shape for k in self.factor_keys(d))
@@ -58,14 +55,11 @@ class Hadamard1:
 
 
 @dataclass(frozen=True)
-class HiRA:
+class HiRA(ByRole):
     """HiRA (PEFT's merge: ``W + W * (B @ A)``, W as it stands at this delta's turn)."""
 
-    first_pass = False
+    roles = ("A", "B")
     block_buffers = 1
-
-    def factor_keys(self, d: Delta) -> list[str]:
-        return [d.lora.key("A"), d.lora.key("B")]
 
     def check(self, d: Delta, tensor: str, info: TensorInfo) -> str | None:
         a, b = (d.adapter.tensors[k].shape for k in self.factor_keys(d))
@@ -89,14 +83,10 @@ class AddRow:
 
 
 @dataclass(frozen=True)
-class BEFT_:
+class BEFT_(ByRole):
     """BEFT: a trained bias offset, ``bias += s * beft_bias`` (PEFT: ``bias + beft_bias.squeeze()``)."""
 
-    first_pass = False
-    block_buffers = 0
-
-    def factor_keys(self, d: Delta) -> list[str]:
-        return [d.lora.key("bias")]
+    roles = ("bias",)
 
     def check(self, d: Delta, tensor: str, info: TensorInfo) -> str | None:
         n = d.adapter.tensors[d.lora.key("bias")].numel
@@ -120,14 +110,10 @@ def randlora_factors(d: Delta, lam: Any, gamma: Any, a: Any, b: Any) -> tuple[An
 
 
 @dataclass(frozen=True)
-class RandLoRA:
+class RandLoRA(ByRole):
     """RandLoRA: ``W[rows] += s * L[rows] @ R`` with L, R from ``randlora_factors`` (s: randlora_alpha / r)."""
 
-    first_pass = False
-    block_buffers = 0
-
-    def factor_keys(self, d: Delta) -> list[str]:
-        return [d.lora.key(r) for r in ("lambda", "gamma", "A", "B")]
+    roles = ("lambda", "gamma", "A", "B")
 
     def check(self, d: Delta, tensor: str, info: TensorInfo) -> str | None:
         lam, gamma, a, b = (d.adapter.tensors[k].shape for k in self.factor_keys(d))
@@ -159,17 +145,13 @@ class BlockRows:
 
 
 @dataclass(frozen=True)
-class GraLoRA:
+class GraLoRA(ByRole):
     """GraLoRA: W split in a k x k grid of blocks, block (i, j) gaining ``B[i, j*sub:(j+1)*sub].T @
     A[j, :, i*sub:(i+1)*sub].T`` (sub = r / k), i.e. per output block i a LoRA of rank r whose A is
     block-sparse; plus, with hybrid_r, a plain LoRA (``gralora_A_general`` / ``_B_general``).
     s = alpha / (r + hybrid_r)."""
 
-    first_pass = False
-    block_buffers = 0
-
-    def factor_keys(self, d: Delta) -> list[str]:
-        return [d.lora.key(r) for r in ("A", "B", "A_general", "B_general") if d.lora.has(r)]
+    roles = ("A", "B", "A_general", "B_general")
 
     def check(self, d: Delta, tensor: str, info: TensorInfo) -> str | None:
         a, b = d.adapter.tensors[d.lora.key("A")].shape, d.adapter.tensors[d.lora.key("B")].shape
@@ -212,16 +194,11 @@ def vb_mix(d: Delta, factors: Factors, side: str) -> torch.Tensor:
 
 
 @dataclass(frozen=True)
-class VBLoRA:
+class VBLoRA(ByRole):
     """VB-LoRA: A (r, in) and B (out, r) mixed from a shared vector bank (``vb_mix``): logits_A
     (r, in / length, vectors) give A's rows tile by tile, logits_B (out / length, r, vectors) B's
     columns; then a LoRA product (no scaling)."""
 
-    first_pass = False
-    block_buffers = 0
-
-    def factor_keys(self, d: Delta) -> list[str]:
-        return [k for _, k in d.lora.keys]
 
     def check(self, d: Delta, tensor: str, info: TensorInfo) -> str | None:
         t = d.adapter.tensors
@@ -241,15 +218,11 @@ class VBLoRA:
 
 
 @dataclass(frozen=True)
-class UniLoRA:
+class UniLoRA(ByRole):
     """UniLoRA: A = theta[indices_A] * scales_A (r, in) and B = theta[indices_B] * scales_B (out, r), one
     shared vector theta indexed per layer (the saved index maps, read exactly as integers); W + B A."""
 
-    first_pass = False
-    block_buffers = 0
-
-    def factor_keys(self, d: Delta) -> list[str]:
-        return [d.lora.key(r) for r in ("theta", "idx_A", "idx_B", "scales_A", "scales_B")]
+    roles = ("theta", "idx_A", "idx_B", "scales_A", "scales_B")
 
     def check(self, d: Delta, tensor: str, info: TensorInfo) -> str | None:
         _, ia, ib, sa, sb = (d.adapter.tensors[k].shape for k in self.factor_keys(d))
