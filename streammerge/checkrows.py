@@ -106,17 +106,16 @@ def _oft(d: Delta, row: int, exact: torch.Tensor, size: torch.Tensor, f: Factors
 
 
 def _hra(d: Delta, row: int, exact: torch.Tensor, size: torch.Tensor, f: Factors64, before: Before) -> Row:
-    """The dense R of PEFT's get_delta_weight, built in float64: W' = W R."""
+    """W' = W R with PEFT's R, applied to the row reflection by reflection (R is never formed: it is
+    in x in); |x - 2 (x u) u| <= |x| + 2 (|x| |u|) |u| bounds each step's terms."""
     u = f(d, "u")
-    n, r = u.shape
     if d.adapter.config.get("apply_GS"):
         q = torch.linalg.qr(u).Q * torch.sign(torch.linalg.qr(u).R.diagonal())  # Gram-Schmidt's signs
-        rotation = torch.eye(n, dtype=torch.float64) - 2 * q @ q.T
-    else:
-        rotation, unit = torch.eye(n, dtype=torch.float64), u / u.norm(dim=0)
-        for i in range(r):
-            rotation = rotation - 2 * rotation @ unit[:, i : i + 1] @ unit[:, i : i + 1].T
-    return exact @ rotation, size @ rotation.abs(), 4 * r + 4
+        return exact - 2 * (exact @ q) @ q.T, size + 2 * (size @ q.abs()) @ q.abs().T, 4 * u.shape[1] + 4
+    for i in range(u.shape[1]):
+        unit = u[:, i] / u[:, i].norm()
+        exact, size = exact - 2 * (exact @ unit) * unit, size + 2 * (size @ unit.abs()) * unit.abs()
+    return exact, size, 4 * u.shape[1] + 4
 
 
 def _shira(d: Delta, row: int, exact: torch.Tensor, size: torch.Tensor, f: Factors64, before: Before) -> Row:
@@ -192,9 +191,9 @@ def _randlora(d: Delta, row: int, exact: torch.Tensor, size: torch.Tensor, f: Fa
     unique = (lam[:, :, None] * a[:, :bases, :small] * gamma[None]).flatten(end_dim=1)
     shared = b[:large, :bases, :].flatten(start_dim=1)
     first, second = (unique, shared) if small == cols else (shared.T, unique.T)  # get_scaled_bases's order
-    update = (first.T @ second.T).T  # (out, in)
-    magnitude = (first.abs().T @ second.abs().T).T
-    return exact + d.scale * update[row], size + abs(d.scale) * magnitude[row], unique.shape[0] + 2
+    # PEFT's update is (first.T @ second.T).T = second @ first: its row ``row`` is second[row] @ first
+    update, magnitude = second[row] @ first, second[row].abs() @ first.abs()
+    return exact + d.scale * update, size + abs(d.scale) * magnitude, unique.shape[0] + 2
 
 
 def _gralora(d: Delta, row: int, exact: torch.Tensor, size: torch.Tensor, f: Factors64, before: Before) -> Row:
