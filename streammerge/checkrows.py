@@ -7,7 +7,7 @@ merge's arithmetic may have made on the way (for the bound ``roundings * 2^-24 *
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -20,6 +20,7 @@ class Factors64:
 
     def __init__(self) -> None:
         self._cache: dict[tuple[int, str], torch.Tensor] = {}
+        self.gathered: dict[tuple[int, str], Any] = {}  # what a method needs of every row (checkwhole.py)
 
     def __call__(self, d: Delta, role: str) -> torch.Tensor:
         key = d.lora.key(role)

@@ -27,6 +27,7 @@ import torch
 
 from .baserows import Reader, as_tensor, base_rows
 from .checkrows import EXTRA_ROWS, Factors64
+from .checkwhole import WHOLE_ROWS
 from .codecs.plain import TORCH_DTYPES
 from .deltas.lora import select_expert
 from .errors import StreamMergeError
@@ -124,7 +125,7 @@ def _sample_rows(t: TensorPlan, base: BaseCheckpoint, out: BaseCheckpoint, io: R
                  *, rows_per_tensor: int, rng: random.Random) -> None:
     rows, cols = t.rows_cols
     picks = sorted({0, rows - 1} | {rng.randrange(rows) for _ in range(max(0, rows_per_tensor - 2))})
-    factors = [None if d.method in EXTRA_ROWS else  # (other PEFT methods: checkrows.py)
+    factors = [None if d.method in METHOD_ROWS else  # (other PEFT methods: checkrows.py, checkwhole.py)
                (None, d.adapter.load(d.lora.bias_key).double(), d.scale, "vector") if d.vector else
                (*(f.double() for f in _factors(d)),
                 d.scale, d.transposed)
@@ -207,6 +208,9 @@ def _scale_row(t: TensorPlan, io: Reader, row: int, cols: int, bn: int, bk: int)
     return grid[row // bn][torch.arange(cols) // bk]
 
 
+METHOD_ROWS = {**EXTRA_ROWS, **WHOLE_ROWS}
+
+
 def _exact_row(base_row: Callable[[int], torch.Tensor], deltas: list[Delta], factors: list[Any], row: int,
                f64: Factors64) -> tuple[torch.Tensor, torch.Tensor, int]:
     """Row ``row`` of W changed by each delta in order, in float64: LoRA-like factors here, other
@@ -219,7 +223,7 @@ def _exact_row(base_row: Callable[[int], torch.Tensor], deltas: list[Delta], fac
             def before(other: int, i: int = i) -> tuple[torch.Tensor, torch.Tensor]:
                 return _exact_row(base_row, deltas[:i], factors[:i], other, f64)[:2]
 
-            exact, size, r = EXTRA_ROWS[d.method](d, row, exact, size, f64, before)
+            exact, size, r = METHOD_ROWS[d.method](d, row, exact, size, f64, before)
             roundings = max(roundings, r)
         else:
             exact, size = _additive(exact, [f], row, size)

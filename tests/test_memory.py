@@ -229,12 +229,12 @@ def test_a_gptq_or_awq_base_stays_under_budget(tmp_path: Path, layout: str) -> N
     assert merged.dtype == torch.bfloat16 and ((merged[rows].double() - exact).abs() <= bound).all()
 
 
-@pytest.mark.parametrize("kind", ["loha", "ia3", "road"])
+@pytest.mark.parametrize("kind", ["loha", "ia3", "road", "deft"])
 def test_other_methods_stay_under_budget(tmp_path: Path, big: tuple[Path, Path], kind: str) -> None:
     """One method of each kind on the 8192 x 8192 weight at --max-mem 64MB: LoHa (additive, two
     products of a block's size as temporaries, counted in the working set), IA3 (multiplicative,
-    the input side: every row scaled by the same vector) and RoAd (pairs of output rows: chunks of
-    whole groups of 64 rows)."""
+    the input side: every row scaled by the same vector), RoAd (pairs of output rows: chunks of
+    whole groups of 64 rows) and DEFT (its delta needs relu(P).T @ W over every row: a first pass)."""
     base, _ = big
     gen = torch.Generator().manual_seed(4)
     adapter = tmp_path / "adapter"
@@ -244,9 +244,11 @@ def test_other_methods_stay_under_budget(tmp_path: Path, big: tuple[Path, Path],
         config = {"peft_type": "LOHA", "r": 8, "alpha": 16}
     elif kind == "ia3":
         factors, config = {"ia3_l": (1, 8192)}, {"peft_type": "IA3", "feedforward_modules": ["big"]}
-    else:
+    elif kind == "road":
         factors, config = {"road_theta": (8192,), "road_alpha": (8192,)}, {"peft_type": "ROAD", "variant": "road_2",
                                                                           "group_size": 64}
+    else:
+        factors, config = {"deft_P": (8192, 8), "deft_R": (8, 8192)}, {"peft_type": "DEFT", "r": 8}
     tensors = {f"base_model.model.big.{k}": torch.randn(s, generator=gen) * 0.1 + (1 if kind == "ia3" else 0)
                for k, s in factors.items()}
     save_file(tensors, adapter / "adapter_model.safetensors")
@@ -265,6 +267,12 @@ def test_other_methods_stay_under_budget(tmp_path: Path, big: tuple[Path, Path],
         exact = w + 2.0 * (t["hada_w1_a"][::331] @ t["hada_w1_b"]) * (t["hada_w2_a"][::331] @ t["hada_w2_b"])
     elif kind == "ia3":
         exact = w * t["ia3_l"]
+    elif kind == "deft":  # W + P (R - relu(P)^T W), relu(P)^T W summed in float64 over blocks of rows
+        with safe_open(base / "model-00001-of-00003.safetensors", "pt") as f:
+            whole = f.get_tensor("big.weight")
+        right = t["deft_P"].clamp(min=0)
+        m = sum(right[r : r + 1024].T @ whole[r : r + 1024].double() for r in range(0, 8192, 1024))
+        exact = w + t["deft_P"][::331] @ (t["deft_R"] - m)
     else:  # row i pairs with i + 32 (first half of its group of 64) or i - 32
         rows = torch.arange(0, 8192, 331)
         first = rows % 64 < 32
@@ -275,3 +283,36 @@ def test_other_methods_stay_under_budget(tmp_path: Path, big: tuple[Path, Path],
         exact = c[rows][:, None] * w + torch.where(first, -s[rows], s[rows])[:, None] * other
     got = read_checkpoint(out)["big.weight"][::331].double()
     assert ((got - exact).abs() <= exact.abs() * 2.0**-8 + 1e-6).all()
+
+
+def test_a_whole_tensor_method_fits_its_budget_or_is_refused(tmp_path: Path, big: tuple[Path, Path]) -> None:
+    """OSF decomposes the whole weight (an SVD): at 64MB the 8192 x 8192 weight is refused with the
+    budget that would hold it, nothing written; a 1024 x 1024 one merges within the same budget."""
+    base, _ = big
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    gen = torch.Generator().manual_seed(6)
+    u, s, v = torch.randn(8192, 8, generator=gen), torch.rand(8, generator=gen), torch.randn(8, 8192, generator=gen)
+    save_file({"base_model.model.big.osf_svd_params.U_low": u, "base_model.model.big.osf_svd_params.S_low": s,
+               "base_model.model.big.osf_svd_params.V_low": v}, adapter / "adapter_model.safetensors")
+    (adapter / "adapter_config.json").write_text(json.dumps({"peft_type": "OSF"}))
+    out = tmp_path / "out"
+    refused = subprocess.run([sys.executable, "-m", "streammerge", "--base", str(base), "--adapter", str(adapter),
+                              "--output", str(out), "--device", "cpu", "--max-mem", "64MB"], capture_output=True, text=True)
+    assert refused.returncode != 0 and "a whole tensor for OSF" in refused.stderr and "raise --max-mem to at least" \
+        in refused.stderr and len(refused.stderr.strip().splitlines()) == 1 and not out.exists()
+    small = tmp_path / "small"
+    small.mkdir()
+    w = torch.randn(1024, 1024, generator=gen).to(torch.bfloat16)
+    save_file({"proj.weight": w}, small / "model.safetensors", metadata={"format": "pt"})
+    (small / "config.json").write_text("{}")
+    save_file({"base_model.model.proj.osf_svd_params.U_low": u[:1024] * 0.01, "base_model.model.proj.osf_svd_params.S_low": s,
+               "base_model.model.proj.osf_svd_params.V_low": v[:, :1024] * 0.01}, adapter / "adapter_model.safetensors")
+    stdout, sampled = run_sampled([sys.executable, "-m", "streammerge", "--base", str(small), "--adapter", str(adapter),
+                                   "--output", str(out), "--device", "cpu", "--max-mem", "64MB", "--json", "-q"])
+    (report,) = oracle_reports(stdout)
+    assert report["peak_rss"] <= report["baseline_rss"] + BUDGET and sampled <= report["baseline_rss"] + BUDGET
+    uu, ss, vt = torch.linalg.svd(w.double(), full_matrices=False)
+    exact = (uu[:, :1016] * ss[:1016]) @ vt[:1016] + (u[:1024].double() * 0.01 * s.double()) @ (v[:, :1024].double() * 0.01)
+    got = read_checkpoint(out)["proj.weight"].double()
+    assert ((got - exact).abs() <= exact.abs() * 2.0**-8 + 1e-3).all()

@@ -61,6 +61,13 @@ CONFIGS = {
     "supertuning-lora": lambda: peft.SupertuningConfig(sparsity=0.95, r=4, lora_alpha=8,
                                                        target_modules=["q_proj", "v_proj", "down_proj"]),
     "unilora": lambda: peft.UniLoraConfig(r=4, save_indices=True, target_modules=["q_proj", "v_proj", "down_proj"]),
+    "deft": lambda: peft.DeftConfig(r=4, alpha=8, target_modules=["q_proj", "v_proj", "down_proj"]),
+    "deft-qr": lambda: peft.DeftConfig(r=4, decomposition_method="qr", target_modules=["q_proj", "v_proj", "down_proj"]),
+    "deft-para": lambda: peft.DeftConfig(r=4, para=True, target_modules=["q_proj", "v_proj", "down_proj"]),
+    "peanut": lambda: peft.PeanutConfig(r=8, depth=2, act_fn="gelu", scaling=0.5,
+                                        target_modules=["q_proj", "v_proj", "down_proj"]),
+    "osf": lambda: peft.OSFConfig(target_modules=["q_proj", "v_proj", "down_proj"]),
+    "frod": lambda: peft.FrodConfig(sparse_rate=0.05, target_modules=["q_proj", "v_proj", "down_proj"]),
 }
 
 
@@ -117,6 +124,27 @@ def formula(kind: str, saved: dict[str, torch.Tensor], config: dict, module: str
         return _get_delta_weight(config["variant"], config["group_size"], t["road_theta"], t["road_alpha"]) @ w
     if kind.startswith("miss"):  # PEFT's own merge arithmetic (its get_delta_weight*) on float64 copies
         return miss_merged(t["miss_block"], config, w)
+    if kind.startswith("deft"):  # W + Q_P (R alpha / r - right^T W), Q_P / right: P / relu(P) or qr(P)
+        p = t["deft_P"]
+        q, right = (torch.linalg.qr(p)[0],) * 2 if config["decomposition_method"] == "qr" else (p, p.clamp(min=0))
+        injected = t["deft_R"] * (config["alpha"] / p.shape[1] if config.get("alpha") else 1) if "deft_R" in t else 0
+        return w + q @ (injected - right.T @ w)
+    if kind == "peanut":  # W + s B h^T, h the encoder / decoder network on act(W^T A^T), with residuals
+        act, depth = torch.nn.functional.gelu, config["depth"]
+        h, residuals = act(w.T @ t["peanut_A.weight"].T), []
+        for i in range(depth):
+            residuals.append(h)
+            h = act(h @ t[f"peanut_encoders.{i}.weight"].T)
+        for i in range(depth):
+            h = act(h @ t[f"peanut_decoders.{i}.weight"].T) + residuals[depth - 1 - i]
+        return w + config["scaling"] * t["peanut_B.weight"] @ h.T
+    if kind == "osf":  # W's own SVD with its low part replaced by the trained U S V
+        u, s, vt = torch.linalg.svd(w, full_matrices=False)
+        k = s.shape[0] - t["osf_svd_params.S_low"].shape[0]
+        trained = (t["osf_svd_params.U_low"] * t["osf_svd_params.S_low"]) @ t["osf_svd_params.V_low"]
+        return (u[:, :k] * s[:k]) @ vt[:k] + trained
+    if kind == "frod":  # U (S + diag(lambda)) V^T, U = W V^-T with unit columns, S sparse, V the category's
+        return frod_merged(t, saved, module, w)
     if kind.startswith("gralora"):  # the k x k grid of low-rank blocks, + the hybrid LoRA
         a, b = t["gralora_A"], t["gralora_B"]
         k, _, r = a.shape
@@ -163,6 +191,38 @@ def formula(kind: str, saved: dict[str, torch.Tensor], config: dict, module: str
     w1 = t["lokr_w1"] if "lokr_w1" in t else t["lokr_w1_a"] @ t["lokr_w1_b"]
     w2 = t["lokr_w2"] if "lokr_w2" in t else t["lokr_w2_a"] @ t["lokr_w2_b"]
     return w + scale * torch.kron(w1, w2)
+
+
+def from_weight_magnitude(kind: str, saved: dict, config: dict, module: str, w: torch.Tensor) -> torch.Tensor:
+    """|W| + the magnitudes of DEFT's or PEANuT's terms (through PEANuT's network, each activation's
+    slope at most 1.13): what float32 roundings are relative to, whatever cancels in the result."""
+    t = {k.removeprefix(f"base_model.model.{module}."): v.double().abs() for k, v in saved.items()
+         if k.startswith(f"base_model.model.{module}.")}
+    if kind.startswith("deft"):
+        q = torch.linalg.qr(t["deft_P"])[0].abs() if config["decomposition_method"] == "qr" else t["deft_P"]
+        injected = t["deft_R"] * (config["alpha"] / q.shape[1] if config.get("alpha") else 1) if "deft_R" in t else 0
+        return w.abs() + q @ (injected + q.T @ w.abs())
+    h, residuals = 1.13 * w.abs().T @ t["peanut_A.weight"].T, []
+    for i in range(config["depth"]):
+        residuals.append(h)
+        h = 1.13 * h @ t[f"peanut_encoders.{i}.weight"].T
+    for i in range(config["depth"]):
+        h = 1.13 * h @ t[f"peanut_decoders.{i}.weight"].T + residuals[config["depth"] - 1 - i]
+    return w.abs() + config["scaling"] * t["peanut_B.weight"] @ h.T
+
+
+def frod_merged(t: dict, saved: dict, module: str, w: torch.Tensor, magnitude: bool = False) -> torch.Tensor:
+    """FRoD's merged weight in float64 (or its terms' magnitudes)."""
+    parts = module.split(".")
+    category = f"{parts[-2]}_{parts[-1]}"
+    v = saved[f"base_model.frod_V.{category}"].double()
+    idx = saved[f"base_model.frod_s_indices.{category}"]
+    s = torch.zeros(*saved[f"base_model.frod_s_size.{category}"].tolist(), dtype=torch.float64)
+    s.index_put_((idx[0], idx[1]), t["frod_lambda_s_values"], accumulate=True)
+    bi = torch.linalg.solve(v, w.T).T
+    u = bi / bi.norm(dim=0)
+    core = s + torch.diag(t["frod_lambda_l"])
+    return u.abs() @ core.abs() @ v.abs().T if magnitude else u @ core @ v.T
 
 
 def oft_rotation(vec: torch.Tensor, config: dict, cols: int) -> torch.Tensor:
@@ -279,10 +339,8 @@ def test_method_merges_like_peft(tmp_path: Path, bases: dict, arch: str, kind: s
     assert main(["--base", str(base), "--adapter", str(adapter), "--output", str(out), "-q", "--max-mem", "40MB"]) == 0
     got, ref = read_checkpoint(out), read_checkpoint(base)
     saved, config = load_file(adapter / "adapter_model.safetensors"), json.loads((adapter / "adapter_config.json").read_text())
-    modules = {k.removeprefix("base_model.model.").removesuffix(".oft_R.weight").rsplit(".", 1)[0]
-               if not k.endswith(".oft_R.weight") else k.removeprefix("base_model.model.").removesuffix(".oft_R.weight")
-               for k in saved if k.startswith("base_model.model.")}
     assert set(got) == set(ref)
+    modules = {m for m in (n.rpartition(".")[0] for n in ref) if any(k.startswith(f"base_model.model.{m}.") for k in saved)}
     changed = 0
     for name, tensor in got.items():
         module, _, param = name.rpartition(".")
@@ -301,6 +359,13 @@ def test_method_merges_like_peft(tmp_path: Path, bases: dict, arch: str, kind: s
             elif kind == "boft":  # |W| @ |R|^T * |s|
                 magnitude = (w.double().abs() @ boft_rotation(saved[f"base_model.model.{module}.boft_R"].double()).abs().T
                              * saved[f"base_model.model.{module}.boft_s"].double().abs())
+            elif kind == "osf":  # a float32 SVD's reconstruction: about eps * ||W||_2 in every element
+                magnitude = torch.full_like(exact, float(torch.linalg.matrix_norm(w.double(), 2)) * 4)
+            elif kind == "frod":
+                magnitude = frod_merged({k.removeprefix(f"base_model.model.{module}."): v.double() for k, v in saved.items()},
+                                        saved, module, w.double(), magnitude=True)
+            elif kind.startswith(("deft", "peanut")):  # |W| + the delta's terms
+                magnitude = from_weight_magnitude(kind, saved, config, module, w.double())
             elif kind.startswith("hra"):  # |W| @ |R|
                 magnitude = w.double().abs() @ hra_rotation(saved[f"base_model.model.{module}.hra_u"], config).abs()
             else:  # the same formula on magnitudes
@@ -345,7 +410,11 @@ def test_ia3_composes_with_lora_in_the_order_given(tmp_path: Path, bases: dict, 
 
 
 @pytest.mark.parametrize("config, said", [
-    ({"peft_type": "FOURIERFT", "n_frequency": 4}, "peft_type 'FOURIERFT' is not mergeable by streammerge (LORA, ADALORA, BEFT, BOFT, C3A, DELORA, GRALORA, HIRA, HRA, IA3, LN_TUNING, LOHA, LOKR, MISS, OFT, PVERA, RANDLORA, ROAD, SHIRA, SUPERTUNING, UNILORA, VBLORA and VERA are)"),
+    ({"peft_type": "NOT_A_TYPE"}, "peft_type 'NOT_A_TYPE' is not mergeable by streammerge (LORA, ADALORA, BEFT, BOFT, "
+                                  "C3A, DEFT, DELORA, FROD, GRALORA, HIRA, HRA, IA3, LN_TUNING, LOHA, LOKR, MISS, OFT, "
+                                  "OSF, PEANUT, PVERA, RANDLORA, ROAD, SHIRA, SUPERTUNING, UNILORA, VBLORA and VERA are)"),
+    ({"peft_type": "PSOFT", "r": 4}, "is not merged by streammerge: its delta is rebuilt at load time from a float32 SVD "
+                                     "of the base weight"),
     ({"peft_type": "IA3", "fan_in_fan_out": True, "target_modules": ["c_attn"]},
      "IA3 with fan_in_fan_out (Conv1D layers, GPT-2 style) is not merged"),
     ({"peft_type": "VERA", "r": 8, "save_projection": False}, "VERA saved with save_projection=false"),
@@ -354,7 +423,7 @@ def test_ia3_composes_with_lora_in_the_order_given(tmp_path: Path, bases: dict, 
     ({"peft_type": "XLORA"}, "a classifier mixing LoRA experts per token at run time"),
     ({"config": {"reduction_factor": 16, "non_linearity": "relu"}, "name": "sst"},
      "is an AdapterHub bottleneck adapter: it adds layers to the model"),
-], ids=["fourierft", "ia3-conv1d", "vera-no-projection", "prefix-tuning", "xlora", "adapterhub"])
+], ids=["unknown-type", "psoft", "ia3-conv1d", "vera-no-projection", "prefix-tuning", "xlora", "adapterhub"])
 def test_methods_not_merged_are_refused_by_name(tmp_path: Path, bases: dict, config: dict, said: str, capsys) -> None:
     from safetensors.torch import save_file
 

@@ -50,6 +50,7 @@ from ..errors import InputError, PlanError, UnsupportedError
 from ..formats.header import TensorInfo
 from .peft import BASE_LAYER_SUFFIX, EMBEDDING_LAYERS, PEFT_PREFIX, _index_tensors, _pattern_value, _saved_module
 from .types import LoraAdapter, LoraModule
+from .weightmethods import MAX_DEPTH, SHARED_BY_MODULE, deft, peanut
 
 # peft_type -> saved tensor suffix -> role
 ROLES: dict[str, dict[str, str]] = {
@@ -82,6 +83,11 @@ ROLES: dict[str, dict[str, str]] = {
                     "supertuning_lora_B.weight": "B"},
     "UNILORA": {"unilora_indices_A": "idx_A", "unilora_indices_B": "idx_B", "unilora_scales_A": "scales_A",
                 "unilora_scales_B": "scales_B"},
+    "DEFT": {"deft_P": "P", "deft_R": "R"},
+    "PEANUT": {"peanut_A.weight": "A", "peanut_B.weight": "B",
+               **{f"peanut_{side}oders.{i}.weight": f"{side}{i}" for side in ("enc", "dec") for i in range(MAX_DEPTH)}},
+    "OSF": {"osf_svd_params.U_low": "U", "osf_svd_params.S_low": "S", "osf_svd_params.V_low": "V"},
+    "FROD": {"frod_lambda_l": "lambda_l", "frod_lambda_s_values": "values"},
 }
 # peft_type -> the infix of saved layers that replace the base's ("<m>.ln_tuning_layers.weight" -> "<m>.weight")
 REPLACING = {"LN_TUNING": ".ln_tuning_layers."}
@@ -92,6 +98,7 @@ SHARED: dict[str, dict[str, str]] = {"VERA": {"base_model.vera_A": "A", "base_mo
                                      "VBLORA": {"base_model.vblora_vector_bank": "bank"},
                                      "UNILORA": {"base_model.unilora_theta_d": "theta"}}
 CONVOLUTION_ROLES = {"t1", "t2"}
+
 
 
 def _scaling(config: dict[str, Any], module: str, where: Path) -> tuple[int, float, float]:
@@ -209,7 +216,13 @@ BUILDERS: dict[str, Callable[[Spec], LoraModule]] = {
     "VBLORA": lambda spec: _vblora(spec),
     "SUPERTUNING": lambda spec: _supertuning(spec),
     "UNILORA": lambda spec: _unilora(spec),
+    "DEFT": lambda spec: deft(spec),
+    "PEANUT": lambda spec: peanut(spec),
+    "OSF": lambda spec: (spec.needs({"U"}, {"S"}, {"V"}), spec.plain(spec.roles["U"].shape[1]))[1],
+    "FROD": lambda spec: (spec.needs({"lambda_l"}, {"values"}, {"V"}, {"indices"}, {"size"}),
+                          spec.plain(spec.roles["V"].shape[0]))[1],
 }
+
 
 
 def _unilora(spec: Spec) -> LoraModule:
@@ -294,17 +307,25 @@ def _check_oft(config: dict[str, Any], where: Path, weight: float) -> None:
         raise UnsupportedError(f"{where}: an OFT rotation cannot be weighted ({weight} given); merge it with weight 1")
 
 
+def _shared_of(by_module: tuple[str, Callable[[str], dict[str, str]]] | None, module: str,
+               tensors: dict[str, TensorInfo]) -> dict[str, TensorInfo]:
+    """The shared tensors of ``module``'s category (FRoD's basis), by role."""
+    if by_module is None:
+        return {}
+    return {role: tensors[key] for key, role in by_module[1](module).items() if key in tensors}
+
+
 def read_method_adapter(path: Path, config: dict[str, Any], *, weight: float) -> LoraAdapter:
     """A PEFT adapter of one of ``ROLES``' methods; its modules_to_save tensors replace the base's."""
     peft_type = str(config.get("peft_type"))
     where = path / "adapter_config.json"
-    if peft_type in ("VERA", "PVERA", "RANDLORA") and config.get("save_projection") is False:
+    if peft_type in ("VERA", "PVERA", "RANDLORA", "FROD", "TINYLORA") and config.get("save_projection") is False:
         raise UnsupportedError(f"{where}: {peft_type} saved with save_projection=false: its shared projections are not in "
                                "the adapter (PEFT regenerates them from projection_prng_key); re-save it with "
                                "save_projection=True")
     if peft_type == "OFT":
         _check_oft(config, where, weight)
-    if peft_type in ("HRA", "ROAD", "BOFT") and weight != 1:
+    if peft_type in ("HRA", "ROAD", "BOFT", "FROD") and weight != 1:
         raise UnsupportedError(f"{where}: a {peft_type} rotation cannot be weighted ({weight} given); merge it with "
                                "weight 1")
     if config.get("fan_in_fan_out"):
@@ -317,9 +338,10 @@ def read_method_adapter(path: Path, config: dict[str, Any], *, weight: float) ->
     grouped: dict[str, dict[str, TensorInfo]] = {}
     replacements: dict[str, TensorInfo] = {}
     shared = {role: tensors[key] for key, role in SHARED.get(peft_type, {}).items() if key in tensors}
+    by_module = SHARED_BY_MODULE.get(peft_type)
     for key, info in tensors.items():
         match, param_path = pattern.match(key), key.removeprefix(PEFT_PREFIX)
-        if key in SHARED.get(peft_type, {}):
+        if key in SHARED.get(peft_type, {}) or (by_module and key.startswith(by_module[0])):
             continue
         if peft_type in REPLACING and REPLACING[peft_type] in param_path:  # LN tuning: the norm's own tensors
             replacements[param_path.replace(REPLACING[peft_type], ".")] = info
@@ -333,7 +355,8 @@ def read_method_adapter(path: Path, config: dict[str, Any], *, weight: float) ->
         else:
             raise PlanError(f"{weights_path}: tensor {key!r} is not one of {peft_type}'s (expected '<module>."
                             f"{'|'.join(suffixes)}'); refusing to drop it silently")
-    modules = {m: _module(peft_type, config, m, {**roles, **shared}, weights_path) for m, roles in grouped.items()}
+    modules = {m: _module(peft_type, config, m, {**roles, **shared, **_shared_of(by_module, m, tensors)}, weights_path)
+               for m, roles in grouped.items()}
     modules = {m: lora for m, lora in modules.items() if lora.method != "adalora" or lora.r > 0}  # (rank 0: no delta)
     if not modules and not replacements:
         raise InputError(f"{weights_path}: the adapter holds no {peft_type} tensors")

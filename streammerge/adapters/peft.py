@@ -67,7 +67,8 @@ def _saved_module(param_path: str, modules_to_save: list[str]) -> bool:
     return any(module.endswith(m) for m in modules_to_save if isinstance(m, str))
 
 
-MERGED_TYPES = "LORA, ADALORA, BEFT, BOFT, C3A, DELORA, GRALORA, HIRA, HRA, IA3, LN_TUNING, LOHA, LOKR, MISS, OFT, PVERA, RANDLORA, ROAD, SHIRA, SUPERTUNING, UNILORA, VBLORA and VERA"
+MERGED_TYPES = ("LORA, ADALORA, BEFT, BOFT, C3A, DEFT, DELORA, FROD, GRALORA, HIRA, HRA, IA3, LN_TUNING, LOHA, LOKR, "
+                "MISS, OFT, OSF, PEANUT, PVERA, RANDLORA, ROAD, SHIRA, SUPERTUNING, UNILORA, VBLORA and VERA")
 # PEFT types with no static weight delta: why each cannot be merged into the weights at all
 NO_WEIGHT_DELTA = {
     "PROMPT_TUNING": "soft prompt tokens prepended to the input",
@@ -84,11 +85,25 @@ NO_WEIGHT_DELTA = {
 }
 
 
+# PEFT types that change the weights but are not merged by this version: why
+NOT_MERGED = {
+    "PSOFT": "rebuilt at load time from a float32 SVD of the base weight (its A and B are not saved), and the saved "
+             "rotation only fits the singular vectors' signs that SVD happened to give: a merge that recomputes them "
+             "elsewhere (another LAPACK, the GPU, another dtype) may silently apply it to flipped vectors",
+    "WAVEFT": "an inverse wavelet transform of a sparse spectrum over the whole weight, not read by this version",
+    "ADAMSS": "subspaces found by clustering the base weight (scikit-learn) at load time, not read by this version",
+}
+
+
 def _check_config(config: dict[str, Any], where: Path) -> None:
     peft_type = config.get("peft_type")
     if peft_type in NO_WEIGHT_DELTA:
         raise UnsupportedError(f"{where}: peft_type {peft_type!r} is {NO_WEIGHT_DELTA[peft_type]}, not a change of the "
                                "weights: there is nothing to merge; use it with PEFT at inference")
+    if peft_type in NOT_MERGED:
+        raise UnsupportedError(f"{where}: peft_type {peft_type!r} is not merged by streammerge: its delta is "
+                               f"{NOT_MERGED[peft_type]}; merge it with PEFT's merge_and_unload on a machine that holds "
+                               "the model")
     if peft_type != "LORA":
         raise UnsupportedError(
             f"{where}: peft_type {peft_type!r} is not mergeable by streammerge ({MERGED_TYPES} are)"

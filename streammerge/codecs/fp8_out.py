@@ -62,7 +62,7 @@ class WholeTensor(Snapshot):
 
         self.amax = torch.zeros((), dtype=torch.float32, device=device)
 
-    def observe(self, work: torch.Tensor) -> None:
+    def observe(self, work: torch.Tensor, row0: int) -> None:
         self.amax = absmax(self.amax, work)
 
     def end(self) -> None:

@@ -11,7 +11,7 @@ here (``roles.ByRole`` gives what the non-LoRA ones share) and a row in ``METHOD
 branches on the method. Methods (in this package's modules): LoRA and its variants (``lora``,
 ``dora``), IA3 (``ia3``), LoHa, LoKr, VeRA, PVeRA, AdaLoRA, SHiRA, supertuning, C3A (``additive``), DeLoRA,
 HiRA, BEFT, RandLoRA, GraLoRA, VB-LoRA, UniLoRA (``structured``), OFT (``oft``), BOFT (``boft``), HRA (``hra``), RoAd (``road``),
-MiSS (``miss``).
+MiSS (``miss``), DEFT, PEANuT, FRoD, OSF (``fromweight``: deltas that depend on W itself).
 
 Imports no torch: the plan asks ``factor_keys`` from headers alone.
 """
@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
-from . import additive, boft, dora, hra, ia3, lora, miss, oft, road, structured
+from . import additive, boft, dora, fromweight, hra, ia3, lora, miss, oft, road, structured
 
 if TYPE_CHECKING:
     import torch
@@ -52,11 +52,13 @@ class Applied(Protocol):
 
 @runtime_checkable
 class FirstPass(Applied, Protocol):
-    """A delta that must see every row of ``W + dW`` before the merge pass (column norms)."""
+    """A delta that must see every row of W before the merge pass (column norms, W's low-rank
+    projections, the whole tensor): in the first pass each observes the rows right after its own
+    ``apply`` (which may change nothing until ``end``), so it sees W as the deltas before it made it."""
 
     def begin(self, cols: int, device: torch.device) -> None: ...
 
-    def observe(self, work: torch.Tensor) -> None: ...
+    def observe(self, work: torch.Tensor, row0: int) -> None: ...
 
     def end(self) -> None: ...
 
@@ -71,6 +73,11 @@ class Method(Protocol):
         ...
 
     def factor_keys(self, d: Delta) -> list[str]: ...
+
+    def held_floats(self, d: Delta) -> int:
+        """float32 values its ``load`` derives and holds beyond the factors (first-pass sums, a copy of
+        the whole tensor); the working set counts them with the factors."""
+        ...
 
     def check(self, d: Delta, tensor: str, info: TensorInfo) -> str | None:
         """What is wrong with ``d`` on ``tensor`` (shapes), from headers; None when it fits."""
@@ -109,12 +116,17 @@ METHODS: dict[str, Method] = {
     "vblora": structured.VBLORA,
     "supertuning": additive.SUPERTUNING,
     "unilora": structured.UNILORA,
+    "deft": fromweight.DEFT,
+    "peanut": fromweight.PEANUT,
+    "frod": fromweight.FROD,
+    "osf": fromweight.OSF,
 }
 
 
 # methods that scale the weight rather than add to it: with other deltas on the same weight the
 # order of the adapters matters (each applies to what the ones before it made)
-MULTIPLICATIVE = frozenset({"ia3_rows", "ia3_columns", "ia3_bias", "oft", "boft", "hra", "road", "hira", "miss"})
+MULTIPLICATIVE = frozenset({"ia3_rows", "ia3_columns", "ia3_bias", "oft", "boft", "hra", "road", "hira", "miss", "deft",
+                            "peanut", "frod", "osf"})
 
 
 def method(name: str) -> Method:

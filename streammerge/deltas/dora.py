@@ -47,7 +47,7 @@ class ColumnDora(Columns):
 
         self.sumsq = torch.zeros(cols, dtype=torch.float64, device=device)
 
-    def observe(self, work: torch.Tensor) -> None:
+    def observe(self, work: torch.Tensor, row0: int) -> None:
         """First pass: ``work`` holds rows of V (float32, as merged)."""
         assert self.sumsq is not None
         self.sumsq += work.double().square().sum(dim=0)
@@ -77,6 +77,9 @@ class Dora:
     def factor_keys(self, d: Delta) -> list[str]:
         assert d.lora.magnitude_key is not None
         return [d.lora.a_key, d.lora.b_key, d.lora.magnitude_key]
+
+    def held_floats(self, d: Delta) -> int:
+        return 2 * d.adapter.tensors[d.lora.b_key].shape[0] if self.transposed else 0  # (float64 column sums)
 
     def load(self, d: Delta, factors: Factors) -> Rows:
         a, b, m = (factors.get(d.adapter, k) for k in self.factor_keys(d))

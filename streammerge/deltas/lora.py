@@ -78,6 +78,9 @@ class Lora:
     def factor_keys(self, d: Delta) -> list[str]:
         return [d.lora.a_key, d.lora.b_key]
 
+    def held_floats(self, d: Delta) -> int:
+        return 0
+
     def check(self, d: Delta, tensor: str, info: TensorInfo) -> str | None:
         return check_factors(d, tensor, info)
 
@@ -96,6 +99,9 @@ class LoraBias:
     def factor_keys(self, d: Delta) -> list[str]:
         assert d.lora.bias_key is not None
         return [d.lora.bias_key]
+
+    def held_floats(self, d: Delta) -> int:
+        return 0
 
     def load(self, d: Delta, factors: Factors) -> BiasRow:
         return BiasRow(factors.get(d.adapter, self.factor_keys(d)[0]), d.scale)

@@ -18,3 +18,6 @@ class ByRole:
         if not self.roles:
             return [k for _, k in d.lora.keys]
         return [d.lora.key(r) for r in self.roles if d.lora.has(r)]
+
+    def held_floats(self, d: Delta) -> int:
+        return 0

@@ -59,10 +59,12 @@ class Delta:
 
     @property
     def factor_bytes(self) -> int:
-        """float32 bytes of the factors this delta holds on the merge device (its method says which)."""
+        """float32 bytes of the factors this delta holds on the merge device (its method says which),
+        and of what its method derives from them and holds."""
         from ..deltas import method
 
-        return 4 * sum(self.adapter.tensors[k].numel for k in method(self.method).factor_keys(self))
+        m = method(self.method)
+        return 4 * (sum(self.adapter.tensors[k].numel for k in m.factor_keys(self)) + m.held_floats(self))
 
 
 @dataclass(frozen=True)

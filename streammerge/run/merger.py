@@ -26,6 +26,7 @@ if TYPE_CHECKING:
 
     from ..adapters.types import LoraAdapter
     from ..codecs import Codec
+    from ..deltas import Applied
     from .processor import Processor, Slot
 
 EXPERT_CACHE = 4  # A and B of gate_up and of down
@@ -84,18 +85,7 @@ class TensorMerger:
         rows, cols = t.rows_cols
         align = math.lcm(decode.row_alignment, encode.row_alignment, t.row_alignment)
         step = max(align, proc.capacity // cols // align * align)
-        observers = [d for d in deltas if isinstance(d, FirstPass)]
-        if observers:  # e.g. column DoRA: every row of W + dW seen before the merge pass
-            for o in observers:
-                o.begin(cols, proc.device)
-            for row0, n, slot in self._chunks(proc, src, origin, decode, rows, cols, step):
-                try:
-                    proc.first_pass(slot, src=decode, row0=row0, rows=n, cols=cols, deltas=deltas, observers=observers,
-                                    align=align)
-                finally:
-                    slot.free.set()
-            for o in observers:
-                o.end()
+        self._first_pass(proc, (src, origin, decode), rows, cols, step, align, deltas, encode)
         if t.tokens is not None:  # replaced rows go last, after every delta
             deltas.append(load_tokens(t.tokens, self))
         written = 0
@@ -117,6 +107,26 @@ class TensorMerger:
         target.io.submit(lambda: writer.write(name, 0, scales))
         survives = encode.survives
         return {"bytes": written + len(scales), **({"survives": survives} if survives is not None else {})}
+
+    def _first_pass(self, proc: Processor, source: tuple[int, Source, Codec], rows: int, cols: int, step: int,
+                    align: int, deltas: list[Applied], encode: Codec) -> None:
+        """Every row of W shown to the deltas that need it before the merge pass (column DoRA, DEFT ...),
+        each at its turn; a per-tensor FP8 scale sees the rows as merged."""
+        after = [encode.snapshot] if isinstance(encode, Requantizer) and isinstance(encode.snapshot, FirstPass) else []
+        passing = [d for d in deltas if not any(d is a for a in after)]
+        observers = [d for d in passing if isinstance(d, FirstPass)] + after
+        if not observers:
+            return
+        for o in observers:
+            o.begin(cols, proc.device)
+        for row0, n, slot in self._chunks(proc, *source, rows, cols, step):
+            try:
+                proc.first_pass(slot, src=source[2], row0=row0, rows=n, cols=cols, deltas=passing, after=after,
+                                align=align)
+            finally:
+                slot.free.set()
+        for o in observers:
+            o.end()
 
     @staticmethod
     def _encoder(t: TensorPlan, like: torch.Tensor) -> Codec:

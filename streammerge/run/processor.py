@@ -100,13 +100,18 @@ class Processor:
         return slot.bytes[:out_bytes]
 
     def first_pass(self, slot: Slot, *, src: Codec, row0: int, rows: int, cols: int, deltas: Sequence[Applied],
-                   observers: Sequence[FirstPass], align: int = 1) -> None:
-        """Rows of ``W + dW`` (float32, as merged) shown to the deltas that need every row first."""
+                   after: Sequence[FirstPass] = (), align: int = 1) -> None:
+        """Rows of W through ``deltas`` in order, each first-pass delta observing them right after its
+        own ``apply`` (W as the deltas before it made it); ``after`` observes the rows as merged."""
+        from ..deltas import FirstPass
+
         for b0, work in self._blocks(slot, src, row0, rows, cols, align):
             for d in deltas:
                 d.apply(work, row0 + b0, work.shape[0])
-            for o in observers:
-                o.observe(work)
+                if isinstance(d, FirstPass):
+                    d.observe(work, row0 + b0)
+            for o in after:
+                o.observe(work, row0 + b0)
 
     def _blocks(self, slot: Slot, src: Codec, row0: int, rows: int, cols: int,
                 align: int) -> Iterator[tuple[int, torch.Tensor]]:

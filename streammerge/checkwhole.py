@@ -1,0 +1,118 @@
+"""verify's float64 reading of the methods whose delta depends on W itself (``deltas/fromweight.py``),
+from PEFT's definitions: what they need of every row of W (as the deltas before them made it) is
+gathered once per tensor from ``before``, row by row, and kept for the tensor's other sampled rows.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from .checkrows import Before, Factors64, Row
+
+if TYPE_CHECKING:
+    from .plan.types import Delta
+
+
+def _every_row(d: Delta, before: Before) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
+    for r in range(d.shape[0]):
+        yield r, *before(r)
+
+
+def _once(f: Factors64, d: Delta, make: Callable[[], Any]) -> Any:
+    """What ``make`` gathers for ``d``, computed on the first sampled row only."""
+    entry = (id(d), "gathered")
+    if entry not in f.gathered:
+        f.gathered[entry] = make()
+    return f.gathered[entry]
+
+
+def _deft(d: Delta, row: int, exact: torch.Tensor, size: torch.Tensor, f: Factors64, before: Before) -> Row:
+    p = f(d, "P")
+    q, right = (torch.linalg.qr(p)[0],) * 2 if d.adapter.config.get("decomposition_method") == "qr" else (p, p.clamp(min=0))
+
+    def gather() -> tuple[torch.Tensor, torch.Tensor]:
+        m, mag = torch.zeros(p.shape[1], exact.shape[0], dtype=torch.float64), torch.zeros(p.shape[1], exact.shape[0],
+                                                                                            dtype=torch.float64)
+        for r, w, w_size in _every_row(d, before):
+            m += torch.outer(right[r], w)
+            mag += torch.outer(right[r].abs(), w_size)
+        return m, mag
+
+    m, mag = _once(f, d, gather)
+    injected = f(d, "R") * d.lora.scaling if d.lora.has("R") else torch.zeros_like(m)
+    term = d.adapter.weight * (q[row] @ (injected - m))
+    bound = abs(d.adapter.weight) * (q[row].abs() @ (injected.abs() + mag))
+    return exact + term, size + bound, d.shape[0] + p.shape[1] + 4
+
+
+def _peanut(d: Delta, row: int, exact: torch.Tensor, size: torch.Tensor, f: Factors64, before: Before) -> Row:
+    """W + s B h^T, h PEANuT's network on act(W^T A^T); magnitudes through it with each activation's
+    slope at most 1.13 (gelu's largest), the sizes for the float32 bound."""
+    from .deltas.fromweight import activation
+
+    a, b = f(d, "A"), f(d, "B")
+    act = activation(str(d.adapter.config.get("act_fn", "relu")))
+    depth = sum(1 for role, _ in d.lora.keys if role.startswith("enc"))
+
+    def gather() -> tuple[torch.Tensor, torch.Tensor]:
+        g, mag = torch.zeros(exact.shape[0], a.shape[0], dtype=torch.float64), torch.zeros(exact.shape[0], a.shape[0],
+                                                                                            dtype=torch.float64)
+        for r, w, w_size in _every_row(d, before):
+            g += torch.outer(w, a[:, r])
+            mag += torch.outer(w_size, a[:, r].abs())
+        h, hm, residuals = act(g), 1.13 * mag, []
+        for i in range(depth):
+            residuals.append((h, hm))
+            enc = f(d, f"enc{i}")
+            h, hm = act(h @ enc.T), 1.13 * hm @ enc.abs().T
+        for i in range(depth):
+            dec, (res, res_m) = f(d, f"dec{i}"), residuals[depth - 1 - i]
+            h, hm = act(h @ dec.T) + res, 1.13 * hm @ dec.abs().T + res_m
+        return h, hm
+
+    h, hm = _once(f, d, gather)
+    return (exact + d.scale * (b[row] @ h.T), size + abs(d.scale) * (b[row].abs() @ hm.T),
+            (2 * depth + 2) * (a.shape[0] + 2) + d.shape[0])
+
+
+def _frod(d: Delta, row: int, exact: torch.Tensor, size: torch.Tensor, f: Factors64, before: Before) -> Row:
+    """W = U (S + diag(lambda_l)) V^T, U = W V^-T with its columns normalised over every row."""
+    v = f(d, "V")
+
+    def gather() -> tuple[torch.Tensor, torch.Tensor]:
+        s = torch.zeros(*(int(x) for x in d.adapter.load_raw(d.lora.key("size")).tolist()), dtype=torch.float64)
+        idx = d.adapter.load_raw(d.lora.key("indices")).long()
+        s.index_put_((idx[0], idx[1]), f(d, "values"), accumulate=True)
+        sumsq = torch.zeros(v.shape[0], dtype=torch.float64)
+        for _, w, _ in _every_row(d, before):
+            sumsq += torch.linalg.solve(v, w).square()  # (row of W V^-T)
+        return s + torch.diag(f(d, "lambda_l")), sumsq.sqrt()
+
+    core, norms = _once(f, d, gather)
+    u = torch.linalg.solve(v, exact) / norms
+    n = v.shape[0]
+    return u @ core @ v.T, u.abs() @ core.abs() @ v.abs().T + exact.abs(), 2 * n + 8
+
+
+def _osf(d: Delta, row: int, exact: torch.Tensor, size: torch.Tensor, f: Factors64, before: Before) -> Row:
+    """W - (its SVD's low part) + U_low S_low V_low; a float32 SVD reconstructs W to about
+    min(out, in) roundings of its largest singular value."""
+    trained_u, trained_s, trained_v = f(d, "U"), f(d, "S"), f(d, "V")
+
+    def gather() -> tuple[torch.Tensor, float]:
+        w = torch.stack([w for _, w, _ in _every_row(d, before)])
+        u, s, vt = torch.linalg.svd(w, full_matrices=False)
+        k = s.shape[0] - trained_s.shape[0]
+        return (u[:, :k] * s[:k]) @ vt[:k], float(s[0])
+
+    kept, sigma = _once(f, d, gather)
+    trained = (trained_u[row] * trained_s) @ trained_v
+    magnitude = (trained_u[row].abs() * trained_s.abs()) @ trained_v.abs() + sigma + size
+    return kept[row] + d.scale * trained + (1 - d.scale) * (exact - kept[row]), magnitude, min(d.shape) + 8
+
+
+WHOLE_ROWS: dict[str, Callable[[Delta, int, torch.Tensor, torch.Tensor, Factors64, Before], Row]] = {
+    "deft": _deft, "peanut": _peanut, "frod": _frod, "osf": _osf}
