@@ -267,5 +267,28 @@ def _unilora(d: Delta, row: int, exact: torch.Tensor, size: torch.Tensor, f: Fac
     return exact + d.scale * (b @ a), size + abs(d.scale) * (b.abs() @ a.abs()), a.shape[0] + 3
 
 
+def _fourierft(d: Delta, row: int, exact: torch.Tensor, size: torch.Tensor, f: Factors64, before: Before) -> Row:
+    """Row ``row`` of scaling * Re(ifft2(F)): sum_k f_k cos(2 pi (u_k row / out + v_k c / in)) / (out in)."""
+    import math
+
+    from .deltas.spectral import spectrum_locations
+
+    spectrum = f(d, "spectrum")
+    out, cols = d.shape
+    u, v = spectrum_locations(d, spectrum.shape[0])
+    phase = ((u * row) % out).double()[None, :] / out + (torch.outer(torch.arange(cols), v) % cols).double() / cols
+    term = torch.cos(2 * math.pi * phase) @ spectrum * (d.scale / (out * cols))
+    bound = torch.full_like(exact, float(spectrum.abs().sum()) * abs(d.scale) / (out * cols))
+    return exact + term, size + bound, spectrum.shape[0] + 8
+
+
+def _tinylora(d: Delta, row: int, exact: torch.Tensor, size: torch.Tensor, f: Factors64, before: Before) -> Row:
+    """B[row] (sum_i v_i P_i) A."""
+    a, b, p, v = (f(d, r) for r in ("A", "B", "P", "v"))
+    rotation = (v[:, None, None] * p).sum(0)
+    term, bound = b[row] @ rotation @ a, b[row].abs() @ (v.abs()[:, None, None] * p.abs()).sum(0) @ a.abs()
+    return exact + d.scale * term, size + abs(d.scale) * bound, v.shape[0] + 2 * a.shape[0] + 3
+
+
 EXTRA_ROWS: dict[str, Callable[[Delta, int, torch.Tensor, torch.Tensor, Factors64, Before], Row]] = {
-    "ia3_rows": _ia3, "ia3_columns": _ia3, "ia3_bias": _ia3, "loha": _loha, "lokr": _lokr, "vera": _vera, "adalora": _adalora, "oft": _oft, "hra": _hra, "shira": _shira, "road": _road, "miss": _miss, "c3a": _c3a, "delora": _delora, "hira": _hira, "pvera": _vera, "beft": _beft, "randlora": _randlora, "gralora": _gralora, "boft": _boft, "vblora": _vblora, "supertuning": _supertuning, "unilora": _unilora}
+    "ia3_rows": _ia3, "ia3_columns": _ia3, "ia3_bias": _ia3, "loha": _loha, "lokr": _lokr, "vera": _vera, "adalora": _adalora, "oft": _oft, "hra": _hra, "shira": _shira, "road": _road, "miss": _miss, "c3a": _c3a, "delora": _delora, "hira": _hira, "pvera": _vera, "beft": _beft, "randlora": _randlora, "gralora": _gralora, "boft": _boft, "vblora": _vblora, "supertuning": _supertuning, "unilora": _unilora, "fourierft": _fourierft, "tinylora": _tinylora}

@@ -7,3 +7,15 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("TQDM_DISABLE", "1")
 
 from digests import *  # noqa: E402,F401,F403  (opt-in output digests, see digests.py)
+
+
+def pytest_collection_modifyitems(config, items) -> None:  # noqa: ANN001
+    """Tests marked ``slow`` (large inputs, minutes) run only when asked: ``python -m pytest -m slow``."""
+    import pytest
+
+    if "slow" in (config.getoption("-m") or ""):
+        return
+    skip = pytest.mark.skip(reason="slow: run with python -m pytest -m slow")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)

@@ -67,6 +67,11 @@ CONFIGS = {
     "peanut": lambda: peft.PeanutConfig(r=8, depth=2, act_fn="gelu", scaling=0.5,
                                         target_modules=["q_proj", "v_proj", "down_proj"]),
     "osf": lambda: peft.OSFConfig(target_modules=["q_proj", "v_proj", "down_proj"]),
+    "fourierft": lambda: peft.FourierFTConfig(n_frequency=300, scaling=150.0, random_loc_seed=123,
+                                              target_modules=["q_proj", "v_proj", "down_proj"]),
+    "tinylora": lambda: peft.TinyLoraConfig(r=2, u=16, target_modules=["q_proj", "v_proj", "down_proj"]),
+    "tinylora-tied": lambda: peft.TinyLoraConfig(r=3, u=8, weight_tying=0.5, projection_seed=7,
+                                                 target_modules=["q_proj", "v_proj", "down_proj"]),
     "frod": lambda: peft.FrodConfig(sparse_rate=0.05, target_modules=["q_proj", "v_proj", "down_proj"]),
 }
 
@@ -143,6 +148,11 @@ def formula(kind: str, saved: dict[str, torch.Tensor], config: dict, module: str
         k = s.shape[0] - t["osf_svd_params.S_low"].shape[0]
         trained = (t["osf_svd_params.U_low"] * t["osf_svd_params.S_low"]) @ t["osf_svd_params.V_low"]
         return (u[:, :k] * s[:k]) @ vt[:k] + trained
+    if kind.startswith("tinylora"):  # B (sum_i v_i P_i) A, v the group's of the module's place in the model
+        return w + t["tinylora_B"] @ torch.einsum("i,ijk->jk", tinylora_v(saved, config, module), t["tinylora_P"]) \
+            @ t["tinylora_A"]
+    if kind == "fourierft":  # scaling * Re(ifft2) of the spectrum at the locations torch.randperm gives the seed
+        return w + fourier_delta(t["fourierft_spectrum"], config, w.shape)
     if kind == "frod":  # U (S + diag(lambda)) V^T, U = W V^-T with unit columns, S sparse, V the category's
         return frod_merged(t, saved, module, w)
     if kind.startswith("gralora"):  # the k x k grid of low-rank blocks, + the hybrid LoRA
@@ -191,6 +201,33 @@ def formula(kind: str, saved: dict[str, torch.Tensor], config: dict, module: str
     w1 = t["lokr_w1"] if "lokr_w1" in t else t["lokr_w1_a"] @ t["lokr_w1_b"]
     w2 = t["lokr_w2"] if "lokr_w2" in t else t["lokr_w2_a"] @ t["lokr_w2_b"]
     return w + scale * torch.kron(w1, w2)
+
+
+def tinylora_v(saved: dict, config: dict, module: str) -> torch.Tensor:
+    """The shared vector of a module: its index in the model's module order (layers in turn; in each,
+    attention's q, k, v, o before the MLP's gate, up, down: Llama's and Qwen2's definition order)
+    grouped by weight_tying as PEFT's TinyLoRA groups it."""
+    order = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    names = sorted({k.removeprefix("base_model.model.").rsplit(".", 1)[0] for k in saved if k.endswith("tinylora_A")},
+                   key=lambda m: (int(m.split(".")[2]), order.index(m.rsplit(".", 1)[1])))
+    n = len(names)
+    groups = max(1, round(n * (1 - config["weight_tying"])))
+    group = min(names.index(module) // max(1, n // groups), groups - 1)
+    return saved[f"base_model.tinylora_v.{group}"].double()
+
+
+def fourier_delta(spectrum: torch.Tensor, config: dict, shape: tuple[int, int], magnitude: bool = False) -> torch.Tensor:
+    """FourierFT's delta in float64 (numpy's FFT), or a bound on its terms' magnitude (every |cos| <= 1)."""
+    import numpy as np
+
+    out, cols = shape
+    if magnitude:
+        return torch.full(shape, config["scaling"] * float(spectrum.abs().sum()) / (out * cols), dtype=torch.float64)
+    flat = torch.randperm(out * cols, generator=torch.Generator().manual_seed(config["random_loc_seed"]))
+    flat = flat[: spectrum.shape[0]].numpy()
+    dense = np.zeros(out * cols)
+    dense[flat] = spectrum.numpy()
+    return torch.from_numpy(np.fft.ifft2(dense.reshape(out, cols)).real * config["scaling"])
 
 
 def from_weight_magnitude(kind: str, saved: dict, config: dict, module: str, w: torch.Tensor) -> torch.Tensor:
@@ -359,6 +396,9 @@ def test_method_merges_like_peft(tmp_path: Path, bases: dict, arch: str, kind: s
             elif kind == "boft":  # |W| @ |R|^T * |s|
                 magnitude = (w.double().abs() @ boft_rotation(saved[f"base_model.model.{module}.boft_R"].double()).abs().T
                              * saved[f"base_model.model.{module}.boft_s"].double().abs())
+            elif kind == "fourierft":
+                magnitude = w.double().abs() + fourier_delta(saved[f"base_model.model.{module}.fourierft_spectrum"].double(),
+                                                             config, w.shape, magnitude=True)
             elif kind == "osf":  # a float32 SVD's reconstruction: about eps * ||W||_2 in every element
                 magnitude = torch.full_like(exact, float(torch.linalg.matrix_norm(w.double(), 2)) * 4)
             elif kind == "frod":
@@ -411,8 +451,9 @@ def test_ia3_composes_with_lora_in_the_order_given(tmp_path: Path, bases: dict, 
 
 @pytest.mark.parametrize("config, said", [
     ({"peft_type": "NOT_A_TYPE"}, "peft_type 'NOT_A_TYPE' is not mergeable by streammerge (LORA, ADALORA, BEFT, BOFT, "
-                                  "C3A, DEFT, DELORA, FROD, GRALORA, HIRA, HRA, IA3, LN_TUNING, LOHA, LOKR, MISS, OFT, "
-                                  "OSF, PEANUT, PVERA, RANDLORA, ROAD, SHIRA, SUPERTUNING, UNILORA, VBLORA and VERA are)"),
+                                  "C3A, DEFT, DELORA, FOURIERFT, FROD, GRALORA, HIRA, HRA, IA3, LN_TUNING, LOHA, LOKR, "
+                                  "MISS, OFT, OSF, PEANUT, PVERA, RANDLORA, ROAD, SHIRA, SUPERTUNING, TINYLORA, "
+                                  "UNILORA, VBLORA and VERA are)"),
     ({"peft_type": "PSOFT", "r": 4}, "is not merged by streammerge: its delta is rebuilt at load time from a float32 SVD "
                                      "of the base weight"),
     ({"peft_type": "IA3", "fan_in_fan_out": True, "target_modules": ["c_attn"]},

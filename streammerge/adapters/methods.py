@@ -50,6 +50,7 @@ from ..errors import InputError, PlanError, UnsupportedError
 from ..formats.header import TensorInfo
 from .peft import BASE_LAYER_SUFFIX, EMBEDDING_LAYERS, PEFT_PREFIX, _index_tensors, _pattern_value, _saved_module
 from .types import LoraAdapter, LoraModule
+from .tinylora import assign_vectors
 from .weightmethods import MAX_DEPTH, SHARED_BY_MODULE, deft, peanut
 
 # peft_type -> saved tensor suffix -> role
@@ -88,6 +89,8 @@ ROLES: dict[str, dict[str, str]] = {
                **{f"peanut_{side}oders.{i}.weight": f"{side}{i}" for side in ("enc", "dec") for i in range(MAX_DEPTH)}},
     "OSF": {"osf_svd_params.U_low": "U", "osf_svd_params.S_low": "S", "osf_svd_params.V_low": "V"},
     "FROD": {"frod_lambda_l": "lambda_l", "frod_lambda_s_values": "values"},
+    "FOURIERFT": {"fourierft_spectrum": "spectrum"},
+    "TINYLORA": {"tinylora_A": "A", "tinylora_B": "B", "tinylora_P": "P"},
 }
 # peft_type -> the infix of saved layers that replace the base's ("<m>.ln_tuning_layers.weight" -> "<m>.weight")
 REPLACING = {"LN_TUNING": ".ln_tuning_layers."}
@@ -216,6 +219,8 @@ BUILDERS: dict[str, Callable[[Spec], LoraModule]] = {
     "VBLORA": lambda spec: _vblora(spec),
     "SUPERTUNING": lambda spec: _supertuning(spec),
     "UNILORA": lambda spec: _unilora(spec),
+    "FOURIERFT": lambda spec: _fourierft(spec),
+    "TINYLORA": lambda spec: (spec.needs({"A"}, {"B"}, {"P"}), spec.plain(spec.roles["A"].shape[0]))[1],
     "DEFT": lambda spec: deft(spec),
     "PEANUT": lambda spec: peanut(spec),
     "OSF": lambda spec: (spec.needs({"U"}, {"S"}, {"V"}), spec.plain(spec.roles["U"].shape[1]))[1],
@@ -223,6 +228,15 @@ BUILDERS: dict[str, Callable[[Spec], LoraModule]] = {
                           spec.plain(spec.roles["V"].shape[0]))[1],
 }
 
+
+
+def _fourierft(spec: Spec) -> LoraModule:
+    """FourierFT: n (its r here) spectrum entries, scaled by the config's scaling; the seed locates them."""
+    scaling, seed = spec.config.get("scaling"), spec.config.get("random_loc_seed")
+    if not isinstance(scaling, (int, float)) or not isinstance(seed, int) or isinstance(seed, bool):
+        raise InputError(f"{spec.where}: FourierFT needs a number scaling and an integer random_loc_seed, got "
+                         f"scaling={scaling!r}, random_loc_seed={seed!r}")
+    return spec.plain(spec.roles["spectrum"].numel, scaling=float(scaling))
 
 
 def _unilora(spec: Spec) -> LoraModule:
@@ -360,4 +374,5 @@ def read_method_adapter(path: Path, config: dict[str, Any], *, weight: float) ->
     modules = {m: lora for m, lora in modules.items() if lora.method != "adalora" or lora.r > 0}  # (rank 0: no delta)
     if not modules and not replacements:
         raise InputError(f"{weights_path}: the adapter holds no {peft_type} tensors")
-    return LoraAdapter(path, weights_path, config, weight, tensors, modules, header, state, replacements)
+    adapter = LoraAdapter(path, weights_path, config, weight, tensors, modules, header, state, replacements)
+    return assign_vectors(adapter) if peft_type == "TINYLORA" else adapter

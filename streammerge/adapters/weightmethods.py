@@ -17,6 +17,7 @@ MAX_DEPTH = 64  # PEANuT's encoder / decoder layers read
 SHARED_BY_MODULE: dict[str, tuple[str, Callable[[str], dict[str, str]]]] = {
     "FROD": ("base_model.frod_", lambda m: {f"base_model.frod_{x}.{_frod_category(m)}": role for x, role in
                                             (("V", "V"), ("s_indices", "indices"), ("s_size", "size"))}),
+    "TINYLORA": ("base_model.tinylora_v.", lambda m: {}),  # (which one a module uses: adapters/tinylora.py)
 }
 
 

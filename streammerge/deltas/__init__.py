@@ -10,8 +10,8 @@ held in ``work`` in place. A new PEFT method is a reader row in ``adapters/metho
 here (``roles.ByRole`` gives what the non-LoRA ones share) and a row in ``METHODS`` (and its float64 reading in ``checkrows.py``); the engine never
 branches on the method. Methods (in this package's modules): LoRA and its variants (``lora``,
 ``dora``), IA3 (``ia3``), LoHa, LoKr, VeRA, PVeRA, AdaLoRA, SHiRA, supertuning, C3A (``additive``), DeLoRA,
-HiRA, BEFT, RandLoRA, GraLoRA, VB-LoRA, UniLoRA (``structured``), OFT (``oft``), BOFT (``boft``), HRA (``hra``), RoAd (``road``),
-MiSS (``miss``), DEFT, PEANuT, FRoD, OSF (``fromweight``: deltas that depend on W itself).
+HiRA, BEFT, RandLoRA, GraLoRA, VB-LoRA, UniLoRA, TinyLoRA (``structured``), OFT (``oft``), BOFT (``boft``), HRA (``hra``), RoAd (``road``),
+MiSS (``miss``), DEFT, PEANuT, FRoD, OSF (``fromweight``: deltas that depend on W itself), FourierFT (``spectral``).
 
 Imports no torch: the plan asks ``factor_keys`` from headers alone.
 """
@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
-from . import additive, boft, dora, fromweight, hra, ia3, lora, miss, oft, road, structured
+from . import additive, boft, dora, fromweight, hra, ia3, lora, miss, oft, road, spectral, structured
 
 if TYPE_CHECKING:
     import torch
@@ -120,6 +120,8 @@ METHODS: dict[str, Method] = {
     "peanut": fromweight.PEANUT,
     "frod": fromweight.FROD,
     "osf": fromweight.OSF,
+    "fourierft": spectral.FOURIERFT,
+    "tinylora": structured.TINYLORA,
 }
 
 

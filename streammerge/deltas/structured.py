@@ -6,6 +6,7 @@
 - ``gralora``:  W[rows] += s * L[rows] @ R[output block]: a k x k grid of low-rank blocks (``GraLoRA``)
 - ``vblora``:   W[rows] += s * B[rows] @ A, A and B mixed from a shared vector bank (``VBLoRA``)
 - ``unilora``:  W[rows] += s * B[rows] @ A, A and B indexed from one shared vector (``UniLoRA``)
+- ``tinylora``: W[rows] += s * B[rows] @ (sum_i v_i P_i) @ A, v the module's shared vector (``TinyLoRA``)
 """
 
 from __future__ import annotations
@@ -240,3 +241,26 @@ class UniLoRA(ByRole):
 
 DELORA, HIRA, BEFT, RANDLORA, GRALORA, VBLORA = DeLoRA(), HiRA(), BEFT_(), RandLoRA(), GraLoRA(), VBLoRA()
 UNILORA = UniLoRA()
+
+
+@dataclass(frozen=True)
+class TinyLoRA(ByRole):
+    """B (out, r) and A (r, in) from the base's SVD, R = sum_i v_i P_i (r x r): folded into A at load."""
+
+    roles = ("A", "B", "P", "v")
+
+    def check(self, d: Delta, tensor: str, info: TensorInfo) -> str | None:
+        a, b, p, v = (d.adapter.tensors[k].shape for k in self.factor_keys(d))
+        if len(info.shape) != 2 or [b[0], a[1]] != list(info.shape) or p != (v[0], a[0], a[0]) or b[1] != a[0]:
+            return (f"{d.lora.module}: TinyLoRA B {list(b)} @ (v {list(v)} . P {list(p)}) @ A {list(a)} does not make "
+                    f"{tensor} {list(info.shape)}")
+        return None
+
+    def load(self, d: Delta, factors: Factors) -> Rows:
+        import torch
+
+        a, b, p, v = (factors.get(d.adapter, k) for k in self.factor_keys(d))
+        return Rows(torch.einsum("i,ijk->jk", v, p) @ a, b, d.scale)
+
+
+TINYLORA = TinyLoRA()

@@ -1,0 +1,89 @@
+"""FourierFT: ``W += s * scaling * Re(ifft2(F))``, F zero but for the saved spectrum at n locations
+drawn by ``torch.randperm(out * in)`` from the saved seed (``locations.py``). Row-local: element
+(r, c) of Re(ifft2(F)) is ``sum_k f_k cos(2 pi (u_k r / out + v_k c / in)) / (out in)``, so a block of
+rows is ``(cos(R) f) @ cos(C) - (sin(R) f) @ sin(C)``: the column tables (n x in) are built once per
+tensor (``held_floats``), the row tables per block, in pieces of at most ``in`` frequencies (three
+floats of temporaries per element of a block). Angles are reduced exactly in integers (u r mod out) before the
+float64 cos / sin, then float32 (PEFT's ifft2 runs in float32 too).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from .roles import ByRole
+
+if TYPE_CHECKING:
+    import torch
+
+    from ..formats.header import TensorInfo
+    from ..plan.types import Delta
+    from . import Factors
+
+
+def spectrum_locations(d: Delta, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(rows, columns) of the n spectrum entries of ``d``'s weight, as PEFT draws them."""
+    import torch
+
+    from .locations import randperm_prefix
+
+    out, cols = d.shape
+    flat = torch.from_numpy(randperm_prefix(out * cols, n, int(d.adapter.config["random_loc_seed"])))
+    return flat // cols, flat % cols
+
+
+def angles(index: torch.Tensor, positions: torch.Tensor, period: int) -> torch.Tensor:
+    """2 pi (index * position mod period) / period, (len(positions), len(index)) float64 (the products,
+    below out * in, are exact in float64)."""
+    import torch
+
+    return torch.outer(positions.double(), index.double()).remainder_(period).mul_(2 * math.pi / period)
+
+
+class FourierDelta:
+    def __init__(self, f: torch.Tensor, u: torch.Tensor, cos_c: torch.Tensor, sin_c: torch.Tensor, out: int,
+                 scale: float) -> None:
+        self.f, self.u, self.cos_c, self.sin_c, self.out, self.scale = f, u, cos_c, sin_c, out, scale
+
+    def apply(self, work: torch.Tensor, row0: int, rows: int) -> None:
+        import torch
+
+        positions = torch.arange(row0, row0 + rows, device=work.device)
+        step = max(1, work.shape[1])
+        for k0 in range(0, self.f.shape[0], step):  # (rows x piece <= a block: float64 angles, float32 terms)
+            u, f = self.u[k0 : k0 + step], self.f[k0 : k0 + step]
+            work.addmm_(angles(u, positions, self.out).cos_().float().mul_(f), self.cos_c[k0 : k0 + step],
+                        alpha=self.scale)
+            work.addmm_(angles(u, positions, self.out).sin_().float().mul_(f), self.sin_c[k0 : k0 + step],
+                        alpha=-self.scale)
+
+
+@dataclass(frozen=True)
+class FourierFT(ByRole):
+    roles = ("spectrum",)
+    block_buffers = 3
+
+    def check(self, d: Delta, tensor: str, info: TensorInfo) -> str | None:
+        n = d.adapter.tensors[d.lora.key("spectrum")].numel
+        if len(info.shape) != 2 or n > info.numel:
+            return f"{d.lora.module}: FourierFT's {n} frequencies do not fit {tensor} {list(info.shape)}"
+        return None
+
+    def held_floats(self, d: Delta) -> int:
+        return (2 + 2) * d.lora.r * d.shape[1]  # (the float32 column tables; their float64 angles while built)
+
+    def load(self, d: Delta, factors: Factors) -> FourierDelta:
+        import torch
+
+        f = factors.get(d.adapter, d.lora.key("spectrum"))
+        out, cols = d.shape
+        u, v = (factors.put(x) for x in spectrum_locations(d, f.shape[0]))
+        col = angles(v, torch.arange(cols, device=f.device), cols).t()  # (n, in)
+        cos_c, sin_c = col.cos().float(), col.sin().float()
+        del col
+        return FourierDelta(f, u, cos_c, sin_c, out, d.scale / (out * cols))
+
+
+FOURIERFT = FourierFT()
