@@ -114,5 +114,59 @@ def _osf(d: Delta, row: int, exact: torch.Tensor, size: torch.Tensor, f: Factors
     return kept[row] + d.scale * trained + (1 - d.scale) * (exact - kept[row]), magnitude, min(d.shape) + 8
 
 
+def _glora_path(d: Delta, f: Factors64, name: str) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """A GLoRA path's value (Xd @ Xu, X) and its terms' magnitude; None for zeros."""
+    if d.lora.has(f"{name}_d"):
+        xd, xu = f(d, f"{name}_d"), f(d, f"{name}_u")
+        return xd @ xu, xd.abs() @ xu.abs()
+    if d.lora.has(f"{name}_x"):
+        x = f(d, f"{name}_x")
+        return x, x.abs()
+    return None, None
+
+
+def _glora(d: Delta, row: int, exact: torch.Tensor, size: torch.Tensor, f: Factors64, before: Before) -> Row:
+    """W + W * A + B (PEFT's merge), one row: a column path gives the row one number, a scalar all."""
+    (a, a_m), (b, b_m) = _glora_path(d, f, "A"), _glora_path(d, f, "B")
+    s = d.scale
+    pick = (lambda x: x if x.numel() == 1 else x[row])  # noqa: E731
+    new, bound = exact.clone(), size.clone()
+    if a is not None:
+        new, bound = new + s * exact * pick(a).reshape(-1), bound + abs(s) * size * pick(a_m).reshape(-1)
+    if b is not None:
+        new, bound = new + s * pick(b).reshape(-1), bound + abs(s) * pick(b_m).reshape(-1)
+    return new, bound, (d.lora.r or 1) + 4
+
+
+def _glora_bias(d: Delta, row: int, exact: torch.Tensor, size: torch.Tensor, f: Factors64, before: Before) -> Row:
+    """bias + bias * D + E + W0 @ C, W0 read from the base weight in blocks of rows."""
+    from .baserows import as_tensor
+
+    (c, c_m), (dd, d_m), (e, e_m) = (_glora_path(d, f, x) for x in "CDE")
+    s, new, bound = d.scale, exact.clone(), size.clone()
+    if dd is not None:
+        new, bound = new + s * exact * dd.reshape(-1), bound + abs(s) * size * d_m.reshape(-1)
+    if e is not None:
+        new, bound = new + s * e.reshape(-1), bound + abs(s) * e_m.reshape(-1)
+    if c is not None and d.companion is not None:
+        def gather() -> tuple[torch.Tensor, torch.Tensor]:
+            w = d.companion
+            out, cols = w.info.shape
+            item, step = w.info.nbytes // (out * cols), max(1, (1 << 20) // cols)
+            wc, wc_m = [], []
+            with open(w.path, "rb") as fh:
+                for r0 in range(0, out, step):
+                    k = min(step, out - r0)
+                    fh.seek(w.data_start + w.info.begin + r0 * cols * item)
+                    block = as_tensor(bytearray(fh.read(k * cols * item)), w.info.dtype).double().view(k, cols)
+                    wc.append(block @ c.reshape(-1))
+                    wc_m.append(block.abs() @ c_m.reshape(-1))
+            return torch.cat(wc), torch.cat(wc_m)
+
+        wc, wc_m = _once(f, d, gather)
+        new, bound = new + s * wc, bound + abs(s) * wc_m
+    return new, bound, (d.companion.info.shape[1] if d.companion else 0) + (d.lora.r or 1) + 4
+
+
 WHOLE_ROWS: dict[str, Callable[[Delta, int, torch.Tensor, torch.Tensor, Factors64, Before], Row]] = {
-    "deft": _deft, "peanut": _peanut, "frod": _frod, "osf": _osf}
+    "deft": _deft, "peanut": _peanut, "frod": _frod, "osf": _osf, "glora": _glora, "glora_bias": _glora_bias}

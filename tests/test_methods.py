@@ -72,6 +72,11 @@ CONFIGS = {
     "tinylora": lambda: peft.TinyLoraConfig(r=2, u=16, target_modules=["q_proj", "v_proj", "down_proj"]),
     "tinylora-tied": lambda: peft.TinyLoraConfig(r=3, u=8, weight_tying=0.5, projection_seed=7,
                                                  target_modules=["q_proj", "v_proj", "down_proj"]),
+    "glora": lambda: peft.GloraConfig(r=4, target_modules=["q_proj", "v_proj", "down_proj"]),
+    "glora-vectors": lambda: peft.GloraConfig(r=4, config_A_B="vector", config_C="vector", config_D_E="vector",
+                                              target_modules=["q_proj", "v_proj", "down_proj"]),
+    "glora-constants": lambda: peft.GloraConfig(r=4, config_A_B="constant", config_C="none", config_D_E="constant",
+                                                target_modules=["q_proj", "v_proj", "down_proj"]),
     "frod": lambda: peft.FrodConfig(sparse_rate=0.05, target_modules=["q_proj", "v_proj", "down_proj"]),
 }
 
@@ -151,6 +156,8 @@ def formula(kind: str, saved: dict[str, torch.Tensor], config: dict, module: str
     if kind.startswith("tinylora"):  # B (sum_i v_i P_i) A, v the group's of the module's place in the model
         return w + t["tinylora_B"] @ torch.einsum("i,ijk->jk", tinylora_v(saved, config, module), t["tinylora_P"]) \
             @ t["tinylora_A"]
+    if kind.startswith("glora"):  # W + W * A + B (a path: Xd @ Xu, a column X, a scalar X, zeros)
+        return w + w * glora_path(t, "A") + glora_path(t, "B")
     if kind == "fourierft":  # scaling * Re(ifft2) of the spectrum at the locations torch.randperm gives the seed
         return w + fourier_delta(t["fourierft_spectrum"], config, w.shape)
     if kind == "frod":  # U (S + diag(lambda)) V^T, U = W V^-T with unit columns, S sparse, V the category's
@@ -201,6 +208,16 @@ def formula(kind: str, saved: dict[str, torch.Tensor], config: dict, module: str
     w1 = t["lokr_w1"] if "lokr_w1" in t else t["lokr_w1_a"] @ t["lokr_w1_b"]
     w2 = t["lokr_w2"] if "lokr_w2" in t else t["lokr_w2_a"] @ t["lokr_w2_b"]
     return w + scale * torch.kron(w1, w2)
+
+
+def glora_path(t: dict, name: str) -> torch.Tensor | float:
+    """A GLoRA path's value as PEFT's forward() gives it."""
+    if f"glora_{name}.Xd" in t:
+        return t[f"glora_{name}.Xd"] @ t[f"glora_{name}.Xu"]
+    if f"glora_{name}.X" in t:
+        x = t[f"glora_{name}.X"]
+        return x[0] if x.numel() == 1 else x
+    return t[f"glora_{name}.zeros"]
 
 
 def tinylora_v(saved: dict, config: dict, module: str) -> torch.Tensor:
@@ -381,8 +398,17 @@ def test_method_merges_like_peft(tmp_path: Path, bases: dict, arch: str, kind: s
     changed = 0
     for name, tensor in got.items():
         module, _, param = name.rpartition(".")
-        if module in modules and (param == "weight" or (kind == "ia3" and param == "bias" and "mlp" not in module)):
+        if module in modules and (param == "weight" or (kind.startswith(("ia3", "glora")) and param == "bias")):
             w = ref[name]
+            if kind.startswith("glora") and param == "bias":  # bias + bias * D + E + W0 @ C
+                t = {k.removeprefix(f"base_model.model.{module}."): v.double() for k, v in saved.items()
+                     if k.startswith(f"base_model.model.{module}.")}
+                w0, b = ref[f"{module}.weight"].double(), w.double()
+                exact = b + b * glora_path(t, "D") + glora_path(t, "E") + (w0 @ glora_path(t, "C")).reshape(-1)
+                assert one_rounding(exact, tensor, b.abs() * 4 + (w0.abs() @ glora_path(
+                    {k: v.abs() for k, v in t.items()}, "C")).reshape(-1) + 1), name
+                changed += 1
+                continue
             exact = formula(kind, saved, config, module, w if param == "weight" else w[:, None])
             exact = exact if param == "weight" else exact[:, 0]
             if kind.startswith("oft"):  # |W| @ |R|^T
@@ -418,10 +444,12 @@ def test_method_merges_like_peft(tmp_path: Path, bases: dict, arch: str, kind: s
             changed += 1
         else:
             assert torch.equal(bits(tensor), bits(ref[name])), name
-    biases = 4 if kind == "ia3" and arch == "qwen2" else 0  # k and v biases of both layers
+    # q/k/v biases of both layers (Qwen2): IA3 scales its k and v (both target output sides), GLoRA changes
+    # q's and v's (D, E and W0 @ C) unless its paths for them are zeros
+    biases = 4 if arch == "qwen2" and (kind == "ia3" or kind in ("glora", "glora-vectors", "glora-constants")) else 0
     assert changed == 2 * 3 + biases
     if biases:
-        assert all(not torch.equal(got[n], ref[n]) for n in got if n.endswith(("k_proj.bias", "v_proj.bias")))
+        assert all(not torch.equal(got[n], ref[n]) for n in got if n.endswith(".bias") and n[:-5] in modules)
     assert main(["verify", str(out)]) == 0
 
 
@@ -451,8 +479,8 @@ def test_ia3_composes_with_lora_in_the_order_given(tmp_path: Path, bases: dict, 
 
 @pytest.mark.parametrize("config, said", [
     ({"peft_type": "NOT_A_TYPE"}, "peft_type 'NOT_A_TYPE' is not mergeable by streammerge (LORA, ADALORA, BEFT, BOFT, "
-                                  "C3A, DEFT, DELORA, FOURIERFT, FROD, GRALORA, HIRA, HRA, IA3, LN_TUNING, LOHA, LOKR, "
-                                  "MISS, OFT, OSF, PEANUT, PVERA, RANDLORA, ROAD, SHIRA, SUPERTUNING, TINYLORA, "
+                                  "C3A, DEFT, DELORA, FOURIERFT, FROD, GLORA, GRALORA, HIRA, HRA, IA3, LN_TUNING, LOHA, "
+                                  "LOKR, MISS, OFT, OSF, PEANUT, PVERA, RANDLORA, ROAD, SHIRA, SUPERTUNING, TINYLORA, "
                                   "UNILORA, VBLORA and VERA are)"),
     ({"peft_type": "PSOFT", "r": 4}, "is not merged by streammerge: its delta is rebuilt at load time from a float32 SVD "
                                      "of the base weight"),

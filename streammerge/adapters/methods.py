@@ -91,6 +91,8 @@ ROLES: dict[str, dict[str, str]] = {
     "FROD": {"frod_lambda_l": "lambda_l", "frod_lambda_s_values": "values"},
     "FOURIERFT": {"fourierft_spectrum": "spectrum"},
     "TINYLORA": {"tinylora_A": "A", "tinylora_B": "B", "tinylora_P": "P"},
+    "GLORA": {f"glora_{x}.{saved}": f"{x}_{role}" for x in "ABCDE" for saved, role in
+              (("Xd", "d"), ("Xu", "u"), ("X", "x"), ("zeros", "0"))},
 }
 # peft_type -> the infix of saved layers that replace the base's ("<m>.ln_tuning_layers.weight" -> "<m>.weight")
 REPLACING = {"LN_TUNING": ".ln_tuning_layers."}
@@ -221,6 +223,7 @@ BUILDERS: dict[str, Callable[[Spec], LoraModule]] = {
     "UNILORA": lambda spec: _unilora(spec),
     "FOURIERFT": lambda spec: _fourierft(spec),
     "TINYLORA": lambda spec: (spec.needs({"A"}, {"B"}, {"P"}), spec.plain(spec.roles["A"].shape[0]))[1],
+    "GLORA": lambda spec: _glora(spec),
     "DEFT": lambda spec: deft(spec),
     "PEANUT": lambda spec: peanut(spec),
     "OSF": lambda spec: (spec.needs({"U"}, {"S"}, {"V"}), spec.plain(spec.roles["U"].shape[1]))[1],
@@ -228,6 +231,18 @@ BUILDERS: dict[str, Callable[[Spec], LoraModule]] = {
                           spec.plain(spec.roles["V"].shape[0]))[1],
 }
 
+
+
+def _glora(spec: Spec) -> LoraModule:
+    """GLoRA: every path saved as Xd and Xu, X or zeros; the bias too when C, D or E are saved."""
+    for x in "ABCDE":
+        held = {r for r in spec.roles if r.startswith(f"{x}_")}
+        if held not in ({f"{x}_d", f"{x}_u"}, {f"{x}_x"}, {f"{x}_0"}):
+            raise InputError(f"{spec.where}: GLoRA {spec.module!r} path {x} has {sorted(held)}; expected Xd and Xu, "
+                             "X, or zeros")
+    bias = any(f"{x}_0" not in spec.roles for x in "CDE")
+    return spec.plain(spec.roles["A_d"].shape[1] if "A_d" in spec.roles else 0,
+                      bias_method="glora_bias" if bias else None)
 
 
 def _fourierft(spec: Spec) -> LoraModule:

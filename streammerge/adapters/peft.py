@@ -67,9 +67,9 @@ def _saved_module(param_path: str, modules_to_save: list[str]) -> bool:
     return any(module.endswith(m) for m in modules_to_save if isinstance(m, str))
 
 
-MERGED_TYPES = ("LORA, ADALORA, BEFT, BOFT, C3A, DEFT, DELORA, FOURIERFT, FROD, GRALORA, HIRA, HRA, IA3, LN_TUNING, "
-                "LOHA, LOKR, MISS, OFT, OSF, PEANUT, PVERA, RANDLORA, ROAD, SHIRA, SUPERTUNING, TINYLORA, UNILORA, "
-                "VBLORA and VERA")
+MERGED_TYPES = ("LORA, ADALORA, BEFT, BOFT, C3A, DEFT, DELORA, FOURIERFT, FROD, GLORA, GRALORA, HIRA, HRA, IA3, "
+                "LN_TUNING, LOHA, LOKR, MISS, OFT, OSF, PEANUT, PVERA, RANDLORA, ROAD, SHIRA, SUPERTUNING, TINYLORA, "
+                "UNILORA, VBLORA and VERA")
 # PEFT types with no static weight delta: why each cannot be merged into the weights at all
 NO_WEIGHT_DELTA = {
     "PROMPT_TUNING": "soft prompt tokens prepended to the input",

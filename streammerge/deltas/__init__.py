@@ -11,7 +11,7 @@ here (``roles.ByRole`` gives what the non-LoRA ones share) and a row in ``METHOD
 branches on the method. Methods (in this package's modules): LoRA and its variants (``lora``,
 ``dora``), IA3 (``ia3``), LoHa, LoKr, VeRA, PVeRA, AdaLoRA, SHiRA, supertuning, C3A (``additive``), DeLoRA,
 HiRA, BEFT, RandLoRA, GraLoRA, VB-LoRA, UniLoRA, TinyLoRA (``structured``), OFT (``oft``), BOFT (``boft``), HRA (``hra``), RoAd (``road``),
-MiSS (``miss``), DEFT, PEANuT, FRoD, OSF (``fromweight``: deltas that depend on W itself), FourierFT (``spectral``).
+MiSS (``miss``), DEFT, PEANuT, FRoD, OSF (``fromweight``: deltas that depend on W itself), FourierFT (``spectral``), GLoRA (``glora``).
 
 Imports no torch: the plan asks ``factor_keys`` from headers alone.
 """
@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
-from . import additive, boft, dora, fromweight, hra, ia3, lora, miss, oft, road, spectral, structured
+from . import additive, boft, dora, fromweight, glora, hra, ia3, lora, miss, oft, road, spectral, structured
 
 if TYPE_CHECKING:
     import torch
@@ -122,13 +122,15 @@ METHODS: dict[str, Method] = {
     "osf": fromweight.OSF,
     "fourierft": spectral.FOURIERFT,
     "tinylora": structured.TINYLORA,
+    "glora": glora.GLORA,
+    "glora_bias": glora.GLORA_BIAS,
 }
 
 
 # methods that scale the weight rather than add to it: with other deltas on the same weight the
 # order of the adapters matters (each applies to what the ones before it made)
 MULTIPLICATIVE = frozenset({"ia3_rows", "ia3_columns", "ia3_bias", "oft", "boft", "hra", "road", "hira", "miss", "deft",
-                            "peanut", "frod", "osf"})
+                            "peanut", "frod", "osf", "glora", "glora_bias"})
 
 
 def method(name: str) -> Method:

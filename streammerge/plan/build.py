@@ -226,7 +226,8 @@ def _adapter_deltas(adapter: LoraAdapter, look: _Lookup, deltas: dict[str, list[
         if lora.bias_key:  # lora_bias: the layer's bias takes scale * lora_B.bias
             bad.extend(_bias_delta(adapter, module, lora, look, deltas))
         if lora.bias_method and (bias := look.resolve(module, param="bias")) is not None:
-            scaled = Delta(adapter, lora, bias.rule.family, lora.bias_method)  # IA3's output side: the bias too
+            scaled = Delta(adapter, lora, bias.rule.family, lora.bias_method, shape=tuple(info.shape),
+                           companion=_source(base, match.tensor))  # IA3's output side, GLoRA's: the bias too
             deltas.setdefault(bias.tensor, []).append(scaled)
             bad.extend(p for p in [method(scaled.method).check(scaled, bias.tensor, look.info(bias.tensor))] if p)
     if unmatched:
@@ -236,6 +237,14 @@ def _adapter_deltas(adapter: LoraAdapter, look: _Lookup, deltas: dict[str, list[
             f"adapter {adapter.path}: shapes do not fit base {base.root}: {_listing(bad)}; "
             "the adapter was trained on a model of another size"
         )
+
+
+def _source(base: BaseCheckpoint, tensor: str) -> Source | None:
+    """Where a base tensor's bytes are (None for a tensor the base does not hold, e.g. a tied head)."""
+    if tensor not in base.weight_map:
+        return None
+    header = base.shards[base.weight_map[tensor]]
+    return Source(header.path, header.data_start, header.tensors[tensor])
 
 
 def _bias_delta(adapter: LoraAdapter, module: str, lora: LoraModule, look: _Lookup,

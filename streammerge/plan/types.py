@@ -35,6 +35,7 @@ class Delta:
     expert: int = -1
     rows: tuple[int, int] | None = None
     shape: tuple[int, ...] = ()  # the tensor it changes (methods whose factors depend on the layer's size)
+    companion: Source | None = None  # a bias delta's layer weight in the base (GLoRA's bias reads W0 @ C)
 
     @property
     def transposed(self) -> bool:
