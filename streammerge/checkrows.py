@@ -290,5 +290,36 @@ def _tinylora(d: Delta, row: int, exact: torch.Tensor, size: torch.Tensor, f: Fa
     return exact + d.scale * term, size + abs(d.scale) * bound, v.shape[0] + 2 * a.shape[0] + 3
 
 
+def _waveft(d: Delta, row: int, exact: torch.Tensor, size: torch.Tensor, f: Factors64, before: Before) -> Row:
+    """Row ``row`` of scaling * (the spectrum, or its one-level Haar synthesis: a coefficient at (i, j) of
+    a quadrant fills the 2 x 2 block at (2i, 2j), halved, negated in its second row when its rows are the
+    high-pass half (the right quadrants), in its second column when its columns are (the lower ones))."""
+    from .deltas.spectral import spectrum_locations
+
+    spectrum = f(d, "spectrum")
+    out, cols = d.shape
+    u, v = spectrum_locations(d, spectrum.shape[0])
+    term = torch.zeros_like(exact)
+    if not d.adapter.config.get("use_idwt", True):
+        mine = u == row
+        term.index_add_(0, v[mine], spectrum[mine])
+    else:
+        tall, wide = out + out % 2, cols + cols % 2
+        top, left = (tall - out) // 2, (wide - cols) // 2
+        p, q = u + top, v + left
+        lower, right = (p >= tall // 2), (q >= wide // 2)
+        i, j = p - (tall // 2) * lower, q - (wide // 2) * right
+        a = row + top - 2 * i  # 0 or 1 where the coefficient reaches this row
+        for b in (0, 1):
+            hit = (a == 0) | (a == 1)
+            value = spectrum[hit] / 2 * torch.where(right[hit] & (a[hit] == 1), -1.0, 1.0) \
+                * torch.where(lower[hit] & (b == 1), -1.0, 1.0).double()
+            col = 2 * j[hit] + b - left
+            keep = (col >= 0) & (col < cols)
+            term.index_add_(0, col[keep], value[keep])
+    term = term * d.scale
+    return exact + term, size + term.abs(), 4
+
+
 EXTRA_ROWS: dict[str, Callable[[Delta, int, torch.Tensor, torch.Tensor, Factors64, Before], Row]] = {
-    "ia3_rows": _ia3, "ia3_columns": _ia3, "ia3_bias": _ia3, "loha": _loha, "lokr": _lokr, "vera": _vera, "adalora": _adalora, "oft": _oft, "hra": _hra, "shira": _shira, "road": _road, "miss": _miss, "c3a": _c3a, "delora": _delora, "hira": _hira, "pvera": _vera, "beft": _beft, "randlora": _randlora, "gralora": _gralora, "boft": _boft, "vblora": _vblora, "supertuning": _supertuning, "unilora": _unilora, "fourierft": _fourierft, "tinylora": _tinylora}
+    "ia3_rows": _ia3, "ia3_columns": _ia3, "ia3_bias": _ia3, "loha": _loha, "lokr": _lokr, "vera": _vera, "adalora": _adalora, "oft": _oft, "hra": _hra, "shira": _shira, "road": _road, "miss": _miss, "c3a": _c3a, "delora": _delora, "hira": _hira, "pvera": _vera, "beft": _beft, "randlora": _randlora, "gralora": _gralora, "boft": _boft, "vblora": _vblora, "supertuning": _supertuning, "unilora": _unilora, "fourierft": _fourierft, "tinylora": _tinylora, "waveft": _waveft}

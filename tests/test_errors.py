@@ -132,13 +132,13 @@ def test_missing_adapter_config(tmp_path: Path, inputs: tuple[Path, Path], capsy
 
 @pytest.mark.parametrize("edit,needle", [
     ({"use_dora": True}, "use_dora=True but 0 module(s) have a lora_magnitude_vector"),
-    ({"peft_type": "WAVEFT"}, "peft_type 'WAVEFT' is not merged by streammerge"),
+    ({"peft_type": "ADAMSS"}, "peft_type 'ADAMSS' is not merged by streammerge"),
     ({"layer_replication": [[0, 2], [1, 2]]}, "layer_replication"),
     ({"init_lora_weights": "pissa"}, "init_lora_weights='pissa'"),
     ({"r": -3}, "'r' must be an integer"),
     ({"lora_alpha": "eight"}, "'lora_alpha' must be a finite number"),
     ({"r": 8}, "the config says r=8"),
-], ids=["dora", "waveft", "layer-replication", "pissa", "negative-r", "alpha-type", "rank-mismatch"])
+], ids=["dora", "adamss", "layer-replication", "pissa", "negative-r", "alpha-type", "rank-mismatch"])
 def test_adapter_config_refusals(tmp_path: Path, inputs: tuple[Path, Path], capsys: pytest.CaptureFixture[str],
                                  edit: dict, needle: str) -> None:
     base, adapter = inputs

@@ -69,6 +69,10 @@ CONFIGS = {
     "osf": lambda: peft.OSFConfig(target_modules=["q_proj", "v_proj", "down_proj"]),
     "fourierft": lambda: peft.FourierFTConfig(n_frequency=300, scaling=150.0, random_loc_seed=123,
                                               target_modules=["q_proj", "v_proj", "down_proj"]),
+    "waveft": lambda: peft.WaveFTConfig(n_frequency=200, scaling=2.0, random_loc_seed=5,
+                                        target_modules=["q_proj", "v_proj", "down_proj"]),
+    "waveft-direct": lambda: peft.WaveFTConfig(n_frequency=200, scaling=2.0, use_idwt=False,
+                                               target_modules=["q_proj", "v_proj", "down_proj"]),
     "tinylora": lambda: peft.TinyLoraConfig(r=2, u=16, target_modules=["q_proj", "v_proj", "down_proj"]),
     "tinylora-tied": lambda: peft.TinyLoraConfig(r=3, u=8, weight_tying=0.5, projection_seed=7,
                                                  target_modules=["q_proj", "v_proj", "down_proj"]),
@@ -158,6 +162,8 @@ def formula(kind: str, saved: dict[str, torch.Tensor], config: dict, module: str
             @ t["tinylora_A"]
     if kind.startswith("glora"):  # W + W * A + B (a path: Xd @ Xu, a column X, a scalar X, zeros)
         return w + w * glora_path(t, "A") + glora_path(t, "B")
+    if kind.startswith("waveft"):  # scaling * (the Haar idwt2 of the spectrum, or the spectrum itself)
+        return w + waveft_delta(t["waveft_spectrum"], config, w.shape)
     if kind == "fourierft":  # scaling * Re(ifft2) of the spectrum at the locations torch.randperm gives the seed
         return w + fourier_delta(t["fourierft_spectrum"], config, w.shape)
     if kind == "frod":  # U (S + diag(lambda)) V^T, U = W V^-T with unit columns, S sparse, V the category's
@@ -231,6 +237,29 @@ def tinylora_v(saved: dict, config: dict, module: str) -> torch.Tensor:
     groups = max(1, round(n * (1 - config["weight_tying"])))
     group = min(names.index(module) // max(1, n // groups), groups - 1)
     return saved[f"base_model.tinylora_v.{group}"].double()
+
+
+def waveft_delta(spectrum: torch.Tensor, config: dict, shape: tuple[int, int]) -> torch.Tensor:
+    """WaveFT's delta in float64 from its definition: the spectrum at torch.randperm's locations, then
+    (use_idwt) the one-level 2-D Haar synthesis: each output 2 x 2 block (2i, 2j) is
+    [[a + b + c + d, a + b - c - d], [a - b + c - d, a - b - c + d]] / 2 from LL a, LH b (top right: its
+    rows high-pass), HL c (bottom left: its columns high-pass), HH d (bottom right) at (i, j); sides padded to
+    even (the weight first), cropped."""
+    out, cols = shape
+    flat = torch.randperm(out * cols, generator=torch.Generator().manual_seed(config["random_loc_seed"]))
+    dense = torch.zeros(out * cols, dtype=torch.float64)
+    dense[flat[: spectrum.shape[0]]] = spectrum
+    dense = dense.view(out, cols)
+    if not config["use_idwt"]:
+        return dense * config["scaling"]
+    padded = torch.zeros(out + out % 2, cols + cols % 2, dtype=torch.float64)
+    padded[:out, :cols] = dense
+    h, w = padded.shape[0] // 2, padded.shape[1] // 2
+    a, b, c, d = padded[:h, :w], padded[:h, w:], padded[h:, :w], padded[h:, w:]
+    result = torch.zeros_like(padded)
+    result[0::2, 0::2], result[0::2, 1::2] = (a + b + c + d) / 2, (a + b - c - d) / 2
+    result[1::2, 0::2], result[1::2, 1::2] = (a - b + c - d) / 2, (a - b - c + d) / 2
+    return result[:out, :cols] * config["scaling"]
 
 
 def fourier_delta(spectrum: torch.Tensor, config: dict, shape: tuple[int, int], magnitude: bool = False) -> torch.Tensor:
@@ -422,6 +451,9 @@ def test_method_merges_like_peft(tmp_path: Path, bases: dict, arch: str, kind: s
             elif kind == "boft":  # |W| @ |R|^T * |s|
                 magnitude = (w.double().abs() @ boft_rotation(saved[f"base_model.model.{module}.boft_R"].double()).abs().T
                              * saved[f"base_model.model.{module}.boft_s"].double().abs())
+            elif kind.startswith("waveft"):
+                magnitude = w.double().abs() + waveft_delta(saved[f"base_model.model.{module}.waveft_spectrum"].double()
+                                                            .abs(), {**config, "use_idwt": False}, w.shape).abs() * 4
             elif kind == "fourierft":
                 magnitude = w.double().abs() + fourier_delta(saved[f"base_model.model.{module}.fourierft_spectrum"].double(),
                                                              config, w.shape, magnitude=True)
@@ -481,7 +513,7 @@ def test_ia3_composes_with_lora_in_the_order_given(tmp_path: Path, bases: dict, 
     ({"peft_type": "NOT_A_TYPE"}, "peft_type 'NOT_A_TYPE' is not mergeable by streammerge (LORA, ADALORA, BEFT, BOFT, "
                                   "C3A, DEFT, DELORA, FOURIERFT, FROD, GLORA, GRALORA, HIRA, HRA, IA3, LN_TUNING, LOHA, "
                                   "LOKR, MISS, OFT, OSF, PEANUT, PVERA, RANDLORA, ROAD, SHIRA, SUPERTUNING, TINYLORA, "
-                                  "UNILORA, VBLORA and VERA are)"),
+                                  "UNILORA, VBLORA, VERA and WAVEFT are)"),
     ({"peft_type": "PSOFT", "r": 4}, "is not merged by streammerge: its delta is rebuilt at load time from a float32 SVD "
                                      "of the base weight"),
     ({"peft_type": "IA3", "fan_in_fan_out": True, "target_modules": ["c_attn"]},
@@ -505,6 +537,28 @@ def test_methods_not_merged_are_refused_by_name(tmp_path: Path, bases: dict, con
     assert main(["--base", str(bases["llama"]), "--adapter", str(adapter), "--output", str(out)]) != 0
     err = capsys.readouterr().err
     assert said in err and len(err.strip().splitlines()) == 1 and not out.exists()
+
+
+@pytest.mark.parametrize("shape", [(5, 7), (6, 9), (8, 8)])
+def test_waveft_haar_entries_are_peft_s_own_delta(shape: tuple[int, int]) -> None:
+    """Odd sides too (PEFT pads the spectrum to even sides, centred, and crops): a WaveFT layer made by
+    PEFT on a Linear of that shape, its get_delta_weight against streammerge's sparse entries."""
+    from streammerge.deltas.locations import randperm_prefix
+    from streammerge.deltas.spectral import haar_entries
+
+    out, cols = shape
+    model = torch.nn.Sequential()
+    model.add_module("proj", torch.nn.Linear(cols, out, bias=False))
+    model = peft.get_peft_model(model, peft.WaveFTConfig(n_frequency=12, scaling=1.0, random_loc_seed=9,
+                                                         target_modules=["proj"]))
+    layer = model.base_model.model.proj
+    torch.manual_seed(1)
+    layer.waveft_spectrum["default"].data = torch.randn(12)
+    want = layer.get_delta_weight("default").double()
+    flat = torch.from_numpy(randperm_prefix(out * cols, 12, 9))
+    r, c, x = haar_entries(flat // cols, flat % cols, layer.waveft_spectrum["default"].detach().double(), out, cols)
+    got = torch.zeros(out, cols, dtype=torch.float64).index_put_((r, c), x, accumulate=True)
+    assert torch.allclose(got, want, atol=1e-6), (got, want)
 
 
 def adalora_adapter(base: Path, out: Path) -> Path:

@@ -90,6 +90,7 @@ ROLES: dict[str, dict[str, str]] = {
     "OSF": {"osf_svd_params.U_low": "U", "osf_svd_params.S_low": "S", "osf_svd_params.V_low": "V"},
     "FROD": {"frod_lambda_l": "lambda_l", "frod_lambda_s_values": "values"},
     "FOURIERFT": {"fourierft_spectrum": "spectrum"},
+    "WAVEFT": {"waveft_spectrum": "spectrum"},
     "TINYLORA": {"tinylora_A": "A", "tinylora_B": "B", "tinylora_P": "P"},
     "GLORA": {f"glora_{x}.{saved}": f"{x}_{role}" for x in "ABCDE" for saved, role in
               (("Xd", "d"), ("Xu", "u"), ("X", "x"), ("zeros", "0"))},
@@ -222,6 +223,7 @@ BUILDERS: dict[str, Callable[[Spec], LoraModule]] = {
     "SUPERTUNING": lambda spec: _supertuning(spec),
     "UNILORA": lambda spec: _unilora(spec),
     "FOURIERFT": lambda spec: _fourierft(spec),
+    "WAVEFT": lambda spec: _fourierft(spec),
     "TINYLORA": lambda spec: (spec.needs({"A"}, {"B"}, {"P"}), spec.plain(spec.roles["A"].shape[0]))[1],
     "GLORA": lambda spec: _glora(spec),
     "DEFT": lambda spec: deft(spec),
@@ -246,8 +248,13 @@ def _glora(spec: Spec) -> LoraModule:
 
 
 def _fourierft(spec: Spec) -> LoraModule:
-    """FourierFT: n (its r here) spectrum entries, scaled by the config's scaling; the seed locates them."""
+    """FourierFT and WaveFT: n (their r here) spectrum entries, scaled by the config's scaling; the seed
+    locates them. WaveFT's inverse transform is read for the Haar wavelet (db1) only."""
     scaling, seed = spec.config.get("scaling"), spec.config.get("random_loc_seed")
+    family = spec.config.get("wavelet_family", "db1")
+    if spec.peft_type == "WAVEFT" and spec.config.get("use_idwt", True) and family not in ("db1", "haar"):
+        raise UnsupportedError(f"{spec.where}: WaveFT with wavelet_family {family!r} is not merged by this version "
+                               "(db1 / haar, or use_idwt=false, are); its longer filters are not read")
     if not isinstance(scaling, (int, float)) or not isinstance(seed, int) or isinstance(seed, bool):
         raise InputError(f"{spec.where}: FourierFT needs a number scaling and an integer random_loc_seed, got "
                          f"scaling={scaling!r}, random_loc_seed={seed!r}")

@@ -69,7 +69,7 @@ def _saved_module(param_path: str, modules_to_save: list[str]) -> bool:
 
 MERGED_TYPES = ("LORA, ADALORA, BEFT, BOFT, C3A, DEFT, DELORA, FOURIERFT, FROD, GLORA, GRALORA, HIRA, HRA, IA3, "
                 "LN_TUNING, LOHA, LOKR, MISS, OFT, OSF, PEANUT, PVERA, RANDLORA, ROAD, SHIRA, SUPERTUNING, TINYLORA, "
-                "UNILORA, VBLORA and VERA")
+                "UNILORA, VBLORA, VERA and WAVEFT")
 # PEFT types with no static weight delta: why each cannot be merged into the weights at all
 NO_WEIGHT_DELTA = {
     "PROMPT_TUNING": "soft prompt tokens prepended to the input",
@@ -91,7 +91,6 @@ NOT_MERGED = {
     "PSOFT": "rebuilt at load time from a float32 SVD of the base weight (its A and B are not saved), and the saved "
              "rotation only fits the singular vectors' signs that SVD happened to give: a merge that recomputes them "
              "elsewhere (another LAPACK, the GPU, another dtype) may silently apply it to flipped vectors",
-    "WAVEFT": "an inverse wavelet transform of a sparse spectrum over the whole weight, not read by this version",
     "ADAMSS": "subspaces found by clustering the base weight (scikit-learn) at load time, not read by this version",
 }
 

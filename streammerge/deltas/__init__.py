@@ -11,7 +11,7 @@ here (``roles.ByRole`` gives what the non-LoRA ones share) and a row in ``METHOD
 branches on the method. Methods (in this package's modules): LoRA and its variants (``lora``,
 ``dora``), IA3 (``ia3``), LoHa, LoKr, VeRA, PVeRA, AdaLoRA, SHiRA, supertuning, C3A (``additive``), DeLoRA,
 HiRA, BEFT, RandLoRA, GraLoRA, VB-LoRA, UniLoRA, TinyLoRA (``structured``), OFT (``oft``), BOFT (``boft``), HRA (``hra``), RoAd (``road``),
-MiSS (``miss``), DEFT, PEANuT, FRoD, OSF (``fromweight``: deltas that depend on W itself), FourierFT (``spectral``), GLoRA (``glora``).
+MiSS (``miss``), DEFT, PEANuT, FRoD, OSF (``fromweight``: deltas that depend on W itself), FourierFT, WaveFT (``spectral``), GLoRA (``glora``).
 
 Imports no torch: the plan asks ``factor_keys`` from headers alone.
 """
@@ -121,6 +121,7 @@ METHODS: dict[str, Method] = {
     "frod": fromweight.FROD,
     "osf": fromweight.OSF,
     "fourierft": spectral.FOURIERFT,
+    "waveft": spectral.WAVEFT,
     "tinylora": structured.TINYLORA,
     "glora": glora.GLORA,
     "glora_bias": glora.GLORA_BIAS,

@@ -1,10 +1,20 @@
-"""FourierFT: ``W += s * scaling * Re(ifft2(F))``, F zero but for the saved spectrum at n locations
+"""FourierFT and WaveFT, spectra at n locations drawn by ``torch.randperm(out * in)`` from the saved seed.
+
+FourierFT: ``W += s * scaling * Re(ifft2(F))``, F zero but for the saved spectrum at n locations
 drawn by ``torch.randperm(out * in)`` from the saved seed (``locations.py``). Row-local: element
 (r, c) of Re(ifft2(F)) is ``sum_k f_k cos(2 pi (u_k r / out + v_k c / in)) / (out in)``, so a block of
 rows is ``(cos(R) f) @ cos(C) - (sin(R) f) @ sin(C)``: the column tables (n x in) are built once per
 tensor (``held_floats``), the row tables per block, in pieces of at most ``in`` frequencies (three
 floats of temporaries per element of a block). Angles are reduced exactly in integers (u r mod out) before the
 float64 cos / sin, then float32 (PEFT's ifft2 runs in float32 too).
+
+WaveFT: ``W += s * scaling * idwt2(F)`` (or ``s * scaling * F`` without the inverse transform). With the
+Haar wavelet (db1; PEFT's default) the one-level inverse transform of F (padded to even sides, cut
+into its four quadrants LL, LH, HL, HH) puts each entry f at (i, j) of its quadrant into the 2 x 2
+block at (2i, 2j) of the output as f * outer(row filter, column filter): LL (lo, lo), LH (hi, lo),
+HL (lo, hi), HH (hi, hi), lo = (1, 1) / sqrt(2), hi = (1, -1) / sqrt(2); the result is cropped
+to the weight. So the delta is sparse, four entries an entry (``additive.Sparse``). Other wavelet
+families are refused (their longer filters are not read by this version).
 """
 
 from __future__ import annotations
@@ -13,6 +23,7 @@ import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from .additive import Sparse
 from .roles import ByRole
 
 if TYPE_CHECKING:
@@ -32,6 +43,13 @@ def spectrum_locations(d: Delta, n: int) -> tuple[torch.Tensor, torch.Tensor]:
     out, cols = d.shape
     flat = torch.from_numpy(randperm_prefix(out * cols, n, int(d.adapter.config["random_loc_seed"])))
     return flat // cols, flat % cols
+
+
+def spectrum_fits(d: Delta, tensor: str, info: TensorInfo) -> str | None:
+    n = d.adapter.tensors[d.lora.key("spectrum")].numel
+    if len(info.shape) != 2 or n > info.numel:
+        return f"{d.lora.module}: {d.method}'s {n} spectrum entries do not fit {tensor} {list(info.shape)}"
+    return None
 
 
 def angles(index: torch.Tensor, positions: torch.Tensor, period: int) -> torch.Tensor:
@@ -66,10 +84,7 @@ class FourierFT(ByRole):
     block_buffers = 3
 
     def check(self, d: Delta, tensor: str, info: TensorInfo) -> str | None:
-        n = d.adapter.tensors[d.lora.key("spectrum")].numel
-        if len(info.shape) != 2 or n > info.numel:
-            return f"{d.lora.module}: FourierFT's {n} frequencies do not fit {tensor} {list(info.shape)}"
-        return None
+        return spectrum_fits(d, tensor, info)
 
     def held_floats(self, d: Delta) -> int:
         return (2 + 2) * d.lora.r * d.shape[1]  # (the float32 column tables; their float64 angles while built)
@@ -86,4 +101,49 @@ class FourierFT(ByRole):
         return FourierDelta(f, u, cos_c, sin_c, out, d.scale / (out * cols))
 
 
-FOURIERFT = FourierFT()
+def haar_entries(u: torch.Tensor, v: torch.Tensor, f: torch.Tensor, out: int, cols: int
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(rows, columns, values) of the Haar idwt2 of F (zero but for f at (u, v)), cropped to out x cols."""
+    import torch
+
+    tall, wide = out + out % 2, cols + cols % 2  # (even sides; PEFT centres the weight in them)
+    p, q = u + (tall - out) // 2, v + (wide - cols) // 2
+    half_r, half_c = tall // 2, wide // 2
+    lower, right = p >= half_r, q >= half_c
+    i, j = p - half_r * lower, q - half_c * right
+    # quadrant -> (row filter is hi, column filter is hi): LL (no, no), LH = top right (yes, no),
+    # HL = bottom left (no, yes), HH (yes, yes)
+    row_hi, col_hi = right, lower
+    root = 2.0**-0.5
+    rows, columns, values = [], [], []
+    for a in (0, 1):
+        for b in (0, 1):
+            sign = torch.where(row_hi & (a == 1), -1.0, 1.0) * torch.where(col_hi & (b == 1), -1.0, 1.0)
+            rows.append(2 * i + a - (tall - out) // 2)
+            columns.append(2 * j + b - (wide - cols) // 2)
+            values.append(f * sign.to(f.dtype) * (root * root))
+    r, c, x = torch.cat(rows), torch.cat(columns), torch.cat(values)
+    keep = (r >= 0) & (r < out) & (c >= 0) & (c < cols)
+    return r[keep], c[keep], x[keep]
+
+
+@dataclass(frozen=True)
+class WaveFT(ByRole):
+    roles = ("spectrum",)
+
+    def check(self, d: Delta, tensor: str, info: TensorInfo) -> str | None:
+        return spectrum_fits(d, tensor, info)
+
+    def held_floats(self, d: Delta) -> int:
+        return 4 * 5 * d.lora.r  # (four output entries a coefficient: rows and columns int64, values)
+
+    def load(self, d: Delta, factors: Factors) -> Sparse:
+        f = factors.get(d.adapter, d.lora.key("spectrum"))
+        out, cols = d.shape
+        u, v = (factors.put(x) for x in spectrum_locations(d, f.shape[0]))
+        if d.adapter.config.get("use_idwt", True):
+            return Sparse(*haar_entries(u, v, f, out, cols), d.scale)
+        return Sparse(u, v, f, d.scale)
+
+
+FOURIERFT, WAVEFT = FourierFT(), WaveFT()
