@@ -214,14 +214,23 @@ def _gralora(d: Delta, row: int, exact: torch.Tensor, size: torch.Tensor, f: Fac
 
 
 def _boft(d: Delta, row: int, exact: torch.Tensor, size: torch.Tensor, f: Factors64, before: Before) -> Row:
-    """PEFT's BOFT on one row: blocks rotated by the Cayley map of their skew parts, then the row scale."""
-    r, s = f(d, "R")[0], f(d, "s")[row, 0]
-    skew = 0.5 * (r - r.transpose(1, 2))
-    eye = torch.eye(r.shape[-1], dtype=torch.float64)
-    q = (eye - skew) @ torch.linalg.inv(eye + skew)  # (blocks, b, b)
-    rotated = torch.einsum("rk,rck->rc", exact.view(q.shape[0], -1), q).reshape(-1)
-    magnitude = torch.einsum("rk,rck->rc", size.view(q.shape[0], -1), q.abs()).reshape(-1)
-    return rotated * s, magnitude * abs(s), r.shape[-1] + 5
+    """PEFT's BOFT on one row: for each butterfly factor the columns permuted, the blocks rotated by
+    the Cayley map of their skew parts, permuted back; then the row scale."""
+    from .deltas.boft import butterfly_perm
+
+    r, s = f(d, "R"), f(d, "s")[row, 0]
+    n, blocks, b = r.shape[0], r.shape[1], r.shape[2]
+    skew = 0.5 * (r - r.transpose(-1, -2))
+    eye = torch.eye(b, dtype=torch.float64)
+    q = (eye - skew) @ torch.linalg.inv(eye + skew)  # (factors, blocks, b, b)
+    for i in range(n):
+        perm = torch.tensor(butterfly_perm(blocks * b, blocks // 2**i, b // 2, n))
+        x, m = torch.empty_like(exact), torch.empty_like(size)
+        x[perm], m[perm] = exact, size
+        x = torch.einsum("rk,rck->rc", x.view(blocks, -1), q[i]).reshape(-1)
+        m = torch.einsum("rk,rck->rc", m.view(blocks, -1), q[i].abs()).reshape(-1)
+        exact, size = x[perm], m[perm]
+    return exact * s, size * abs(s), n * (b + 5)
 
 
 def _vb_side(d: Delta, f: Factors64, side: str) -> torch.Tensor:

@@ -561,6 +561,51 @@ def test_waveft_haar_entries_are_peft_s_own_delta(shape: tuple[int, int]) -> Non
     assert torch.allclose(got, want, atol=1e-6), (got, want)
 
 
+@pytest.mark.parametrize("factors, block", [(2, 4), (3, 2)])
+def test_boft_with_several_butterfly_factors(tmp_path: Path, bases: dict, factors: int, block: int,
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """BOFT with more than one butterfly factor (PEFT keeps them only with its CUDA extension, so the
+    test lets PEFT believe it has one while it builds the layers, then reads PEFT's own permutation
+    matrices boft_P): W' = W (P_N-1 D_N-1 P_N-1^T ... P_0 D_0 P_0^T)^T * s in float64, D_i the Cayley
+    rotations of the saved blocks. PEFT cannot merge these on the CPU itself (block_diag of 3-D blocks)."""
+    import transformers
+    from peft.tuners.boft import layer as boft_layer
+
+    base = bases["llama"]
+    monkeypatch.setattr(boft_layer, "get_fbd_cuda", lambda: True)
+    model = transformers.AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    model = peft.get_peft_model(model, peft.BOFTConfig(boft_block_size=block, boft_n_butterfly_factor=factors,
+                                                       target_modules=["q_proj", "down_proj"]))
+    torch.manual_seed(4)
+    for _, p in model.named_parameters():
+        if p.requires_grad:
+            p.data = 0.3 * torch.randn_like(p) + (1 if p.shape[-1] == 1 else 0)
+    adapter = tmp_path / "adapter"
+    model.save_pretrained(adapter)
+    layers = {n.removeprefix("base_model.model."): m for n, m in model.named_modules() if hasattr(m, "boft_P")
+              and "default" in getattr(m, "boft_R", {})}
+    out = tmp_path / "out"
+    assert main(["--base", str(base), "--adapter", str(adapter), "--output", str(out), "-q"]) == 0
+    got, ref = read_checkpoint(out), read_checkpoint(base)
+    assert len(layers) == 4
+    for name, layer in layers.items():
+        r = layer.boft_R["default"].detach().double()
+        assert r.shape[0] == factors
+        skew = 0.5 * (r - r.transpose(-1, -2))
+        eye = torch.eye(r.shape[-1], dtype=torch.float64).expand_as(skew)
+        q = torch.linalg.solve(eye + skew, eye - skew, left=False)
+        mat = torch.eye(r.shape[1] * r.shape[2], dtype=torch.float64)
+        for i in range(factors):
+            p = layer.boft_P[i].double()
+            mat = p @ torch.block_diag(*q[i]) @ p.T @ mat
+        w = ref[f"{name}.weight"].double()
+        s = layer.boft_s["default"].detach().double()
+        exact = w @ mat.T * s
+        magnitude = w.abs() @ mat.abs().T * s.abs() * factors
+        assert one_rounding(exact, got[f"{name}.weight"], magnitude), name
+    assert main(["verify", str(out)]) == 0
+
+
 def adalora_adapter(base: Path, out: Path) -> Path:
     """An AdaLoRA adapter pruned by PEFT itself: a few training steps of update_and_allocate make its
     rank_pattern (the format), every tensor is then randomised, and the masks are set to a known mix

@@ -298,10 +298,8 @@ def _vblora(spec: Spec) -> LoraModule:
 def _boft(spec: Spec) -> LoraModule:
     spec.needs({"R"}, {"s"})
     shape = spec.roles["R"].shape
-    if len(shape) != 4 or shape[0] != 1:
-        raise UnsupportedError(f"{spec.where}: BOFT {spec.module!r} has {shape[0] if shape else '?'} butterfly factors "
-                               "(boft_R " f"{list(shape)}); this version merges one (what PEFT trains without its CUDA "
-                               "extension)")
+    if len(shape) != 4:
+        raise InputError(f"{spec.where}: BOFT {spec.module!r} has boft_R {list(shape)}; expected (factors, blocks, b, b)")
     return spec.plain(shape[1])
 
 
