@@ -229,12 +229,14 @@ def test_a_gptq_or_awq_base_stays_under_budget(tmp_path: Path, layout: str) -> N
     assert merged.dtype == torch.bfloat16 and ((merged[rows].double() - exact).abs() <= bound).all()
 
 
-@pytest.mark.parametrize("kind", ["loha", "ia3", "road", "deft"])
+@pytest.mark.parametrize("kind", ["loha", "ia3", "road", "deft", "fourierft"])
 def test_other_methods_stay_under_budget(tmp_path: Path, big: tuple[Path, Path], kind: str) -> None:
     """One method of each kind on the 8192 x 8192 weight at --max-mem 64MB: LoHa (additive, two
     products of a block's size as temporaries, counted in the working set), IA3 (multiplicative,
     the input side: every row scaled by the same vector), RoAd (pairs of output rows: chunks of
-    whole groups of 64 rows) and DEFT (its delta needs relu(P).T @ W over every row: a first pass)."""
+    whole groups of 64 rows), DEFT (its delta needs relu(P).T @ W over every row: a first pass) and
+    FourierFT (dense from a few saved numbers: its locations regenerated without the 67M-element
+    permutation, its cos / sin tables over the columns held with the factors)."""
     base, _ = big
     gen = torch.Generator().manual_seed(4)
     adapter = tmp_path / "adapter"
@@ -247,8 +249,11 @@ def test_other_methods_stay_under_budget(tmp_path: Path, big: tuple[Path, Path],
     elif kind == "road":
         factors, config = {"road_theta": (8192,), "road_alpha": (8192,)}, {"peft_type": "ROAD", "variant": "road_2",
                                                                           "group_size": 64}
-    else:
+    elif kind == "deft":
         factors, config = {"deft_P": (8192, 8), "deft_R": (8, 8192)}, {"peft_type": "DEFT", "r": 8}
+    else:
+        factors = {"fourierft_spectrum": (40,)}
+        config = {"peft_type": "FOURIERFT", "scaling": 1e8, "random_loc_seed": 3}
     tensors = {f"base_model.model.big.{k}": torch.randn(s, generator=gen) * 0.1 + (1 if kind == "ia3" else 0)
                for k, s in factors.items()}
     save_file(tensors, adapter / "adapter_model.safetensors")
@@ -273,6 +278,12 @@ def test_other_methods_stay_under_budget(tmp_path: Path, big: tuple[Path, Path],
         right = t["deft_P"].clamp(min=0)
         m = sum(right[r : r + 1024].T @ whole[r : r + 1024].double() for r in range(0, 8192, 1024))
         exact = w + t["deft_P"][::331] @ (t["deft_R"] - m)
+    elif kind == "fourierft":  # scaling / (M N) sum_k f_k cos(2 pi (u_k r / M + v_k c / N)), torch.randperm's places
+        flat = torch.randperm(8192 * 8192, generator=torch.Generator().manual_seed(3))[:40]
+        u, v = flat // 8192, flat % 8192
+        rows, cols = torch.arange(0, 8192, 331), torch.arange(8192)
+        phase = ((torch.outer(rows, u) % 8192).double()[:, None, :] + (torch.outer(cols, v) % 8192).double()[None]) / 8192
+        exact = w + 1e8 / 8192**2 * (torch.cos(2 * torch.pi * phase) @ t["fourierft_spectrum"])
     else:  # row i pairs with i + 32 (first half of its group of 64) or i - 32
         rows = torch.arange(0, 8192, 331)
         first = rows % 64 < 32

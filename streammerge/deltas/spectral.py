@@ -34,6 +34,9 @@ if TYPE_CHECKING:
     from . import Factors
 
 
+BUILD_ELEMENTS = 1 << 18  # float64 angles computed at a time while the column tables are built
+
+
 def spectrum_locations(d: Delta, n: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(rows, columns) of the n spectrum entries of ``d``'s weight, as PEFT draws them."""
     import torch
@@ -87,7 +90,7 @@ class FourierFT(ByRole):
         return spectrum_fits(d, tensor, info)
 
     def held_floats(self, d: Delta) -> int:
-        return (2 + 2) * d.lora.r * d.shape[1]  # (the float32 column tables; their float64 angles while built)
+        return 2 * d.lora.r * d.shape[1] + 2 * BUILD_ELEMENTS  # (the float32 column tables; float64 angles)
 
     def load(self, d: Delta, factors: Factors) -> FourierDelta:
         import torch
@@ -95,9 +98,12 @@ class FourierFT(ByRole):
         f = factors.get(d.adapter, d.lora.key("spectrum"))
         out, cols = d.shape
         u, v = (factors.put(x) for x in spectrum_locations(d, f.shape[0]))
-        col = angles(v, torch.arange(cols, device=f.device), cols).t()  # (n, in)
-        cos_c, sin_c = col.cos().float(), col.sin().float()
-        del col
+        positions = torch.arange(cols, device=f.device)
+        cos_c, sin_c = (torch.empty(f.shape[0], cols, dtype=torch.float32, device=f.device) for _ in range(2))
+        step = max(1, BUILD_ELEMENTS // cols)
+        for k0 in range(0, f.shape[0], step):  # (float64 angles a piece of frequencies at a time)
+            cos_c[k0 : k0 + step] = angles(v[k0 : k0 + step], positions, cols).t().cos_()
+            sin_c[k0 : k0 + step] = angles(v[k0 : k0 + step], positions, cols).t().sin_()
         return FourierDelta(f, u, cos_c, sin_c, out, d.scale / (out * cols))
 
 
