@@ -772,16 +772,20 @@ def test_mixed_methods_in_one_pass_match_separate_runs(tmp_path: Path, bases: di
         assert set(together) == set(alone) and all(torch.equal(bits(together[n]), bits(alone[n])) for n in alone), name
 
 
-@pytest.mark.parametrize("kind", ["ia3", "loha", "oft"])
+@pytest.mark.parametrize("kind", ["ia3", "loha", "oft", "fourierft", "waveft", "peanut"])
 def test_an_untrained_adapter_of_another_method_is_refused(tmp_path: Path, bases: dict, kind: str, capsys) -> None:
-    """PEFT's own initialisation (IA3 all ones, LoHa with a zero factor, OFT with zero rotations): an
-    identity, refused as the untrained LoRA is, unless --allow-noop; a trained one is merged."""
+    """PEFT's own initialisation (IA3 all ones, LoHa with a zero factor, OFT with zero rotations, FourierFT's
+    (init_weights=True) and WaveFT's zero spectra, PEANuT's zero B): an identity, refused as the untrained LoRA is, unless
+    --allow-noop; a trained one is merged."""
     import transformers
 
     base = bases["llama"]
     config = {"ia3": peft.IA3Config(target_modules=["k_proj"], feedforward_modules=[]),
               "loha": peft.LoHaConfig(r=4, alpha=8, target_modules=["q_proj"]),
-              "oft": peft.OFTConfig(r=4, oft_block_size=0, target_modules=["q_proj"])}[kind]
+              "oft": peft.OFTConfig(r=4, oft_block_size=0, target_modules=["q_proj"]),
+              "fourierft": peft.FourierFTConfig(n_frequency=20, init_weights=True, target_modules=["q_proj"]),
+              "waveft": peft.WaveFTConfig(n_frequency=20, target_modules=["q_proj"]),
+              "peanut": peft.PeanutConfig(r=4, target_modules=["q_proj"])}[kind]
     model = peft.get_peft_model(transformers.AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32), config)
     model.save_pretrained(tmp_path / "adapter")
     out = tmp_path / "out"
@@ -789,5 +793,5 @@ def test_an_untrained_adapter_of_another_method_is_refused(tmp_path: Path, bases
     assert "changes nothing (every module is an identity as saved" in capsys.readouterr().err and not out.exists()
     assert main(["--base", str(base), "--adapter", str(tmp_path / "adapter"), "--output", str(out), "-q",
                  "--allow-noop"]) == 0
-    trained, _ = make_adapter(base, tmp_path / "trained", kind if kind != "oft" else "oft")
+    trained, _ = make_adapter(base, tmp_path / "trained", kind)
     assert main(["--base", str(base), "--adapter", str(trained), "--output", str(tmp_path / "t"), "-q"]) == 0

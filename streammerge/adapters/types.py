@@ -132,7 +132,8 @@ ZERO_KILLS: dict[str, tuple[str, ...]] = {
     "loha": ("w1a", "w1b", "w2a", "w2b"), "lokr": ("w1", "w1a", "w1b", "w2", "w2a", "w2b"),
     "vera": ("lambda_b", "lambda_d"), "pvera": ("lambda_b", "lambda_d"), "adalora": ("A", "B", "E"),
     "delora": ("A", "B", "lambda"), "hira": ("A", "B"), "randlora": ("lambda", "gamma"), "c3a": ("kernel",),
-    "shira": ("values",), "beft": ("bias",), "oft": ("R",), "miss": ("B",),
+    "shira": ("values",), "beft": ("bias",), "oft": ("R",), "miss": ("B",), "fourierft": ("spectrum",),
+    "waveft": ("spectrum",), "tinylora": ("v",), "peanut": ("B",),
 }
 ONE = {"F32": b"\x00\x00\x80\x3f", "BF16": b"\x80\x3f", "F16": b"\x00\x3c"}  # 1.0, little-endian
 
