@@ -265,8 +265,8 @@ def _unilora(spec: Spec) -> LoraModule:
     """UniLoRA with its index maps saved (save_indices); without them PEFT draws them at random."""
     if not {"idx_A", "idx_B", "scales_A", "scales_B"} <= set(spec.roles):
         raise UnsupportedError(f"{spec.where}: UniLoRA {spec.module!r} saved without its index maps (save_indices="
-                               "false: PEFT draws them again from the random generator); re-save it with "
-                               "save_indices=True")
+                               "false: PEFT draws them again, one stream over all modules in the model's module order, "
+                               "which the adapter does not record); re-save it with save_indices=True")
     spec.needs({"theta"})
     return spec.plain(spec.roles["idx_A"].shape[0])
 
