@@ -11,6 +11,8 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from .deltas.spectral import spectrum_locations
+
 if TYPE_CHECKING:
     from .plan.types import Delta
 
@@ -280,8 +282,6 @@ def _fourierft(d: Delta, row: int, exact: torch.Tensor, size: torch.Tensor, f: F
     """Row ``row`` of scaling * Re(ifft2(F)): sum_k f_k cos(2 pi (u_k row / out + v_k c / in)) / (out in)."""
     import math
 
-    from .deltas.spectral import spectrum_locations
-
     spectrum = f(d, "spectrum")
     out, cols = d.shape
     u, v = spectrum_locations(d, spectrum.shape[0])
@@ -300,10 +300,10 @@ def _tinylora(d: Delta, row: int, exact: torch.Tensor, size: torch.Tensor, f: Fa
 
 
 def _waveft(d: Delta, row: int, exact: torch.Tensor, size: torch.Tensor, f: Factors64, before: Before) -> Row:
-    """Row ``row`` of scaling * (the spectrum, or its one-level Haar synthesis: a coefficient at (i, j) of
-    a quadrant fills the 2 x 2 block at (2i, 2j), halved, negated in its second row when its rows are the
-    high-pass half (the right quadrants), in its second column when its columns are (the lower ones))."""
-    from .deltas.spectral import spectrum_locations
+    """Row ``row`` of scaling * (the spectrum, or its one-level synthesis): a coefficient at (i, j) of a
+    quadrant reaches rows 2i + a - top (a < L), there with row-filter tap a (the high-pass filter in
+    the right quadrants) times every column tap b at 2j + b - left (high-pass in the lower ones)."""
+    from .deltas.spectral import wavelet_filters
 
     spectrum = f(d, "spectrum")
     out, cols = d.shape
@@ -313,16 +313,21 @@ def _waveft(d: Delta, row: int, exact: torch.Tensor, size: torch.Tensor, f: Fact
         mine = u == row
         term.index_add_(0, v[mine], spectrum[mine])
     else:
-        tall, wide = out + out % 2, cols + cols % 2
-        top, left = (tall - out) // 2, (wide - cols) // 2
-        p, q = u + top, v + left
-        lower, right = (p >= tall // 2), (q >= wide // 2)
+        lo, hi = (torch.tensor(x, dtype=torch.float64) for x in
+                  wavelet_filters(str(d.adapter.config.get("wavelet_family", "db1"))))
+        taps = lo.shape[0]
+        tall, wide = out + taps - 2, cols + taps - 2
+        tall, wide = tall + tall % 2, wide + wide % 2
+        p, q = u + (tall - out) // 2, v + (wide - cols) // 2
+        lower, right = p >= tall // 2, q >= wide // 2
         i, j = p - (tall // 2) * lower, q - (wide // 2) * right
-        a = row + top - 2 * i  # 0 or 1 where the coefficient reaches this row
-        for b in (0, 1):
-            hit = (a == 0) | (a == 1)
-            value = spectrum[hit] / 2 * torch.where(right[hit] & (a[hit] == 1), -1.0, 1.0) \
-                * torch.where(lower[hit] & (b == 1), -1.0, 1.0).double()
+        top = (2 * taps - 3) // 2 + (2 * (tall // 2) - taps + 2 - out) // 2
+        left = (2 * taps - 3) // 2 + (2 * (wide // 2) - taps + 2 - cols) // 2
+        a = row + top - 2 * i
+        hit = (a >= 0) & (a < taps)
+        tap = torch.where(right[hit], hi[a[hit].clamp(0, taps - 1)], lo[a[hit].clamp(0, taps - 1)])
+        for b in range(taps):
+            value = spectrum[hit] * tap * torch.where(lower[hit], hi[b], lo[b])
             col = 2 * j[hit] + b - left
             keep = (col >= 0) & (col < cols)
             term.index_add_(0, col[keep], value[keep])

@@ -71,6 +71,8 @@ CONFIGS = {
                                               target_modules=["q_proj", "v_proj", "down_proj"]),
     "waveft": lambda: peft.WaveFTConfig(n_frequency=200, scaling=2.0, random_loc_seed=5,
                                         target_modules=["q_proj", "v_proj", "down_proj"]),
+    "waveft-sym4": lambda: peft.WaveFTConfig(n_frequency=200, scaling=2.0, wavelet_family="sym4",
+                                             target_modules=["q_proj", "v_proj", "down_proj"]),
     "waveft-direct": lambda: peft.WaveFTConfig(n_frequency=200, scaling=2.0, use_idwt=False,
                                                target_modules=["q_proj", "v_proj", "down_proj"]),
     "tinylora": lambda: peft.TinyLoraConfig(r=2, u=16, target_modules=["q_proj", "v_proj", "down_proj"]),
@@ -252,6 +254,8 @@ def waveft_delta(spectrum: torch.Tensor, config: dict, shape: tuple[int, int]) -
     dense = dense.view(out, cols)
     if not config["use_idwt"]:
         return dense * config["scaling"]
+    if config["wavelet_family"] != "db1":  # PEFT's own synthesis (its waverec2d), on the same float64 spectrum
+        return peft_waveft_synthesis(dense, config) * config["scaling"]
     padded = torch.zeros(out + out % 2, cols + cols % 2, dtype=torch.float64)
     padded[:out, :cols] = dense
     h, w = padded.shape[0] // 2, padded.shape[1] // 2
@@ -260,6 +264,24 @@ def waveft_delta(spectrum: torch.Tensor, config: dict, shape: tuple[int, int]) -
     result[0::2, 0::2], result[0::2, 1::2] = (a + b + c + d) / 2, (a + b - c - d) / 2
     result[1::2, 0::2], result[1::2, 1::2] = (a - b + c - d) / 2, (a - b - c + d) / 2
     return result[:out, :cols] * config["scaling"]
+
+
+def peft_waveft_synthesis(dense: torch.Tensor, config: dict) -> torch.Tensor:
+    """PEFT's get_delta_weight arithmetic for a family other than Haar, in float64."""
+    from peft.tuners.waveft.constants import WAVELET_REDUCTIONS
+    from peft.tuners.waveft.waverec2d import waverec2d
+
+    out, cols = dense.shape
+    extra_r, extra_c = WAVELET_REDUCTIONS[config["wavelet_family"]]
+    tall, wide = out + extra_r, cols + extra_c
+    tall, wide = tall + tall % 2, wide + wide % 2
+    padded = torch.zeros(tall, wide, dtype=torch.float64)
+    top, left = (tall - out) // 2, (wide - cols) // 2
+    padded[top : top + out, left : left + cols] = dense
+    h, w = tall // 2, wide // 2
+    result = waverec2d((padded[:h, :w], (padded[:h, w:], padded[h:, :w], padded[h:, w:])), config["wavelet_family"])
+    r0, c0 = (result.shape[0] - out) // 2, (result.shape[1] - cols) // 2
+    return result[r0 : r0 + out, c0 : c0 + cols]
 
 
 def fourier_delta(spectrum: torch.Tensor, config: dict, shape: tuple[int, int], magnitude: bool = False) -> torch.Tensor:
@@ -539,71 +561,70 @@ def test_methods_not_merged_are_refused_by_name(tmp_path: Path, bases: dict, con
     assert said in err and len(err.strip().splitlines()) == 1 and not out.exists()
 
 
-@pytest.mark.parametrize("shape", [(5, 7), (6, 9), (8, 8)])
-def test_waveft_haar_entries_are_peft_s_own_delta(shape: tuple[int, int]) -> None:
-    """Odd sides too (PEFT pads the spectrum to even sides, centred, and crops): a WaveFT layer made by
-    PEFT on a Linear of that shape, its get_delta_weight against streammerge's sparse entries."""
+@pytest.mark.parametrize("family", ["db1", "db2", "db4", "sym3", "coif1", "coif3"])
+@pytest.mark.parametrize("shape", [(5, 7), (6, 9), (16, 12)])
+def test_waveft_synthesis_is_peft_s_own_delta(shape: tuple[int, int], family: str) -> None:
+    """Odd sides too (PEFT pads the spectrum by the filter length, to even sides, centred, and crops):
+    a WaveFT layer made by PEFT on a Linear of that shape, its get_delta_weight against streammerge's
+    sparse entries."""
     from streammerge.deltas.locations import randperm_prefix
-    from streammerge.deltas.spectral import haar_entries
+    from streammerge.deltas.spectral import synthesis_entries, wavelet_filters
 
     out, cols = shape
     model = torch.nn.Sequential()
     model.add_module("proj", torch.nn.Linear(cols, out, bias=False))
     model = peft.get_peft_model(model, peft.WaveFTConfig(n_frequency=12, scaling=1.0, random_loc_seed=9,
-                                                         target_modules=["proj"]))
+                                                         wavelet_family=family, target_modules=["proj"]))
     layer = model.base_model.model.proj
     torch.manual_seed(1)
     layer.waveft_spectrum["default"].data = torch.randn(12)
     want = layer.get_delta_weight("default").double()
     flat = torch.from_numpy(randperm_prefix(out * cols, 12, 9))
-    r, c, x = haar_entries(flat // cols, flat % cols, layer.waveft_spectrum["default"].detach().double(), out, cols)
+    r, c, x = synthesis_entries(flat // cols, flat % cols, layer.waveft_spectrum["default"].detach().double(), out,
+                                cols, wavelet_filters(family))
     got = torch.zeros(out, cols, dtype=torch.float64).index_put_((r, c), x, accumulate=True)
     assert torch.allclose(got, want, atol=1e-6), (got, want)
 
 
-@pytest.mark.parametrize("factors, block", [(2, 4), (3, 2)])
-def test_boft_with_several_butterfly_factors(tmp_path: Path, bases: dict, factors: int, block: int,
-                                             monkeypatch: pytest.MonkeyPatch) -> None:
-    """BOFT with more than one butterfly factor (PEFT keeps them only with its CUDA extension, so the
-    test lets PEFT believe it has one while it builds the layers, then reads PEFT's own permutation
-    matrices boft_P): W' = W (P_N-1 D_N-1 P_N-1^T ... P_0 D_0 P_0^T)^T * s in float64, D_i the Cayley
-    rotations of the saved blocks. PEFT cannot merge these on the CPU itself (block_diag of 3-D blocks)."""
-    import transformers
-    from peft.tuners.boft import layer as boft_layer
+def test_wavelet_taps_read_are_peft_s() -> None:
+    """The families read take their taps from PyWavelets: equal to PEFT's own table (coif4 and coif5,
+    where PEFT's differ, are refused)."""
+    from peft.tuners.waveft.waverec2d import _as_wavelet
 
-    base = bases["llama"]
-    monkeypatch.setattr(boft_layer, "get_fbd_cuda", lambda: True)
-    model = transformers.AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
-    model = peft.get_peft_model(model, peft.BOFTConfig(boft_block_size=block, boft_n_butterfly_factor=factors,
-                                                       target_modules=["q_proj", "down_proj"]))
-    torch.manual_seed(4)
-    for _, p in model.named_parameters():
-        if p.requires_grad:
-            p.data = 0.3 * torch.randn_like(p) + (1 if p.shape[-1] == 1 else 0)
+    from streammerge.deltas.spectral import wavelet_filters
+
+    families = ["db1", "haar", *(f"db{i}" for i in range(2, 11)), *(f"sym{i}" for i in range(2, 11)), "coif1", "coif2",
+                "coif3"]
+    for family in families:
+        lo, hi = wavelet_filters(family)
+        theirs = _as_wavelet(family)
+        assert torch.allclose(torch.tensor(lo, dtype=torch.float64), torch.tensor(theirs.rec_lo, dtype=torch.float64), atol=1e-10), family
+        assert torch.allclose(torch.tensor(hi, dtype=torch.float64), torch.tensor(theirs.rec_hi, dtype=torch.float64), atol=1e-10), family
+
+
+@pytest.mark.parametrize("family, said", [("coif4", "PEFT's own filters for it are not PyWavelets'"),
+                                          ("db12", "db1-db10, sym2-sym10 and coif1-coif3 are read"),
+                                          ("sym4", "pip install 'streammerge[wavelets]'")])
+def test_waveft_families_not_read_are_refused(tmp_path: Path, bases: dict, family: str, said: str, capsys,
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """coif4 / coif5 (PEFT's taps are not PyWavelets'), families PEFT lists but has no taps for, and any
+    family but Haar without PyWavelets installed: one line, nothing written."""
+    import sys
+
+    from safetensors.torch import save_file
+
+    if family == "sym4":
+        monkeypatch.setitem(sys.modules, "pywt", None)  # (as if PyWavelets were not installed)
     adapter = tmp_path / "adapter"
-    model.save_pretrained(adapter)
-    layers = {n.removeprefix("base_model.model."): m for n, m in model.named_modules() if hasattr(m, "boft_P")
-              and "default" in getattr(m, "boft_R", {})}
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text(json.dumps({"peft_type": "WAVEFT", "wavelet_family": family,
+                                                             "scaling": 1.0, "random_loc_seed": 1, "use_idwt": True}))
+    save_file({"base_model.model.model.layers.0.self_attn.q_proj.waveft_spectrum": torch.ones(8)},
+              adapter / "adapter_model.safetensors")
     out = tmp_path / "out"
-    assert main(["--base", str(base), "--adapter", str(adapter), "--output", str(out), "-q"]) == 0
-    got, ref = read_checkpoint(out), read_checkpoint(base)
-    assert len(layers) == 4
-    for name, layer in layers.items():
-        r = layer.boft_R["default"].detach().double()
-        assert r.shape[0] == factors
-        skew = 0.5 * (r - r.transpose(-1, -2))
-        eye = torch.eye(r.shape[-1], dtype=torch.float64).expand_as(skew)
-        q = torch.linalg.solve(eye + skew, eye - skew, left=False)
-        mat = torch.eye(r.shape[1] * r.shape[2], dtype=torch.float64)
-        for i in range(factors):
-            p = layer.boft_P[i].double()
-            mat = p @ torch.block_diag(*q[i]) @ p.T @ mat
-        w = ref[f"{name}.weight"].double()
-        s = layer.boft_s["default"].detach().double()
-        exact = w @ mat.T * s
-        magnitude = w.abs() @ mat.abs().T * s.abs() * factors
-        assert one_rounding(exact, got[f"{name}.weight"], magnitude), name
-    assert main(["verify", str(out)]) == 0
+    assert main(["--base", str(bases["llama"]), "--adapter", str(adapter), "--output", str(out)]) != 0
+    err = capsys.readouterr().err
+    assert said in err and len(err.strip().splitlines()) == 1 and not out.exists()
 
 
 def adalora_adapter(base: Path, out: Path) -> Path:

@@ -247,14 +247,28 @@ def _glora(spec: Spec) -> LoraModule:
                       bias_method="glora_bias" if bias else None)
 
 
+def _check_wavelet(family: str, where: Path) -> None:
+    """A WaveFT family whose filters are read: Haar built in; db2-db10, sym2-sym10, coif1-coif3 from PyWavelets."""
+    from ..deltas.spectral import FILTERS_NOT_PYWT
+
+    if family in ("db1", "haar"):
+        return
+    if family in FILTERS_NOT_PYWT or not re.fullmatch(r"(db([2-9]|10)|sym([2-9]|10)|coif[1-3])", family):
+        raise UnsupportedError(f"{where}: WaveFT with wavelet_family {family!r} is not merged by this version: PEFT's "
+                               "own filters for it are not PyWavelets' (db1-db10, sym2-sym10 and coif1-coif3 are read)")
+    try:
+        import pywt  # noqa: F401
+    except ImportError:
+        raise UnsupportedError(f"{where}: WaveFT with wavelet_family {family!r} needs its filters from PyWavelets: "
+                               "pip install 'streammerge[wavelets]'") from None
+
+
 def _fourierft(spec: Spec) -> LoraModule:
     """FourierFT and WaveFT: n (their r here) spectrum entries, scaled by the config's scaling; the seed
     locates them. WaveFT's inverse transform is read for the Haar wavelet (db1) only."""
     scaling, seed = spec.config.get("scaling"), spec.config.get("random_loc_seed")
-    family = spec.config.get("wavelet_family", "db1")
-    if spec.peft_type == "WAVEFT" and spec.config.get("use_idwt", True) and family not in ("db1", "haar"):
-        raise UnsupportedError(f"{spec.where}: WaveFT with wavelet_family {family!r} is not merged by this version "
-                               "(db1 / haar, or use_idwt=false, are); its longer filters are not read")
+    if spec.peft_type == "WAVEFT" and spec.config.get("use_idwt", True):
+        _check_wavelet(str(spec.config.get("wavelet_family", "db1")), spec.where)
     if not isinstance(scaling, (int, float)) or not isinstance(seed, int) or isinstance(seed, bool):
         raise InputError(f"{spec.where}: FourierFT needs a number scaling and an integer random_loc_seed, got "
                          f"scaling={scaling!r}, random_loc_seed={seed!r}")

@@ -8,13 +8,12 @@ tensor (``held_floats``), the row tables per block, in pieces of at most ``in`` 
 floats of temporaries per element of a block). Angles are reduced exactly in integers (u r mod out) before the
 float64 cos / sin, then float32 (PEFT's ifft2 runs in float32 too).
 
-WaveFT: ``W += s * scaling * idwt2(F)`` (or ``s * scaling * F`` without the inverse transform). With the
-Haar wavelet (db1; PEFT's default) the one-level inverse transform of F (padded to even sides, cut
-into its four quadrants LL, LH, HL, HH) puts each entry f at (i, j) of its quadrant into the 2 x 2
-block at (2i, 2j) of the output as f * outer(row filter, column filter): LL (lo, lo), LH (hi, lo),
-HL (lo, hi), HH (hi, hi), lo = (1, 1) / sqrt(2), hi = (1, -1) / sqrt(2); the result is cropped
-to the weight. So the delta is sparse, four entries an entry (``additive.Sparse``). Other wavelet
-families are refused (their longer filters are not read by this version).
+WaveFT: ``W += s * scaling * idwt2(F)`` (or ``s * scaling * F`` without the inverse transform). The
+one-level inverse transform of F (padded, cut into its four quadrants LL, LH, HL, HH) puts each entry
+f at (i, j) of its quadrant into the L x L block at (2i, 2j) of the output as f * outer(row filter,
+column filter): LL (lo, lo), LH (hi, lo), HL (lo, hi), HH (hi, hi), L the filters' length (Haar, db1,
+PEFT's default: lo = (1, 1) / sqrt(2), hi = (1, -1) / sqrt(2)); the result is cropped to the weight.
+So the delta is sparse, L^2 entries a coefficient (``additive.Sparse``) (``synthesis_entries``).
 """
 
 from __future__ import annotations
@@ -107,27 +106,51 @@ class FourierFT(ByRole):
         return FourierDelta(f, u, cos_c, sin_c, out, d.scale / (out * cols))
 
 
-def haar_entries(u: torch.Tensor, v: torch.Tensor, f: torch.Tensor, out: int, cols: int
-                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(rows, columns, values) of the Haar idwt2 of F (zero but for f at (u, v)), cropped to out x cols."""
+HAAR = ([2.0**-0.5, 2.0**-0.5], [2.0**-0.5, -(2.0**-0.5)])  # db1's reconstruction filters (low, high)
+# PEFT's own filter tables differ from PyWavelets' here (coif4's values, coif5's length): not merged
+FILTERS_NOT_PYWT = ("coif4", "coif5")
+
+
+def wavelet_filters(family: str) -> tuple[list[float], list[float]]:
+    """The reconstruction filters (low, high) of a wavelet family: Haar built in, the others from
+    PyWavelets (the optional extra ``streammerge[wavelets]``), whose taps equal PEFT's table for
+    db1-db10, sym2-sym10 and coif1-coif3 (checked in the tests)."""
+    if family in ("db1", "haar"):
+        return HAAR
+    import pywt  # (checked importable at plan time)
+
+    w = pywt.Wavelet(family)
+    return list(w.rec_lo), list(w.rec_hi)
+
+
+def synthesis_entries(u: torch.Tensor, v: torch.Tensor, f: torch.Tensor, out: int, cols: int,
+                      filters: tuple[list[float], list[float]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(rows, columns, values) of PEFT's one-level idwt2 of F (zero but for f at (u, v)) cropped to
+    out x cols. F is padded by the filter length L - 2 (then to even sides) with the weight centred;
+    its quadrants LL, LH (top right: rows high-pass), HL (bottom left: columns high-pass), HH put each
+    coefficient at (i, j) into the L x L block at (2i, 2j) as f * outer(row filter, column filter)
+    (a transposed convolution of stride 2); L - 2 is cut from each side, the rest cropped to the
+    weight, centred."""
     import torch
 
-    tall, wide = out + out % 2, cols + cols % 2  # (even sides; PEFT centres the weight in them)
+    lo, hi = (torch.tensor(x, dtype=torch.float64, device=f.device) for x in filters)
+    taps = lo.shape[0]
+    tall, wide = out + taps - 2, cols + taps - 2
+    tall, wide = tall + tall % 2, wide + wide % 2
     p, q = u + (tall - out) // 2, v + (wide - cols) // 2
-    half_r, half_c = tall // 2, wide // 2
-    lower, right = p >= half_r, q >= half_c
-    i, j = p - half_r * lower, q - half_c * right
-    # quadrant -> (row filter is hi, column filter is hi): LL (no, no), LH = top right (yes, no),
-    # HL = bottom left (no, yes), HH (yes, yes)
-    row_hi, col_hi = right, lower
-    root = 2.0**-0.5
+    lower, right = p >= tall // 2, q >= wide // 2
+    i, j = p - (tall // 2) * lower, q - (wide // 2) * right
+    cut = (2 * taps - 3) // 2
+    top = cut + (2 * (tall // 2) - taps + 2 - out) // 2  # (cut, then the centred crop)
+    left = cut + (2 * (wide // 2) - taps + 2 - cols) // 2
+    row_filter = torch.where(right[:, None], hi, lo)  # (n, L): the quadrant's filter down the rows
+    col_filter = torch.where(lower[:, None], hi, lo)
     rows, columns, values = [], [], []
-    for a in (0, 1):
-        for b in (0, 1):
-            sign = torch.where(row_hi & (a == 1), -1.0, 1.0) * torch.where(col_hi & (b == 1), -1.0, 1.0)
-            rows.append(2 * i + a - (tall - out) // 2)
-            columns.append(2 * j + b - (wide - cols) // 2)
-            values.append(f * sign.to(f.dtype) * (root * root))
+    for a in range(taps):
+        for b in range(taps):
+            rows.append(2 * i + a - top)
+            columns.append(2 * j + b - left)
+            values.append(f * (row_filter[:, a] * col_filter[:, b]).to(f.dtype))
     r, c, x = torch.cat(rows), torch.cat(columns), torch.cat(values)
     keep = (r >= 0) & (r < out) & (c >= 0) & (c < cols)
     return r[keep], c[keep], x[keep]
@@ -141,14 +164,16 @@ class WaveFT(ByRole):
         return spectrum_fits(d, tensor, info)
 
     def held_floats(self, d: Delta) -> int:
-        return 4 * 5 * d.lora.r  # (four output entries a coefficient: rows and columns int64, values)
+        taps = 2 if d.adapter.config.get("wavelet_family", "db1") in ("db1", "haar") else 40  # (at most coif's)
+        return 5 * taps * taps * d.lora.r  # (L x L output entries a coefficient: rows, columns int64, values)
 
     def load(self, d: Delta, factors: Factors) -> Sparse:
         f = factors.get(d.adapter, d.lora.key("spectrum"))
         out, cols = d.shape
         u, v = (factors.put(x) for x in spectrum_locations(d, f.shape[0]))
         if d.adapter.config.get("use_idwt", True):
-            return Sparse(*haar_entries(u, v, f, out, cols), d.scale)
+            filters = wavelet_filters(str(d.adapter.config.get("wavelet_family", "db1")))
+            return Sparse(*synthesis_entries(u, v, f, out, cols, filters), d.scale)
         return Sparse(u, v, f, d.scale)
 
 
