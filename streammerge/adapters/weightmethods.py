@@ -1,9 +1,12 @@
-"""Readers of the PEFT methods whose delta depends on the base weight itself (``deltas/fromweight.py``):
-DEFT and PaRa, PEANuT, and FRoD's bases shared by a category of modules."""
+"""Readers (rows of ``methods.BUILDERS``) of the PEFT methods whose delta depends on the base weight
+itself (``deltas/fromweight.py``: DEFT and PaRa, PEANuT, FRoD's bases shared by a category of modules),
+of the spectral ones (FourierFT, WaveFT) and of GLoRA."""
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ..errors import InputError, UnsupportedError
@@ -57,3 +60,43 @@ def peanut(spec: Spec) -> LoraModule:
         raise UnsupportedError(f"{spec.where}: PEANuT act_fn {act!r} (scaling {scaling!r}) is not read by this version "
                                f"({', '.join(ACTIVATION_NAMES)} are)")
     return spec.plain(spec.roles["A"].shape[0], scaling=float(scaling))
+
+
+def glora(spec: Spec) -> LoraModule:
+    """GLoRA: every path saved as Xd and Xu, X or zeros; the bias too when C, D or E are saved."""
+    for x in "ABCDE":
+        held = {r for r in spec.roles if r.startswith(f"{x}_")}
+        if held not in ({f"{x}_d", f"{x}_u"}, {f"{x}_x"}, {f"{x}_0"}):
+            raise InputError(f"{spec.where}: GLoRA {spec.module!r} path {x} has {sorted(held)}; expected Xd and Xu, "
+                             "X, or zeros")
+    bias = any(f"{x}_0" not in spec.roles for x in "CDE")
+    return spec.plain(spec.roles["A_d"].shape[1] if "A_d" in spec.roles else 0,
+                      bias_method="glora_bias" if bias else None)
+
+
+def _check_wavelet(family: str, where: Path) -> None:
+    """A WaveFT family whose filters are read: Haar built in; db2-db10, sym2-sym10, coif1-coif3 from PyWavelets."""
+    from ..deltas.spectral import FILTERS_NOT_PYWT
+
+    if family in ("db1", "haar"):
+        return
+    if family in FILTERS_NOT_PYWT or not re.fullmatch(r"(db([2-9]|10)|sym([2-9]|10)|coif[1-3])", family):
+        raise UnsupportedError(f"{where}: WaveFT with wavelet_family {family!r} is not merged by this version: PEFT's "
+                               "own filters for it are not PyWavelets' (db1-db10, sym2-sym10 and coif1-coif3 are read)")
+    try:
+        import pywt  # noqa: F401
+    except ImportError:
+        raise UnsupportedError(f"{where}: WaveFT with wavelet_family {family!r} needs its filters from PyWavelets: "
+                               "pip install 'streammerge[wavelets]'") from None
+
+
+def fourierft(spec: Spec) -> LoraModule:
+    """FourierFT and WaveFT: n (their r here) spectrum entries, scaled by the config's scaling; the seed
+    locates them. WaveFT's inverse transform is read for the Haar wavelet (db1) only."""
+    scaling, seed = spec.config.get("scaling"), spec.config.get("random_loc_seed")
+    if spec.peft_type == "WAVEFT" and spec.config.get("use_idwt", True):
+        _check_wavelet(str(spec.config.get("wavelet_family", "db1")), spec.where)
+    if not isinstance(scaling, (int, float)) or not isinstance(seed, int) or isinstance(seed, bool):
+        raise InputError(f"{spec.where}: FourierFT needs a number scaling and an integer random_loc_seed, got "
+                         f"scaling={scaling!r}, random_loc_seed={seed!r}")
+    return spec.plain(spec.roles["spectrum"].numel, scaling=float(scaling))
