@@ -20,21 +20,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
-from . import (
-    additive,
-    boft,
-    dora,
-    fromweight,
-    glora,
-    hra,
-    ia3,
-    lora,
-    miss,
-    oft,
-    road,
-    spectral,
-    structured,
-)
+from . import additive, boft, dora, fromweight, glora, hra, ia3, lora, miss, oft, road, spectral, structured
 
 if TYPE_CHECKING:
     import torch
