@@ -48,14 +48,7 @@ from typing import Any
 
 from ..errors import InputError, PlanError, UnsupportedError
 from ..formats.header import TensorInfo
-from .peft import (
-    BASE_LAYER_SUFFIX,
-    EMBEDDING_LAYERS,
-    PEFT_PREFIX,
-    _index_tensors,
-    _pattern_value,
-    _saved_module,
-)
+from .peft import BASE_LAYER_SUFFIX, EMBEDDING_LAYERS, PEFT_PREFIX, _index_tensors, _pattern_value, _saved_module
 from .tinylora import assign_vectors
 from .types import LoraAdapter, LoraModule
 from .weightmethods import MAX_DEPTH, SHARED_BY_MODULE, deft, fourierft, glora, peanut
