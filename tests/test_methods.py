@@ -28,6 +28,8 @@ CONFIGS = {
     "lokr": lambda: peft.LoKrConfig(r=4, alpha=8, target_modules=["q_proj", "v_proj", "down_proj"], init_weights=False),
     "lokr-decomposed": lambda: peft.LoKrConfig(r=2, alpha=6, target_modules=["q_proj", "o_proj", "up_proj"],
                                                init_weights=False, decompose_both=True),
+    "lokr-factor": lambda: peft.LoKrConfig(r=4, alpha=8, decompose_factor=4, init_weights=False,
+                                           target_modules=["q_proj", "v_proj", "down_proj"]),
     "vera": lambda: peft.VeraConfig(r=8, target_modules=["q_proj", "v_proj", "down_proj"], init_weights=False),
     "oft": lambda: peft.OFTConfig(r=4, oft_block_size=0, target_modules=["q_proj", "v_proj", "down_proj"]),
     "oft-cayley-shared": lambda: peft.OFTConfig(r=0, oft_block_size=16, target_modules=["q_proj", "v_proj", "down_proj"],
