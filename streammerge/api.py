@@ -12,6 +12,7 @@ Events (``events.py``) report progress to listeners: the progress bar, ``on_even
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import os
 import shutil
@@ -127,7 +128,8 @@ def _merge_many(base: PathLike, jobs: list[tuple[list[AdapterSpec], Path | None]
         outputs = [_output(inputs, adapters, output, opts, scratch) for adapters, output in jobs]
         _check_distinct([o.out for o in outputs])
         compute = _compute(outputs, opts, runtime, uploader)
-        sinks = [SafetensorsSink(o.plan, o.out, checksum=opts.checksum, options=opts.recorded(),
+        sinks = [_gguf_sink(o, opts) if o.out.suffix == ".gguf" else
+                 SafetensorsSink(o.plan, o.out, checksum=opts.checksum, options=opts.recorded(),
                                  card=functools.partial(merge_card, o.plan, inputs, adapters, opts),
                                  uploader=uploader if i == 0 else None, low_disk=opts.low_disk)
                  for i, (o, (adapters, _)) in enumerate(zip(outputs, jobs))]
@@ -165,10 +167,58 @@ def _uploader(opts: MergeOptions, jobs: list[Any], hub_api: Any) -> Uploader | N
 
 def _output(inputs: Inputs, adapters: list[AdapterSpec], output: Path | None, opts: MergeOptions,
             scratch: Path | None) -> _Output:
-    plan, notes = inputs.plan(adapters, opts, small_files_dir=scratch)
+    gguf_file = output is not None and output.suffix == ".gguf"
+    if gguf_file:  # merged as the checkpoint's own dtypes, then converted to the GGUF type by the sink
+        from .formats.gguf_layout import outtype
+
+        outtype(opts.dtype if opts.dtype != "auto" else "bf16")
+    elif opts.dtype in GGUF_ONLY:
+        from .errors import OptionValueError
+
+        raise OptionValueError(f"--dtype {opts.dtype} is a GGUF type: give an --output ending in .gguf")
+    plan_opts = dataclasses.replace(opts, dtype="auto") if gguf_file else opts
+    plan, notes = inputs.plan(adapters, plan_opts, small_files_dir=scratch)
     out = _output_dir(inputs.text, output)
-    check_output(out, base=plan.base.root, adapters=[a.path for a in plan.adapters], overwrite=opts.overwrite)
+    if gguf_file:
+        check_output_file(out, overwrite=opts.overwrite)
+    else:
+        check_output(out, base=plan.base.root, adapters=[a.path for a in plan.adapters], overwrite=opts.overwrite)
     return _Output(plan, out, notes)
+
+
+GGUF_ONLY = ("f16", "f32", "q8_0")  # --dtype values that only a GGUF output takes
+
+
+def _gguf_sink(o: _Output, opts: MergeOptions) -> Any:
+    """The GGUF file of one output: its layout and metadata from the plan and the base's config."""
+    import json
+
+    from .formats.gguf_layout import layout
+    from .output.gguf import GgufSink
+
+    root = o.plan.base.root
+    config = json.loads((root / "config.json").read_text(encoding="utf-8"))
+    tokenizer_dir = o.plan.tokenizer_from or root
+    dtype = opts.dtype if opts.dtype != "auto" else _auto_outtype(o.plan)
+    return GgufSink(o.plan, o.out, layout=layout(o.plan, dtype, config), config=config,
+                    tokenizer_dir=Path(tokenizer_dir))
+
+
+def _auto_outtype(plan: MergePlan) -> str:
+    """--dtype auto for GGUF: the converter's: f16 for an F16 or F32 checkpoint, bf16 for a BF16 one."""
+    first = next(iter(plan.tensors())).out_dtype
+    return "bf16" if first == "BF16" else "f16"
+
+
+def check_output_file(out: Path, *, overwrite: bool) -> None:
+    from .errors import OutputError
+
+    if out.is_dir():
+        raise OutputError(f"--output {out} is a directory; a GGUF output is one file ending in .gguf")
+    if out.exists() and not overwrite:
+        raise OutputError(f"--output {out} exists; pass --overwrite to replace it, or choose another file")
+    if not out.parent.is_dir():
+        raise OutputError(f"--output {out}: its folder {out.parent} does not exist")
 
 
 def _output_dir(base: str, output: Path | None) -> Path:

@@ -16,7 +16,7 @@ from typing import Any
 from .errors import OptionTypeError, OptionValueError
 from .memory import DEFAULT_MAX_MEM, parse_size
 
-DTYPE_CHOICES = ("auto", "bf16", "fp16", "fp32", "fp8")
+DTYPE_CHOICES = ("auto", "bf16", "fp16", "fp32", "fp8", "f16", "f32", "q8_0")  # (the last three: GGUF)
 
 
 def _size(name: str, value: Any) -> int:
