@@ -27,7 +27,7 @@ from .errors import OptionTypeError
 from .events import Events, Listener, ProgressBar
 from .inputs import AdapterSpec, Inputs, adapter_specs, open_inputs
 from .memory import peak_rss
-from .options import MergeOptions
+from .options import GGUF_ONLY, MergeOptions
 from .output.card import merge_card
 from .output.directory import check_output, default_output
 from .output.sink import SafetensorsSink
@@ -184,9 +184,6 @@ def _output(inputs: Inputs, adapters: list[AdapterSpec], output: Path | None, op
     else:
         check_output(out, base=plan.base.root, adapters=[a.path for a in plan.adapters], overwrite=opts.overwrite)
     return _Output(plan, out, notes)
-
-
-GGUF_ONLY = ("f16", "f32", "q8_0")  # --dtype values that only a GGUF output takes
 
 
 def _gguf_sink(o: _Output, opts: MergeOptions) -> Any:

@@ -16,7 +16,8 @@ from typing import Any
 from .errors import OptionTypeError, OptionValueError
 from .memory import DEFAULT_MAX_MEM, parse_size
 
-DTYPE_CHOICES = ("auto", "bf16", "fp16", "fp32", "fp8", "f16", "f32", "q8_0")  # (the last three: GGUF)
+GGUF_ONLY = ("f16", "f32", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1")  # --dtype values only a GGUF output takes
+DTYPE_CHOICES = ("auto", "bf16", "fp16", "fp32", "fp8", *GGUF_ONLY)
 
 
 def _size(name: str, value: Any) -> int:

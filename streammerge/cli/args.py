@@ -14,6 +14,7 @@ from typing import Any
 from .._version import __version__
 from ..errors import UsageError
 from ..memory import DEFAULT_MAX_MEM, format_size, parse_size
+from ..options import DTYPE_CHOICES
 from ..sources import hub
 
 SUBCOMMANDS = ("merge", "plan", "verify", "demo")
@@ -51,11 +52,11 @@ def _inputs(p: argparse.ArgumentParser, *, adapter_required: bool = True) -> Non
     p.add_argument("--adapter", required=adapter_required, action="append", type=adapter_spec,
                    metavar="DIR[:WEIGHT]", help="adapter directory or repo id (PEFT or mlx-lm); repeat to merge a "
                    "weighted sum of adapters")
-    p.add_argument("--dtype", choices=("auto", "bf16", "fp16", "fp32", "fp8", "f16", "f32", "q8_0"), default="auto",
+    p.add_argument("--dtype", choices=DTYPE_CHOICES, default="auto",
                    help="output dtype of floating tensors (auto: keep each tensor's dtype; a quantized base is "
                         "dequantized to its 16-bit dtype; fp8: an FP8 base written back in its own scheme, merged "
                         "weights re-quantized); for an --output ending in .gguf the GGUF file type: auto, f32, f16, "
-                        "bf16, q8_0")
+                        "bf16, q8_0, q4_0, q4_1, q5_0, q5_1")
     p.add_argument("--map", action="append", default=[], metavar="REGEX=REPLACEMENT",
                    help="extra module-name rule, tried before the built-in table (repeatable)")
     p.add_argument("--include", action="append", default=[], metavar="REGEX",

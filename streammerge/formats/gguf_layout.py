@@ -4,8 +4,9 @@ shape, byte size and row order, and the metadata llama.cpp reads (``gguf_meta.py
 Facts taken from llama.cpp's converter (``convert_hf_to_gguf.py``), written here as tables:
 - names: gguf's ``TensorNameMap`` for the architecture (``.weight`` / ``.bias`` suffixes kept);
 - types: 1-D tensors and ``*_norm.weight`` are F32; so are the router and position embeddings and
-  any name not ending in ``.weight``; the rest take the file type's (f32, f16, bf16, q8_0); a
-  quantized type whose block does not divide the row falls back to F16; tensors are widened to
+  any name not ending in ``.weight``; the rest take the file type's (f32, f16, bf16, q8_0; q4_0, q4_1,
+  q5_0 and q5_1, which the converter does not write, by the same rules); a quantized type whose
+  block does not divide the row falls back to F16; tensors are widened to
   float32 before conversion unless they are F16 or F32 already (as the converter reads them);
 - llama's (and Mistral's) q / k rows are permuted for the rotary layout: within each head, row
   ``a * half + b`` (a in {0, 1}, b < half = head_dim / 2) goes to ``b * 2 + a`` (k with the KV heads).
@@ -24,7 +25,8 @@ if TYPE_CHECKING:
 
 # --dtype for a GGUF output -> (llama.cpp's file type name, the GGML type of the quantized tensors)
 OUTTYPES = {"f32": ("ALL_F32", "F32"), "f16": ("MOSTLY_F16", "F16"), "bf16": ("MOSTLY_BF16", "BF16"),
-            "q8_0": ("MOSTLY_Q8_0", "Q8_0")}
+            "q8_0": ("MOSTLY_Q8_0", "Q8_0"), "q4_0": ("MOSTLY_Q4_0", "Q4_0"), "q4_1": ("MOSTLY_Q4_1", "Q4_1"),
+            "q5_0": ("MOSTLY_Q5_0", "Q5_0"), "q5_1": ("MOSTLY_Q5_1", "Q5_1")}
 ALIASES = {"fp32": "f32", "fp16": "f16"}
 ALWAYS_F32 = ("FFN_GATE_INP", "FFN_GATE_INP_SHEXP", "POS_EMBD", "TOKEN_TYPES")  # gguf MODEL_TENSOR names
 
