@@ -198,7 +198,7 @@ def _gguf_sink(o: _Output, opts: MergeOptions) -> Any:
     tokenizer_dir = o.plan.tokenizer_from or root
     dtype = opts.dtype if opts.dtype != "auto" else _auto_outtype(o.plan)
     return GgufSink(o.plan, o.out, layout=layout(o.plan, dtype, config), config=config,
-                    tokenizer_dir=Path(tokenizer_dir))
+                    tokenizer_dir=Path(tokenizer_dir), pre=opts.gguf_pre)
 
 
 def _auto_outtype(plan: MergePlan) -> str:

@@ -89,6 +89,7 @@ class MergeOptions:
     push_to_hub: str | None = None
     private: bool = False
     hub_revision: str | None = None
+    gguf_pre: str | None = None  # a GGUF output's tokenizer.ggml.pre, when its fingerprint is not known
 
     @classmethod
     def build(cls, **given: Any) -> MergeOptions:
@@ -111,7 +112,7 @@ class MergeOptions:
         for name, check in (("maps", _strings), ("include", _regexes), ("exclude", _regexes)):
             if name in values:
                 values[name] = check(name, values[name])
-        for name in ("push_to_hub", "hub_revision"):
+        for name in ("push_to_hub", "hub_revision", "gguf_pre"):
             if name in values:
                 values[name] = _optional_str(name, values[name])
         if "tokenizer" in values:

@@ -172,6 +172,51 @@ def test_gguf_small_types_are_gguf_s_own_quantization(tmp_path: Path, merges: di
         assert qtype == want, (name, qtype)
 
 
+def bpe_qwen2(root: Path) -> tuple[Path, Path, Path]:
+    """Qwen2 with a home-made BPE tokenizer.json (tokenizers' trainer; an added special token and an
+    added normal one), a LoRA, and their merged safetensors."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    base = build_base("qwen2", root / "qwen2-bpe", dtype="bf16", sharded=False)
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.train_from_iterator([f"the quick brown fox jumps over the lazy dog {i}" for i in range(300)],
+                            trainers.BpeTrainer(vocab_size=140, special_tokens=["<unk>", "<|endoftext|>"]))
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", eos_token="<|endoftext|>")
+    fast.add_tokens(["<extra>"])
+    fast.save_pretrained(base)
+    adapter = build_adapter(base, root / "qwen2-bpe-lora", dtype="bf16", r=4, lora_alpha=8).adapter
+    merged = root / "qwen2-bpe-merged"
+    assert main(["--base", str(base), "--adapter", str(adapter), "--output", str(merged), "-q"]) == 0
+    return base, adapter, merged
+
+
+def test_gguf_bpe_tokenizer_is_the_reference_converters(tmp_path: Path, converter: Path) -> None:
+    """A BPE tokenizer.json (tokenizer.ggml.model gpt2, merges, added tokens typed CONTROL / USER_DEFINED,
+    padding to vocab_size): its fingerprint is no model's, so streammerge refuses it without --gguf-pre
+    and takes the name with it; the reference converter, which raises on an unknown fingerprint, is
+    run with its fingerprint lookup answering the same name."""
+    base, adapter, merged = bpe_qwen2(tmp_path)
+    ours = tmp_path / "ours.gguf"
+    args = ["--base", str(base), "--adapter", str(adapter), "--output", str(ours), "--dtype", "q8_0", "-q"]
+    assert main(args) != 0 and not ours.exists()
+    assert main([*args, "--gguf-pre", "qwen2"]) == 0
+    ref = tmp_path / "ref.gguf"
+    run = (f"import sys, runpy; sys.path.insert(0, {str(converter)!r}); sys.path.insert(1, {str(converter / 'gguf-py')!r})\n"
+           "import conversion.base as b; b.TextModel.get_vocab_base_pre = lambda self, tokenizer: 'qwen2'\n"
+           f"sys.argv = ['convert', {str(merged)!r}, '--outtype', 'q8_0', '--outfile', {str(ref)!r}]\n"
+           f"runpy.run_path({str(converter / 'convert_hf_to_gguf.py')!r}, run_name='__main__')")
+    subprocess.run([sys.executable, "-c", run], capture_output=True, text=True, check=True)
+    (kv_ours, t_ours), (kv_ref, t_ref) = read(ours, converter), read(ref, converter)
+    assert t_ours == t_ref
+    assert {k: v for k, v in kv_ours.items() if k not in DESCRIPTIVE} == \
+        {k: v for k, v in kv_ref.items() if k not in DESCRIPTIVE}
+    assert kv_ours["tokenizer.ggml.model"] == "gpt2" and kv_ours["tokenizer.ggml.merges"]
+    types = dict(zip(kv_ours["tokenizer.ggml.tokens"], kv_ours["tokenizer.ggml.token_type"]))
+    assert types["<|endoftext|>"] == 3 and types["<extra>"] == 4 and types["[PAD159]"] == 5
+
+
 def test_gguf_refusals(tmp_path: Path, merges: dict, capsys) -> None:
     base, adapter, _ = merges["llama"]
     taken = tmp_path / "taken.gguf"

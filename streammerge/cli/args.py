@@ -64,6 +64,9 @@ def _inputs(p: argparse.ArgumentParser, *, adapter_required: bool = True) -> Non
                    "listed in the report and the manifest")
     p.add_argument("--exclude", action="append", default=[], metavar="REGEX",
                    help="leave out adapter modules whose name or base tensor matches (repeatable); listed as excluded")
+    p.add_argument("--gguf-pre", metavar="NAME", default=None,
+                   help="a GGUF output's pre-tokenizer name (tokenizer.ggml.pre: llama-bpe, qwen2, ...) when its "
+                        "fingerprint is not in llama.cpp's table")
     p.add_argument("--tokenizer", type=Path, metavar="DIR",
                    help="take the tokenizer files and chat template from DIR (default: the adapter's when they "
                    "differ from the base's, else the base's)")
@@ -204,4 +207,5 @@ def jobs(args: argparse.Namespace) -> list[tuple[list[Any], Path | None]]:
 def input_options(args: argparse.Namespace) -> dict[str, Any]:
     """The MergeOptions fields the input flags set (shared by merge and plan)."""
     return dict(dtype=args.dtype, maps=args.map, include=args.include, exclude=args.exclude,
-                tokenizer=args.tokenizer, allow_duplicate=args.allow_duplicate, strict=args.strict)
+                tokenizer=args.tokenizer, allow_duplicate=args.allow_duplicate, strict=args.strict,
+                gguf_pre=args.gguf_pre)

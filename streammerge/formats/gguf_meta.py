@@ -2,9 +2,11 @@
 ``gguf_layout.ARCHS``: ``{arch}.*`` hyperparameters from config.json, the file type, and the
 tokenizer. Tokenizers read: SentencePiece (``tokenizer.model``: pieces, scores and types, padded to
 the model's vocab_size with ``[PAD{i}]`` unused tokens, ``added_tokens.json`` as user-defined), with
-gguf's own ``SpecialVocab`` for the special ids, add_bos / add_eos and the chat template. A BPE
-``tokenizer.json`` is refused by name in this version (its pre-tokenizer fingerprint table is not
-carried yet)."""
+gguf's own ``SpecialVocab`` for the special ids, add_bos / add_eos and the chat template; or BPE
+(``tokenizer.json``, read with transformers' AutoTokenizer as the converter reads it: tokens by id,
+``[PAD{i}]`` unused up to vocab_size, added tokens CONTROL when special or special-looking, else
+USER_DEFINED, the merges by ``SpecialVocab``), named by its pre-tokenizer fingerprint
+(``gguf_pre.py``) or by ``--gguf-pre NAME``; an unknown fingerprint without it is refused."""
 
 from __future__ import annotations
 
@@ -19,7 +21,7 @@ NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
 
 
 def write_metadata(writer: Any, config: dict[str, Any], file_type: str, tokenizer_dir: Path, name: str, *,
-                   llama_extras: bool) -> None:
+                   llama_extras: bool, pre: str | None = None) -> None:
     """Every KV pair but the architecture's name (GGUFWriter's own) into ``writer``: key / value lengths
     when the config names head_dim; the vocabulary size and rotary dimensions for llama's family."""
     import gguf
@@ -47,16 +49,24 @@ def write_metadata(writer: Any, config: dict[str, Any], file_type: str, tokenize
         writer.add_vocab_size(int(config["vocab_size"]))
         writer.add_rope_dimension_count(head_dim)
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
-    _tokenizer(writer, config, tokenizer_dir)
+    _tokenizer(writer, config, tokenizer_dir, pre)
 
 
-def _tokenizer(writer: Any, config: dict[str, Any], where: Path) -> None:
+def _tokenizer(writer: Any, config: dict[str, Any], where: Path, pre: str | None) -> None:
     import gguf
 
     model = where / "tokenizer.model"
     if not model.is_file():
-        raise UnsupportedError(f"GGUF: {where} has no tokenizer.model; this version writes SentencePiece tokenizers "
-                               "only (a BPE tokenizer.json is not read yet)")
+        if not (where / "tokenizer.json").is_file():
+            raise UnsupportedError(f"GGUF: {where} has neither tokenizer.model nor tokenizer.json; GGUF needs the "
+                                   "tokenizer (--tokenizer DIR)")
+        tokens_bpe, types_bpe, name = bpe_vocab(where, int(config["vocab_size"]), pre)
+        writer.add_tokenizer_model("gpt2")
+        writer.add_tokenizer_pre(name)
+        writer.add_token_list(tokens_bpe)
+        writer.add_token_types(types_bpe)
+        gguf.SpecialVocab(where, load_merges=True).add_to_gguf(writer)
+        return
     tokens, scores, types = sentencepiece_vocab(model, int(config["vocab_size"]), where / "added_tokens.json")
     writer.add_tokenizer_model("llama")
     writer.add_tokenizer_pre("default")
@@ -84,3 +94,53 @@ def sentencepiece_vocab(model: Path, vocab_size: int, added: Path) -> tuple[list
             if i < size:
                 tokens[i], scores[i], types[i] = text.encode("utf-8"), -1000.0, USER_DEFINED
     return tokens, scores, types
+
+
+def looks_special(token: str) -> bool:
+    """Added tokens the converter types CONTROL though they are not marked special."""
+    return (token in ("<pad>", "<mask>", "<2mass>", "[@BOS@]") or (token.startswith("<|") and token.endswith("|>"))
+            or (token.startswith("<\uff5c") and token.endswith("\uff5c>"))
+            or (token.startswith("<unused") and token.endswith(">")))
+
+
+def bpe_vocab(where: Path, vocab_size: int, pre: str | None) -> tuple[list[str], list[int], str]:
+    """Tokens and types of a BPE tokenizer as the converter lists them, and its pre-tokenizer's name."""
+    import hashlib
+
+    try:
+        from transformers import AutoTokenizer
+    except ImportError:
+        raise UnsupportedError("GGUF: a BPE tokenizer (tokenizer.json) is read with transformers: pip install "
+                               "transformers") from None
+    from .gguf_pre import CHECK_TEXT, PRE_TOKENIZERS
+
+    tokenizer = AutoTokenizer.from_pretrained(where)
+    size = vocab_size or len(tokenizer.vocab)
+    if pre is None:
+        fingerprint = hashlib.sha256(str(tokenizer.encode(CHECK_TEXT)).encode()).hexdigest()
+        pre = PRE_TOKENIZERS.get(fingerprint)
+        if pre is None:
+            raise UnsupportedError(f"GGUF: the pre-tokenizer of {where / 'tokenizer.json'} has an unknown fingerprint "
+                                   f"({fingerprint[:16]}...); name it with --gguf-pre NAME (e.g. llama-bpe, qwen2, "
+                                   "default) as llama.cpp knows it")
+    by_id = {i: t for t, i in tokenizer.vocab.items()}
+    added, decoder = tokenizer.get_added_vocab(), tokenizer.added_tokens_decoder
+    tokens, types = [], []
+    for i in range(size):
+        if i not in by_id:
+            tokens.append(f"[PAD{i}]")
+            types.append(UNUSED)
+            continue
+        token = by_id[i]
+        if token in added:
+            if not decoder[i].normalized:
+                token = tokenizer.decode(tokenizer.encode(token, add_special_tokens=False))
+            if decoder[i].special or looks_special(token):
+                types.append(CONTROL)
+            else:
+                token = token.replace("\u2581", " ")
+                types.append(USER_DEFINED)
+        else:
+            types.append(NORMAL)
+        tokens.append(token)
+    return tokens, types, pre

@@ -33,8 +33,8 @@ COPY_BYTES = 4 << 20  # read at a time when an untouched tensor is converted
 
 class GgufSink:
     def __init__(self, plan: MergePlan, out: Path, *, layout: GgufLayout, config: dict[str, Any],
-                 tokenizer_dir: Path) -> None:
-        self.plan, self.out, self.layout = plan, out, layout
+                 tokenizer_dir: Path, pre: str | None = None) -> None:
+        self.plan, self.out, self.layout, self.pre = plan, out, layout, pre
         self.config, self.tokenizer_dir = config, tokenizer_dir
         self.partial = out.with_name(out.name + ".partial")
         self.kept: dict[str, dict[str, Any]] = {}
@@ -58,7 +58,7 @@ class GgufSink:
             self.partial.unlink()  # (no resume: a GGUF is written again from its start)
         writer = gguf.GGUFWriter(self.partial, self.layout.arch_name)
         write_metadata(writer, self.config, self.layout.file_type, self.tokenizer_dir, _name(self.plan),
-                       llama_extras=self.layout.arch.llama_hparams)
+                       llama_extras=self.layout.arch.llama_hparams, pre=self.pre)
         offset = 0
         for t in self.layout.tensors.values():
             t.offset = offset
