@@ -29,6 +29,10 @@ def tiny_config(arch: str, *, tie: bool = False) -> Any:
         return transformers.LlamaConfig(**common)
     if arch == "qwen2":
         return transformers.Qwen2Config(**common)
+    if arch == "mistral":
+        return transformers.MistralConfig(**common, head_dim=16)
+    if arch == "qwen3":
+        return transformers.Qwen3Config(**common, head_dim=16)
     if arch == "phi3":
         return transformers.Phi3Config(**common, pad_token_id=0)
     if arch == "gpt2":

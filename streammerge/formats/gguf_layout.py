@@ -41,7 +41,7 @@ class Arch:
 
 
 LLAMA = Arch("LLAMA", permute_qk=True, llama_hparams=True)
-ARCHS = {"llama": LLAMA, "mistral": LLAMA, "qwen2": Arch("QWEN2")}
+ARCHS = {"llama": LLAMA, "mistral": LLAMA, "qwen2": Arch("QWEN2"), "qwen3": Arch("QWEN3")}
 
 
 @dataclass
