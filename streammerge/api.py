@@ -202,9 +202,12 @@ def _gguf_sink(o: _Output, opts: MergeOptions) -> Any:
 
 
 def _auto_outtype(plan: MergePlan) -> str:
-    """--dtype auto for GGUF: the converter's: f16 for an F16 or F32 checkpoint, bf16 for a BF16 one."""
-    first = next(iter(plan.tensors())).out_dtype
-    return "bf16" if first == "BF16" else "f16"
+    """--dtype auto for GGUF, the converter's guess: the first 2-D tensor that is BF16 or F16 decides
+    (F32 ones are passed over); f16 when there is none."""
+    for t in plan.tensors():
+        if len(t.info.shape) >= 2 and t.out_dtype in ("BF16", "F16"):
+            return "bf16" if t.out_dtype == "BF16" else "f16"
+    return "f16"
 
 
 def check_output_file(out: Path, *, overwrite: bool) -> None:

@@ -129,7 +129,7 @@ DESCRIPTIVE = ("general.name", "general.size_label", "general.tags")
 
 
 @pytest.mark.parametrize("arch, dtype", [("llama", "f32"), ("llama", "f16"), ("llama", "bf16"), ("llama", "q8_0"),
-                                         ("mistral", "q8_0"), ("qwen2", "q8_0"), ("qwen3", "q8_0")])
+                                         ("llama", "auto"), ("mistral", "q8_0"), ("qwen2", "q8_0"), ("qwen3", "q8_0")])
 def test_gguf_is_the_reference_converters(tmp_path: Path, merges: dict, converter: Path, reference, arch: str,
                                           dtype: str) -> None:
     base, adapter, _ = merges[arch]
@@ -142,7 +142,8 @@ def test_gguf_is_the_reference_converters(tmp_path: Path, merges: dict, converte
     assert {k: v for k, v in kv_ours.items() if k not in DESCRIPTIVE} == \
         {k: v for k, v in kv_ref.items() if k not in DESCRIPTIVE}
     types = {v[0] for v in t_ours.values()}
-    assert types == ({"F32", "Q8_0", "F16"} if dtype == "q8_0" else {"F32", dtype.upper()} if dtype != "f32" else {"F32"})
+    want = {"q8_0": {"F32", "Q8_0", "F16"}, "f32": {"F32"}, "auto": {"F32", "BF16"}}.get(dtype, {"F32", dtype.upper()})
+    assert types == want  # (auto: the checkpoint is BF16)
 
 
 @pytest.mark.parametrize("dtype", ["q4_0", "q4_1", "q5_0", "q5_1"])
