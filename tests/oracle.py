@@ -29,6 +29,8 @@ def tiny_config(arch: str, *, tie: bool = False) -> Any:
         return transformers.LlamaConfig(**common)
     if arch == "qwen2":
         return transformers.Qwen2Config(**common)
+    if arch == "gemma":
+        return transformers.GemmaConfig(**{**common, "tie_word_embeddings": True}, head_dim=16)
     if arch == "mistral":
         return transformers.MistralConfig(**common, head_dim=16)
     if arch == "qwen3":

@@ -86,7 +86,7 @@ def merges(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Path, Pa
     (what the reference converter converts)."""
     root = tmp_path_factory.mktemp("gguf")
     made = {}
-    for arch in ("llama", "mistral", "qwen2", "qwen3"):
+    for arch in ("llama", "mistral", "qwen2", "qwen3", "gemma"):
         base = with_tokenizer(build_base(arch, root / arch, dtype="bf16", sharded=True), root)
         adapter = build_adapter(base, root / f"{arch}-lora", dtype="bf16", r=4, lora_alpha=8).adapter
         merged = root / f"{arch}-merged"
@@ -129,7 +129,8 @@ DESCRIPTIVE = ("general.name", "general.size_label", "general.tags")
 
 
 @pytest.mark.parametrize("arch, dtype", [("llama", "f32"), ("llama", "f16"), ("llama", "bf16"), ("llama", "q8_0"),
-                                         ("llama", "auto"), ("mistral", "q8_0"), ("qwen2", "q8_0"), ("qwen3", "q8_0")])
+                                         ("llama", "auto"), ("mistral", "q8_0"), ("qwen2", "q8_0"), ("qwen3", "q8_0"),
+                                         ("gemma", "q8_0"), ("gemma", "f32")])
 def test_gguf_is_the_reference_converters(tmp_path: Path, merges: dict, converter: Path, reference, arch: str,
                                           dtype: str) -> None:
     base, adapter, _ = merges[arch]

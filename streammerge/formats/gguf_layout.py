@@ -38,10 +38,13 @@ class Arch:
     name: str  # gguf MODEL_ARCH member
     permute_qk: bool = False  # llama's rotary layout
     llama_hparams: bool = False  # {arch}.vocab_size and rope.dimension_count written (llama's converter)
+    norms_plus_one: bool = False  # Gemma: every "*norm.weight" stored as 1 + w
+    hparams: str = "text"  # which set of {arch}.* keys the converter writes ("text": its base class's; "gemma")
 
 
 LLAMA = Arch("LLAMA", permute_qk=True, llama_hparams=True)
-ARCHS = {"llama": LLAMA, "mistral": LLAMA, "qwen2": Arch("QWEN2"), "qwen3": Arch("QWEN3")}
+ARCHS = {"llama": LLAMA, "mistral": LLAMA, "qwen2": Arch("QWEN2"), "qwen3": Arch("QWEN3"),
+         "gemma": Arch("GEMMA", norms_plus_one=True, hparams="gemma")}
 
 
 @dataclass
@@ -52,6 +55,7 @@ class GgufTensor:
     shape: tuple[int, ...]  # as in the checkpoint (rows first)
     nbytes: int
     heads: int = 0  # > 0: rows permuted in groups of shape[0] // heads
+    plus_one: bool = False  # stored as 1 + w (Gemma's norms)
     offset: int = 0  # in the data section
 
 
@@ -99,7 +103,8 @@ def layout(plan: MergePlan, dtype: str, config: dict[str, Any]) -> GgufLayout:
         permuted = 0
         if arch.permute_qk and t.name.endswith(("self_attn.q_proj.weight", "self_attn.k_proj.weight")):
             permuted = heads if "q_proj" in t.name else kv_heads
-        out.tensors[t.name] = GgufTensor(t.name, gguf_name, qtype, shape, int(nbytes or 0), permuted)
+        out.tensors[t.name] = GgufTensor(t.name, gguf_name, qtype, shape, int(nbytes or 0), permuted,
+                                         plus_one=arch.norms_plus_one and t.name.endswith("norm.weight"))
     return out
 
 

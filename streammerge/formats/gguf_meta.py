@@ -12,18 +12,22 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..errors import UnsupportedError
+
+if TYPE_CHECKING:
+    from .gguf_layout import Arch
 
 # SentencePiece token types as llama.cpp numbers them
 NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
 
 
 def write_metadata(writer: Any, config: dict[str, Any], file_type: str, tokenizer_dir: Path, name: str, *,
-                   llama_extras: bool, pre: str | None = None) -> None:
-    """Every KV pair but the architecture's name (GGUFWriter's own) into ``writer``: key / value lengths
-    when the config names head_dim; the vocabulary size and rotary dimensions for llama's family."""
+                   arch: Arch, pre: str | None = None) -> None:
+    """Every KV pair but the architecture's name (GGUFWriter's own) into ``writer``, as the converter
+    writes them for ``arch``: its base class's set (key / value lengths when the config names head_dim;
+    the vocabulary size and rotary dimensions for llama's family) or Gemma's own."""
     import gguf
 
     heads = int(config["num_attention_heads"])
@@ -37,19 +41,31 @@ def write_metadata(writer: Any, config: dict[str, Any], file_type: str, tokenize
     writer.add_feed_forward_length(int(config["intermediate_size"]))
     writer.add_head_count(heads)
     writer.add_head_count_kv(int(config.get("num_key_value_heads") or heads))
-    if (theta := config.get("rope_theta", (config.get("rope_parameters") or {}).get("rope_theta"))) is not None:
+    theta = config.get("rope_theta", (config.get("rope_parameters") or {}).get("rope_theta"))
+    if theta is not None and arch.hparams == "text":
         writer.add_rope_freq_base(float(theta))
     if (eps := config.get("rms_norm_eps")) is not None:
         writer.add_layer_norm_rms_eps(float(eps))
-    if config.get("head_dim") is not None:
+    if config.get("head_dim") is not None or arch.hparams == "gemma":
         writer.add_key_length(head_dim)
         writer.add_value_length(head_dim)
     writer.add_file_type(getattr(gguf.LlamaFileType, file_type))
-    if llama_extras:
+    if arch.llama_hparams:
         writer.add_vocab_size(int(config["vocab_size"]))
         writer.add_rope_dimension_count(head_dim)
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
     _tokenizer(writer, config, tokenizer_dir, pre)
+    if arch.hparams == "gemma":  # (its converter's CodeGemma special tokens, at fixed ids, and no space prefix)
+        special = gguf.SpecialVocab(tokenizer_dir, load_merges=False,
+                                    special_token_types=["prefix", "suffix", "middle", "fsep", "eot"])
+        for kind, token_id in GEMMA_SPECIAL.items():
+            special._set_special_token(kind, token_id)
+        special.chat_template = None
+        special.add_to_gguf(writer)
+        writer.add_add_space_prefix(False)
+
+
+GEMMA_SPECIAL = {"prefix": 67, "suffix": 69, "middle": 68, "fsep": 70, "eot": 107}  # (the converter's ids)
 
 
 def _tokenizer(writer: Any, config: dict[str, Any], where: Path, pre: str | None) -> None:

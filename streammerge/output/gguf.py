@@ -58,7 +58,7 @@ class GgufSink:
             self.partial.unlink()  # (no resume: a GGUF is written again from its start)
         writer = gguf.GGUFWriter(self.partial, self.layout.arch_name)
         write_metadata(writer, self.config, self.layout.file_type, self.tokenizer_dir, _name(self.plan),
-                       llama_extras=self.layout.arch.llama_hparams, pre=self.pre)
+                       arch=self.layout.arch, pre=self.pre)
         offset = 0
         for t in self.layout.tensors.values():
             t.offset = offset
@@ -148,6 +148,8 @@ class GgufSink:
         for r0 in range(0, rows, step):
             k = min(step, rows - r0)
             x = _as_numpy(data, dtype, r0 * cols, k * cols).reshape(k, cols)
+            if t.plus_one:  # (in the dtype the converter holds it in: float32, or F16 as stored)
+                x = x + x.dtype.type(1)
             q = np.ascontiguousarray(gguf.quants.quantize(x, getattr(gguf.GGMLQuantizationType, t.qtype)))
             raw = q.view(np.uint8).reshape(k, -1)
             first = row0 + r0
