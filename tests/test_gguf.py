@@ -219,6 +219,24 @@ def test_gguf_bpe_tokenizer_is_the_reference_converters(tmp_path: Path, converte
     assert types["<|endoftext|>"] == 3 and types["<extra>"] == 4 and types["[PAD159]"] == 5
 
 
+def test_gguf_beside_a_safetensors_output_in_one_pass(tmp_path: Path, merges: dict) -> None:
+    """One read of the base, two outputs: a safetensors directory and a GGUF file, each byte for byte
+    what its own run writes (a second adapter weight makes the two merges differ)."""
+    import hashlib
+
+    base, adapter, merged = merges["qwen2"]
+    both_dir, both_gguf, alone = tmp_path / "both", tmp_path / "both.gguf", tmp_path / "alone.gguf"
+    assert main(["--base", str(base), "--adapter", f"{adapter}:0.5", "--output", str(both_gguf),
+                 "--adapter", str(adapter), "--output", str(both_dir), "--dtype", "q8_0", "-q"]) != 0  # (q8_0: GGUF only)
+    assert main(["--base", str(base), "--adapter", f"{adapter}:0.5", "--output", str(both_gguf),
+                 "--adapter", str(adapter), "--output", str(both_dir), "-q"]) == 0
+    assert main(["--base", str(base), "--adapter", f"{adapter}:0.5", "--output", str(alone), "-q"]) == 0
+    assert both_gguf.read_bytes() == alone.read_bytes()
+    digest = lambda d: {f.name: hashlib.sha256(f.read_bytes()).hexdigest()  # noqa: E731
+                        for f in d.glob("*.safetensors")}
+    assert digest(both_dir) == digest(merged) and digest(both_dir)
+
+
 def test_gguf_refusals(tmp_path: Path, merges: dict, capsys) -> None:
     base, adapter, _ = merges["llama"]
     taken = tmp_path / "taken.gguf"
