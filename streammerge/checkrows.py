@@ -303,7 +303,7 @@ def _waveft(d: Delta, row: int, exact: torch.Tensor, size: torch.Tensor, f: Fact
     """Row ``row`` of scaling * (the spectrum, or its one-level synthesis): a coefficient at (i, j) of a
     quadrant reaches rows 2i + a - top (a < L), there with row-filter tap a (the high-pass filter in
     the right quadrants) times every column tap b at 2j + b - left (high-pass in the lower ones)."""
-    from .deltas.spectral import wavelet_filters
+    from .deltas.spectral import synthesis_grid, wavelet_filters
 
     spectrum = f(d, "spectrum")
     out, cols = d.shape
@@ -316,13 +316,7 @@ def _waveft(d: Delta, row: int, exact: torch.Tensor, size: torch.Tensor, f: Fact
         lo, hi = (torch.tensor(x, dtype=torch.float64) for x in
                   wavelet_filters(str(d.adapter.config.get("wavelet_family", "db1"))))
         taps = lo.shape[0]
-        tall, wide = out + taps - 2, cols + taps - 2
-        tall, wide = tall + tall % 2, wide + wide % 2
-        p, q = u + (tall - out) // 2, v + (wide - cols) // 2
-        lower, right = p >= tall // 2, q >= wide // 2
-        i, j = p - (tall // 2) * lower, q - (wide // 2) * right
-        top = (2 * taps - 3) // 2 + (2 * (tall // 2) - taps + 2 - out) // 2
-        left = (2 * taps - 3) // 2 + (2 * (wide // 2) - taps + 2 - cols) // 2
+        i, j, right, lower, top, left = synthesis_grid(u, v, out, cols, taps)
         a = row + top - 2 * i
         hit = (a >= 0) & (a < taps)
         tap = torch.where(right[hit], hi[a[hit].clamp(0, taps - 1)], lo[a[hit].clamp(0, taps - 1)])

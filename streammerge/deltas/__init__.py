@@ -3,15 +3,19 @@
 Each method is registered by the name the plan gives it (``Delta.method``) and answers: which
 adapter tensors it holds on the merge device (``factor_keys``, for the memory budget), how many
 float32 temporaries of a block's size its ``apply`` makes (``block_buffers``, for the budget too),
-whether its tensors fit a base tensor (``check``, from headers: the plan's shape checks), whether it
-needs a first pass over the tensor's rows before the merge (``first_pass``), and how to load itself
-(``load``) into an object whose ``apply(work, row0, rows)`` changes rows ``[row0, row0 + rows)``
-held in ``work`` in place. A new PEFT method is a reader row in ``adapters/methods.py``, a module
-here (``roles.ByRole`` gives what the non-LoRA ones share) and a row in ``METHODS`` (and its float64 reading in ``checkrows.py``); the engine never
-branches on the method. Methods (in this package's modules): LoRA and its variants (``lora``,
-``dora``), IA3 (``ia3``), LoHa, LoKr, VeRA, PVeRA, AdaLoRA, SHiRA, supertuning, C3A (``additive``), DeLoRA,
-HiRA, BEFT, RandLoRA, GraLoRA, VB-LoRA, UniLoRA, TinyLoRA (``structured``), OFT (``oft``), BOFT (``boft``), HRA (``hra``), RoAd (``road``),
-MiSS (``miss``), DEFT, PEANuT, FRoD, OSF (``fromweight``: deltas that depend on W itself), FourierFT, WaveFT (``spectral``), GLoRA (``glora``).
+what it derives and holds beyond them (``held_floats``), whether its tensors fit a base tensor
+(``check``, from headers: the plan's shape checks), and how to load itself (``load``) into an
+object whose ``apply(work, row0, rows)`` changes rows ``[row0, row0 + rows)`` held in ``work`` in
+place (a loaded delta that must see every row first is a ``FirstPass``).
+
+A new PEFT method is a reader row in ``adapters/methods.py``, a module here (``roles.ByRole`` gives
+what the non-LoRA ones share), a row in ``METHODS`` and its float64 reading for verify
+(``checkrows.py`` / ``checkwhole.py``); the engine never branches on the method. Methods, by module:
+LoRA and its variants (``lora``, ``dora``); IA3 (``ia3``); LoHa, LoKr, VeRA, PVeRA, AdaLoRA, SHiRA,
+supertuning, C3A (``additive``); DeLoRA, HiRA, BEFT, RandLoRA, GraLoRA, VB-LoRA, UniLoRA, TinyLoRA
+(``structured``); OFT (``oft``); BOFT (``boft``); HRA (``hra``); RoAd (``road``); MiSS (``miss``);
+DEFT, PEANuT, FRoD, OSF (``fromweight``: deltas that depend on W itself); FourierFT, WaveFT
+(``spectral``); GLoRA (``glora``).
 
 Imports no torch: the plan asks ``factor_keys`` from headers alone.
 """
@@ -64,9 +68,6 @@ class FirstPass(Applied, Protocol):
 
 
 class Method(Protocol):
-    @property
-    def first_pass(self) -> bool: ...
-
     @property
     def block_buffers(self) -> int:
         """float32 temporaries of a block's size its ``apply`` makes (the working set counts them)."""

@@ -70,10 +70,6 @@ class Dora:
     def check(self, d: Delta, tensor: str, info: TensorInfo) -> str | None:
         return check_factors(d, tensor, info)
 
-    @property
-    def first_pass(self) -> bool:
-        return self.transposed
-
     def factor_keys(self, d: Delta) -> list[str]:
         assert d.lora.magnitude_key is not None
         return [d.lora.a_key, d.lora.b_key, d.lora.magnitude_key]

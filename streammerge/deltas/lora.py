@@ -72,7 +72,6 @@ def check_factors(d: Delta, tensor: str, info: TensorInfo) -> str | None:
 @dataclass(frozen=True)
 class Lora:
     transposed: bool = False
-    first_pass = False
     block_buffers = 0
 
     def factor_keys(self, d: Delta) -> list[str]:
@@ -90,7 +89,6 @@ class Lora:
 
 
 class LoraBias:
-    first_pass = False
     block_buffers = 0
 
     def check(self, d: Delta, tensor: str, info: TensorInfo) -> str | None:

@@ -1,5 +1,6 @@
 """What the PEFT methods other than LoRA share in the delta registry's protocol: their tensors are
-their module's roles (``LoraModule.keys``), no first pass, and no block temporaries unless they say so."""
+their module's roles (``LoraModule.keys``), no block temporaries and nothing held beyond them unless
+they say so."""
 
 from __future__ import annotations
 
@@ -11,7 +12,6 @@ if TYPE_CHECKING:
 
 class ByRole:
     roles: tuple[str, ...] = ()  # the tensors it holds on the merge device, in this order (none: all the module's)
-    first_pass = False
     block_buffers = 0
 
     def factor_keys(self, d: Delta) -> list[str]:

@@ -123,6 +123,23 @@ def wavelet_filters(family: str) -> tuple[list[float], list[float]]:
     return list(w.rec_lo), list(w.rec_hi)
 
 
+def synthesis_grid(u: torch.Tensor, v: torch.Tensor, out: int, cols: int, taps: int
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, int, int]:
+    """Where PEFT's synthesis puts each spectrum entry at (u, v): its quadrant position (i, j), whether
+    its quadrant is a right one (rows high-pass) or a lower one (columns high-pass), and the output's
+    first row and column in the transposed convolution's frame (``top``, ``left``: the L - 2 cut, then
+    the centred crop): the coefficient reaches rows 2i + a - top and columns 2j + b - left."""
+    tall, wide = out + taps - 2, cols + taps - 2
+    tall, wide = tall + tall % 2, wide + wide % 2
+    p, q = u + (tall - out) // 2, v + (wide - cols) // 2
+    lower, right = p >= tall // 2, q >= wide // 2
+    i, j = p - (tall // 2) * lower, q - (wide // 2) * right
+    cut = (2 * taps - 3) // 2
+    top = cut + (2 * (tall // 2) - taps + 2 - out) // 2
+    left = cut + (2 * (wide // 2) - taps + 2 - cols) // 2
+    return i, j, right, lower, top, left
+
+
 def synthesis_entries(u: torch.Tensor, v: torch.Tensor, f: torch.Tensor, out: int, cols: int,
                       filters: tuple[list[float], list[float]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(rows, columns, values) of PEFT's one-level idwt2 of F (zero but for f at (u, v)) cropped to
@@ -135,14 +152,7 @@ def synthesis_entries(u: torch.Tensor, v: torch.Tensor, f: torch.Tensor, out: in
 
     lo, hi = (torch.tensor(x, dtype=torch.float64, device=f.device) for x in filters)
     taps = lo.shape[0]
-    tall, wide = out + taps - 2, cols + taps - 2
-    tall, wide = tall + tall % 2, wide + wide % 2
-    p, q = u + (tall - out) // 2, v + (wide - cols) // 2
-    lower, right = p >= tall // 2, q >= wide // 2
-    i, j = p - (tall // 2) * lower, q - (wide // 2) * right
-    cut = (2 * taps - 3) // 2
-    top = cut + (2 * (tall // 2) - taps + 2 - out) // 2  # (cut, then the centred crop)
-    left = cut + (2 * (wide // 2) - taps + 2 - cols) // 2
+    i, j, right, lower, top, left = synthesis_grid(u, v, out, cols, taps)
     row_filter = torch.where(right[:, None], hi, lo)  # (n, L): the quadrant's filter down the rows
     col_filter = torch.where(lower[:, None], hi, lo)
     rows, columns, values = [], [], []

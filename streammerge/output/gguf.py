@@ -38,7 +38,6 @@ class GgufSink:
         self.config, self.tokenizer_dir = config, tokenizer_dir
         self.partial = out.with_name(out.name + ".partial")
         self.kept: dict[str, dict[str, Any]] = {}
-        self.records: dict[str, dict[str, Any]] = {}
         self.files_copied: list[str] = []
         self.notes: list[str] = []
         self.tokenizer_note: str | None = None
@@ -47,6 +46,7 @@ class GgufSink:
         self._fd = -1
         self._data_start = 0
         self._carry: dict[str, bytes] = {}  # per tensor: bytes of a row not yet complete
+        self._dtypes = {t.name: t.out_dtype for t in plan.tensors()}  # the bytes' dtype, as the plan writes them
 
     # Sink protocol
     def prepare(self, fingerprint: Callable[[str], str]) -> dict[str, dict[str, Any]]:
@@ -81,7 +81,7 @@ class GgufSink:
         return self
 
     def commit_shard(self, shard: str) -> None:
-        self.records[shard] = {"shard": shard}
+        pass  # (one file: fsynced once, at the end)
 
     def closed_shard(self, shard: str) -> None:
         pass
@@ -108,13 +108,12 @@ class GgufSink:
 
     # ShardOut: bytes of one tensor, in the checkpoint's output dtype, in order
     def write(self, name: str, offset_in_tensor: int, data: memoryview) -> None:
-        t = self.layout.tensors[name]
-        plan_t = self._plan_tensor(name)
-        item = DTYPE_SIZES[plan_t.out_dtype]
+        t, dtype = self.layout.tensors[name], self._dtypes[name]
+        item = DTYPE_SIZES[dtype]
         row_bytes = (t.shape[-1] if len(t.shape) > 1 else t.shape[0]) * item
         carry = self._carry.pop(name, b"")
         if not carry and len(data) % row_bytes == 0 and offset_in_tensor % row_bytes == 0:  # whole rows (merged chunks)
-            self._convert(t, plan_t.out_dtype, data, offset_in_tensor // row_bytes)
+            self._convert(t, dtype, data, offset_in_tensor // row_bytes)
             return
         pending = carry + bytes(data)  # (a converted tensor's chunks may end inside a row)
         start = offset_in_tensor - len(carry)
@@ -122,7 +121,7 @@ class GgufSink:
         if whole < len(pending):
             self._carry[name] = pending[whole:]
         if whole:
-            self._convert(t, plan_t.out_dtype, memoryview(pending)[:whole], start // row_bytes)
+            self._convert(t, dtype, memoryview(pending)[:whole], start // row_bytes)
 
     def copy_range(self, src_fd: int, src_offset: int, name: str, nbytes: int) -> None:
         done = 0
@@ -132,11 +131,6 @@ class GgufSink:
             done += n
 
     # conversion
-    def _plan_tensor(self, name: str) -> Any:
-        if not hasattr(self, "_by_name"):
-            self._by_name = {t.name: t for t in self.plan.tensors()}
-        return self._by_name[name]
-
     def _convert(self, t: GgufTensor, dtype: str, data: memoryview, row0: int) -> None:
         import gguf
         import numpy as np
