@@ -19,3 +19,19 @@ def pytest_collection_modifyitems(config, items) -> None:  # noqa: ANN001
     for item in items:
         if "slow" in item.keywords:
             item.add_marker(skip)
+
+
+def _converter_fixture():  # noqa: ANN202
+    import pytest
+
+    @pytest.fixture(scope="session")
+    def converter(tmp_path_factory: pytest.TempPathFactory):  # noqa: ANN202
+        """llama.cpp's convert_hf_to_gguf.py with its conversion package and gguf-py (tests/gguf_ref.py)."""
+        from gguf_ref import extract_converter
+
+        return extract_converter(tmp_path_factory.mktemp("llama.cpp"))
+
+    return converter
+
+
+converter = _converter_fixture()

@@ -14,70 +14,16 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import tarfile
 from pathlib import Path
 
 import pytest
+from gguf_ref import convert, read, same_file, with_bpe_tokenizer, with_tokenizer
 from oracle import build_adapter, build_base
 
 from streammerge.cli import main
 
 pytest.importorskip("gguf")
-spm = pytest.importorskip("sentencepiece")
-SDIST_NAME, SDIST_FILE = "llama-cpp-python", "llama_cpp_python-0.3.36.tar.gz"
-
-
-def fetch_sdist(root: Path) -> Path:
-    """The sdist from the package registry's simple index (JSON), its sha256 checked: pip download
-    would build its metadata, and with it cmake from source."""
-    import hashlib
-    import urllib.request
-
-    request = urllib.request.Request(f"https://pypi.org/simple/{SDIST_NAME}/",
-                                     headers={"Accept": "application/vnd.pypi.simple.v1+json"})
-    with urllib.request.urlopen(request, timeout=60) as r:
-        (entry,) = [f for f in json.load(r)["files"] if f["filename"] == SDIST_FILE]
-    target = root / SDIST_FILE
-    digest = hashlib.sha256()
-    with urllib.request.urlopen(entry["url"], timeout=300) as r, open(target, "wb") as out:
-        while chunk := r.read(1 << 20):
-            digest.update(chunk)
-            out.write(chunk)
-    assert digest.hexdigest() == entry["hashes"]["sha256"], "the sdist does not match the index's sha256"
-    return target
-
-
-@pytest.fixture(scope="session")
-def converter(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """llama.cpp's convert_hf_to_gguf.py, its conversion package and gguf-py, from the sdist."""
-    root = tmp_path_factory.mktemp("llama.cpp")
-    try:
-        archive = fetch_sdist(root)
-    except OSError as exc:
-        pytest.skip(f"the reference converter could not be fetched from the package registry ({exc})")
-    prefix = SDIST_FILE.removesuffix(".tar.gz") + "/vendor/llama.cpp/"
-    with tarfile.open(archive) as tar:
-        members = [m for m in tar.getmembers() if m.name.startswith(prefix) and
-                   (m.name == prefix + "convert_hf_to_gguf.py" or m.name.startswith((prefix + "conversion/",
-                                                                                    prefix + "gguf-py/")))]
-        for m in members:
-            m.name = m.name.removeprefix(prefix)
-        tar.extractall(root / "ref", members=members, filter="data")
-    archive.unlink()
-    return root / "ref"
-
-
-def with_tokenizer(base: Path, root: Path) -> Path:
-    text = "\n".join([f"the quick brown fox jumps over the lazy dog {i}" for i in range(200)] + ["hello merge"] * 50)
-    (root / "corpus.txt").write_text(text)
-    spm.SentencePieceTrainer.train(input=str(root / "corpus.txt"), model_prefix=str(base / "tokenizer"), vocab_size=150,
-                                   model_type="bpe", normalization_rule_name="identity", remove_extra_whitespaces=False,
-                                   character_coverage=1.0, bos_id=1, eos_id=2, unk_id=0, pad_id=-1,
-                                   minloglevel=2)
-    (base / "tokenizer_config.json").write_text(json.dumps({
-        "tokenizer_class": "LlamaTokenizer", "add_bos_token": True, "add_eos_token": False, "bos_token": "<s>",
-        "eos_token": "</s>", "unk_token": "<unk>"}))
-    return base
+pytest.importorskip("sentencepiece")
 
 
 @pytest.fixture(scope="module")
@@ -103,29 +49,10 @@ def reference(merges: dict, converter: Path, tmp_path_factory: pytest.TempPathFa
 
     def get(arch: str, outtype: str) -> Path:
         if (arch, outtype) not in made:
-            out = root / f"{arch}-{outtype}.gguf"
-            subprocess.run([sys.executable, str(converter / "convert_hf_to_gguf.py"), str(merges[arch][2]),
-                            "--outtype", outtype, "--outfile", str(out)], capture_output=True, text=True, check=True)
-            made[arch, outtype] = out
+            made[arch, outtype] = convert(converter, merges[arch][2], outtype, root / f"{arch}-{outtype}.gguf")
         return made[arch, outtype]
 
     return get
-
-
-def read(path: Path, converter: Path) -> tuple[dict, dict]:
-    """Metadata values and tensors (type, shape, bytes) with the reference's own gguf-py reader."""
-    code = (f"import sys, json, hashlib; sys.path.insert(0, {str(converter / 'gguf-py')!r}); from gguf import GGUFReader\n"
-            f"r = GGUFReader({str(path)!r})\n"
-            "kv = {k: (f.contents() if not isinstance(f.contents(), bytes) else f.contents().hex()) for k, f in "
-            "r.fields.items() if not k.startswith('GGUF.')}\n"
-            "ts = {t.name: [t.tensor_type.name, [int(x) for x in t.shape], hashlib.sha256(t.data.tobytes()).hexdigest()] "
-            "for t in r.tensors}\n"
-            "print(json.dumps([kv, ts], default=str))")
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    return tuple(json.loads(done.stdout))  # type: ignore[return-value]
-
-
-DESCRIPTIVE = ("general.name", "general.size_label", "general.tags")
 
 
 @pytest.mark.parametrize("arch, dtype", [("llama", "f32"), ("llama", "f16"), ("llama", "bf16"), ("llama", "q8_0"),
@@ -137,12 +64,8 @@ def test_gguf_is_the_reference_converters(tmp_path: Path, merges: dict, converte
     ours = tmp_path / "ours.gguf"
     assert main(["--base", str(base), "--adapter", str(adapter), "--output", str(ours), "--dtype", dtype, "-q"]) == 0
     assert not ours.with_name("ours.gguf.partial").exists()
-    ref = reference(arch, dtype)
-    (kv_ours, t_ours), (kv_ref, t_ref) = read(ours, converter), read(ref, converter)
-    assert t_ours == t_ref  # names, types, shapes, bytes (sha256)
-    assert {k: v for k, v in kv_ours.items() if k not in DESCRIPTIVE} == \
-        {k: v for k, v in kv_ref.items() if k not in DESCRIPTIVE}
-    types = {v[0] for v in t_ours.values()}
+    same_file(ours, reference(arch, dtype), converter)  # names, types, shapes, bytes (sha256), metadata
+    types = {v[0] for v in read(ours, converter)[1].values()}
     want = {"q8_0": {"F32", "Q8_0", "F16"}, "f32": {"F32"}, "auto": {"F32", "BF16"}}.get(dtype, {"F32", dtype.upper()})
     assert types == want  # (auto: the checkpoint is BF16)
 
@@ -177,17 +100,7 @@ def test_gguf_small_types_are_gguf_s_own_quantization(tmp_path: Path, merges: di
 def bpe_qwen2(root: Path) -> tuple[Path, Path, Path]:
     """Qwen2 with a home-made BPE tokenizer.json (tokenizers' trainer; an added special token and an
     added normal one), a LoRA, and their merged safetensors."""
-    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    base = build_base("qwen2", root / "qwen2-bpe", dtype="bf16", sharded=False)
-    tok = Tokenizer(models.BPE(unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok.train_from_iterator([f"the quick brown fox jumps over the lazy dog {i}" for i in range(300)],
-                            trainers.BpeTrainer(vocab_size=140, special_tokens=["<unk>", "<|endoftext|>"]))
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", eos_token="<|endoftext|>")
-    fast.add_tokens(["<extra>"])
-    fast.save_pretrained(base)
+    base = with_bpe_tokenizer(build_base("qwen2", root / "qwen2-bpe", dtype="bf16", sharded=False))
     adapter = build_adapter(base, root / "qwen2-bpe-lora", dtype="bf16", r=4, lora_alpha=8).adapter
     merged = root / "qwen2-bpe-merged"
     assert main(["--base", str(base), "--adapter", str(adapter), "--output", str(merged), "-q"]) == 0
@@ -204,16 +117,7 @@ def test_gguf_bpe_tokenizer_is_the_reference_converters(tmp_path: Path, converte
     args = ["--base", str(base), "--adapter", str(adapter), "--output", str(ours), "--dtype", "q8_0", "-q"]
     assert main(args) != 0 and not ours.exists()
     assert main([*args, "--gguf-pre", "qwen2"]) == 0
-    ref = tmp_path / "ref.gguf"
-    run = (f"import sys, runpy; sys.path.insert(0, {str(converter)!r}); sys.path.insert(1, {str(converter / 'gguf-py')!r})\n"
-           "import conversion.base as b; b.TextModel.get_vocab_base_pre = lambda self, tokenizer: 'qwen2'\n"
-           f"sys.argv = ['convert', {str(merged)!r}, '--outtype', 'q8_0', '--outfile', {str(ref)!r}]\n"
-           f"runpy.run_path({str(converter / 'convert_hf_to_gguf.py')!r}, run_name='__main__')")
-    subprocess.run([sys.executable, "-c", run], capture_output=True, text=True, check=True)
-    (kv_ours, t_ours), (kv_ref, t_ref) = read(ours, converter), read(ref, converter)
-    assert t_ours == t_ref
-    assert {k: v for k, v in kv_ours.items() if k not in DESCRIPTIVE} == \
-        {k: v for k, v in kv_ref.items() if k not in DESCRIPTIVE}
+    kv_ours = same_file(ours, convert(converter, merged, "q8_0", tmp_path / "ref.gguf", pre="qwen2"), converter)
     assert kv_ours["tokenizer.ggml.model"] == "gpt2" and kv_ours["tokenizer.ggml.merges"]
     types = dict(zip(kv_ours["tokenizer.ggml.tokens"], kv_ours["tokenizer.ggml.token_type"]))
     assert types["<|endoftext|>"] == 3 and types["<extra>"] == 4 and types["[PAD159]"] == 5

@@ -30,8 +30,8 @@ def expected_deltas(pm, disk: str, parts: dict[str, str]) -> dict[str, list]:
 
     out: dict[str, list] = {}
     for name, module in pm.base_model.model.named_modules():
-        if not isinstance(module, ParamWrapper) or "default" not in module.lora_A:
-            continue
+        if not isinstance(module, ParamWrapper) or "default" not in module.lora_A or module.parameter_name == "weight":
+            continue  # (a wrapped 2-D weight, as the router: not experts)
         layer = int(name.split(".layers.")[1].split(".")[0])
         a = module.lora_A["default"].weight.detach().double()
         b = module.lora_B["default"].weight.detach().double()
@@ -113,3 +113,47 @@ def test_per_expert_lora_modules(tmp_path: Path, family: str) -> None:
         exact, bound = exact_and_bound(ref[name], d, torch.float32)
         assert ((got[name].double() - exact).abs() <= bound).all(), name
     assert {n for n in ref if not torch.equal(bits(got[n]), bits(ref[n]))} == set(deltas)
+
+
+ROUTERS = {"qwen3-moe": "model.layers.{l}.mlp.gate.weight", "mixtral": "model.layers.{l}.block_sparse_moe.gate.weight"}
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_all_linear_on_moe_as_peft_expands_it(tmp_path: Path, family: str) -> None:
+    """PEFT's ``all-linear`` on a transformers v5 MoE targets the fused experts by bare parameter names
+    ('gate_up_proj', 'down_proj') with gate_up's rank doubled by a rank_pattern matched against
+    '<experts>.gate_up_proj' (not the module path), and the router as a wrapped 'gate.weight'. With
+    rsLoRA the doubled rank changes the scaling too. Every expert, the router and the attention
+    projections merged as PEFT's factors say, in float64; logits as PEFT's model's."""
+    from peft import LoraConfig, get_peft_model
+    from peft.tuners.lora.layer import ParamWrapper
+
+    make_config, disk, parts = FAMILIES[family]
+    torch.manual_seed(0)
+    base = tmp_path / "base"
+    transformers.AutoModelForCausalLM.from_config(make_config()).save_pretrained(base)
+    torch.manual_seed(1)
+    pm = get_peft_model(transformers.AutoModelForCausalLM.from_pretrained(base), LoraConfig(
+        r=2, lora_alpha=6, use_rslora=True, target_modules="all-linear", init_lora_weights=False,
+        target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]))
+    pm.save_pretrained(tmp_path / "adapter")
+    assert {v for v in pm.peft_config["default"].rank_pattern.values()} == {4}  # (gate_up: 2 r)
+    out = tmp_path / "out"
+    assert main(["--base", str(base), "--adapter", str(tmp_path / "adapter"), "--output", str(out), "-q"]) == 0
+    want = expected_deltas(pm, disk, parts)
+    for name, module in pm.base_model.model.named_modules():
+        if isinstance(module, ParamWrapper) and module.parameter_name == "weight":  # the router
+            layer = int(name.split(".layers.")[1].split(".")[0])
+            a, b = (module.lora_A["default"].weight.detach().double(), module.lora_B["default"].weight.detach().double())
+            want[ROUTERS[family].format(l=layer)] = [(a, b, float(module.scaling["default"]))]
+        elif hasattr(module, "lora_A") and not isinstance(module, ParamWrapper) and "default" in module.lora_A:
+            a, b = (module.lora_A["default"].weight.detach().double(), module.lora_B["default"].weight.detach().double())
+            want[f"{name}.weight"] = [(a, b, float(module.scaling["default"]))]
+    assert len(want) == 2 * 4 * 3 + 2 + 2 * 4  # experts, routers, q/k/v/o
+    got, ref = read_checkpoint(out), read_checkpoint(base)
+    for name, deltas in want.items():
+        exact, bound = exact_and_bound(ref[name], deltas, torch.float32)
+        assert ((got[name].double() - exact).abs() <= bound).all(), name
+    assert {n for n in ref if not torch.equal(bits(got[n]), bits(ref[n]))} == set(want)
+    merged = transformers.AutoModelForCausalLM.from_pretrained(out)
+    assert torch.allclose(logits(merged), logits(pm), atol=1e-4, rtol=1e-4)

@@ -148,26 +148,47 @@ def _pattern_value(pattern: dict[str, Any], module: str, default: Any) -> Any:
     return default
 
 
-def _experts_container(config: dict[str, Any], module: str) -> str:
+FUSED_EXPERT_PARAMS = ("gate_up_proj", "down_proj")  # transformers v5's fused expert parameters
+
+
+def _rank_alpha(config: dict[str, Any], key: str) -> tuple[int, float, float]:
+    """r, alpha and scaling of one targeted parameter, as PEFT's patterns give them for ``key``."""
+    r = int(_pattern_value(config.get("rank_pattern") or {}, key, config["r"]))
+    alpha = float(_pattern_value(config.get("alpha_pattern") or {}, key, config["lora_alpha"]))
+    return r, alpha, alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r
+
+
+def _experts_container(config: dict[str, Any], module: str, rows: int, r: int) -> str:
     """The fused-experts module a target_parameters factor belongs to ('' if none). PEFT nests one
     wrapper per targeted parameter, so the keys may end in '.base_layer' once or more."""
     container = re.sub(r"(\.base_layer)+$", "", module)
-    for target in config.get("target_parameters") or []:
-        if isinstance(target, str) and container.endswith(target.rpartition(".")[0]):
-            return container
-    return ""
+    params = {}  # the targeted parameters this module may own, the most specific target first
+    for target in sorted((t for t in config.get("target_parameters") or [] if isinstance(t, str)),
+                         key=lambda t: -t.count(".")):
+        owner, _, param = target.rpartition(".")
+        if not owner or container == owner or container.endswith("." + owner):
+            params.setdefault(bool(owner), param)
+    if params.get(True, "weight") != "weight":
+        return container
+    # a bare parameter name ("gate_up_proj", as PEFT's all-linear adds it) is any module's that owns one,
+    # which the file does not say: fused experts' factors have r x experts rows, a plain LoRA's r
+    return container if True not in params and params.get(False, "weight") != "weight" and rows != r else ""
 
 
 def _module_of(config: dict[str, Any], module: str, a: TensorInfo, b: TensorInfo, where: Path, *,
                embedding: bool) -> LoraModule:
     r = int(_pattern_value(config.get("rank_pattern") or {}, module, config["r"]))
     alpha = float(_pattern_value(config.get("alpha_pattern") or {}, module, config["lora_alpha"]))
-    container = _experts_container(config, module)
+    container = _experts_container(config, module, a.shape[0] if a.shape else 0, r)
     if not container and len(a.shape) == len(b.shape) in (3, 4, 5):  # convolution factors; the plan decides
         return LoraModule(module, a.name, b.name, r, alpha, alpha / r, conv_dims=len(a.shape))
-    if container and len(a.shape) == 2 and len(b.shape) == 2 and a.shape[0] % r == 0 and b.shape[1] == a.shape[0]:
+    if container and len(a.shape) == 2 and len(b.shape) == 2 and b.shape[1] == a.shape[0]:
+        # (r and alpha as PEFT reads them for the parameter, "<container>.gate_up_proj" or ".down_proj":
+        # which one these factors are is told by the base's shapes, in the plan)
+        ranks = tuple((param, *_rank_alpha(config, f"{container}.{param}")) for param in FUSED_EXPERT_PARAMS)
         scaling = alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r
-        return LoraModule(module, a.name, b.name, r, alpha, scaling, experts=a.shape[0] // r, container=container)
+        return LoraModule(module, a.name, b.name, r, alpha, scaling, experts=a.shape[0] // r if a.shape[0] % r == 0
+                          else 0, container=container, param_ranks=ranks)
     if len(a.shape) != 2 or len(b.shape) != 2 or a.shape[0] != r or b.shape[1] != r:
         raise InputError(
             f"{where}: module {module!r} has lora_A {list(a.shape)} and lora_B {list(b.shape)} "

@@ -39,6 +39,7 @@ class LoraModule:
     # A[e*r:(e+1)*r] and B[:, e::E]. ``experts`` = E, ``container`` = the experts module path.
     experts: int = 0
     container: str = ""
+    param_ranks: tuple[tuple[str, int, float, float], ...] = ()  # fused experts: (parameter, r, alpha, scaling)
     conv_dims: int = 0  # N-D factors: LoRA on a convolution (refused) or a damaged adapter
     # Other PEFT methods (``adapters/methods.py``): the delta registry's name, and role -> tensor key
     # (IA3: ``l``; LoHa: ``w1a w1b w2a w2b``; LoKr: ``w1`` or ``w1a w1b``, ``w2`` or ``w2a w2b``).

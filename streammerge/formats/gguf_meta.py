@@ -42,10 +42,19 @@ def write_metadata(writer: Any, config: dict[str, Any], file_type: str, tokenize
     writer.add_head_count(heads)
     writer.add_head_count_kv(int(config.get("num_key_value_heads") or heads))
     theta = config.get("rope_theta", (config.get("rope_parameters") or {}).get("rope_theta"))
-    if theta is not None and arch.hparams == "text":
+    if theta is not None and arch.hparams != "gemma":
         writer.add_rope_freq_base(float(theta))
     if (eps := config.get("rms_norm_eps")) is not None:
         writer.add_layer_norm_rms_eps(float(eps))
+    if (experts := _first(config, "num_local_experts", "num_experts", "n_routed_experts")) is not None:
+        writer.add_expert_count(int(experts))
+    if (used := _first(config, "num_experts_per_tok", "num_experts_per_token", "top_k_experts")) is not None:
+        writer.add_expert_used_count(int(used))
+    if arch.hparams == "qwen2moe":
+        if (ff := config.get("moe_intermediate_size")) is not None:
+            writer.add_expert_feed_forward_length(int(ff))
+        if (ff := config.get("shared_expert_intermediate_size")) is not None:
+            writer.add_expert_shared_feed_forward_length(int(ff))
     if config.get("head_dim") is not None or arch.hparams == "gemma":
         writer.add_key_length(head_dim)
         writer.add_value_length(head_dim)
@@ -54,7 +63,7 @@ def write_metadata(writer: Any, config: dict[str, Any], file_type: str, tokenize
         writer.add_vocab_size(int(config["vocab_size"]))
         writer.add_rope_dimension_count(head_dim)
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
-    _tokenizer(writer, config, tokenizer_dir, pre)
+    _tokenizer(writer, config, tokenizer_dir, pre, arch.vocab)
     if arch.hparams == "gemma":  # (its converter's CodeGemma special tokens, at fixed ids, and no space prefix)
         special = gguf.SpecialVocab(tokenizer_dir, load_merges=False,
                                     special_token_types=["prefix", "suffix", "middle", "fsep", "eot"])
@@ -65,16 +74,22 @@ def write_metadata(writer: Any, config: dict[str, Any], file_type: str, tokenize
         writer.add_add_space_prefix(False)
 
 
+def _first(config: dict[str, Any], *keys: str) -> Any:
+    return next((config[k] for k in keys if config.get(k) is not None), None)
+
+
 GEMMA_SPECIAL = {"prefix": 67, "suffix": 69, "middle": 68, "fsep": 70, "eot": 107}  # (the converter's ids)
 
 
-def _tokenizer(writer: Any, config: dict[str, Any], where: Path, pre: str | None) -> None:
+def _tokenizer(writer: Any, config: dict[str, Any], where: Path, pre: str | None, vocab: str) -> None:
     import gguf
 
     model = where / "tokenizer.model"
-    if not model.is_file():
+    if vocab == "bpe" or not model.is_file():
         if not (where / "tokenizer.json").is_file():
-            raise UnsupportedError(f"GGUF: {where} has neither tokenizer.model nor tokenizer.json; GGUF needs the "
+            wanted = "tokenizer.json, which this architecture's GGUF is made from" if vocab == "bpe" else \
+                "neither tokenizer.model nor tokenizer.json"
+            raise UnsupportedError(f"GGUF: {where} has {'no ' if vocab == 'bpe' else ''}{wanted}; GGUF needs the "
                                    "tokenizer (--tokenizer DIR)")
         tokens_bpe, types_bpe, name = bpe_vocab(where, int(config["vocab_size"]), pre)
         writer.add_tokenizer_model("gpt2")

@@ -60,11 +60,13 @@ class GgufSink:
         write_metadata(writer, self.config, self.layout.file_type, self.tokenizer_dir, _name(self.plan),
                        arch=self.layout.arch, pre=self.pre)
         offset = 0
-        for t in self.layout.tensors.values():
-            t.offset = offset
-            writer.add_tensor_info(t.gguf_name, t.shape, _np_dtype(t.qtype), t.nbytes,
-                                   raw_dtype=getattr(gguf.GGMLQuantizationType, t.qtype))
-            offset += gguf.GGUFWriter.ggml_pad(t.nbytes, writer.data_alignment)
+        for gguf_name, parts in self.layout.files().items():
+            first, nbytes = parts[0], sum(p.nbytes for p in parts)
+            for p in parts:  # (stacked experts: consecutive slices)
+                p.offset = offset + p.index * p.nbytes
+            writer.add_tensor_info(gguf_name, first.gguf_shape, _np_dtype(first.qtype), nbytes,
+                                   raw_dtype=getattr(gguf.GGMLQuantizationType, first.qtype))
+            offset += gguf.GGUFWriter.ggml_pad(nbytes, writer.data_alignment)
         writer.open_output_file()
         writer.write_header_to_file()
         writer.write_kv_data_to_file()

@@ -147,12 +147,13 @@ def _expert_deltas(adapter: LoraAdapter, lora: LoraModule, names: dict[str, str]
     layout, disk, shapes = found[0]
     gate, down = shapes["gate"], shapes["down"]
     if b[0] == 2 * gate[0] and a[1] == gate[1]:  # gate_up_proj: rows [:I] -> gate, [I:] -> up
-        split = [(layout.gate, (0, gate[0])), (layout.up, (gate[0], 2 * gate[0]))]
+        split, param = [(layout.gate, (0, gate[0])), (layout.up, (gate[0], 2 * gate[0]))], "gate_up_proj"
     elif (b[0], a[1]) == tuple(down):
-        split = [(layout.down, None)]
+        split, param = [(layout.down, None)], "down_proj"
     else:
         raise PlanError(f"adapter {adapter.path}: {lora.module}: factors {list(a)} / {list(b)} fit neither "
                         f"gate_up {[2 * gate[0], gate[1]]} nor down {list(down)} of {disk}")
+    lora = _expert_rank(adapter, lora, param)
     out = []
     for e in range(lora.experts):
         for name, rows in split:
@@ -163,6 +164,18 @@ def _expert_deltas(adapter: LoraAdapter, lora: LoraModule, names: dict[str, str]
             out.append((match.tensor, Delta(adapter, lora, f"{match.rule.family}; {layout.family}", "lora_expert",
                                              expert=e, rows=rows)))
     return out
+
+
+def _expert_rank(adapter: LoraAdapter, lora: LoraModule, param: str) -> LoraModule:
+    """The factors' r, alpha and scaling as PEFT gives them to ``param`` (its rank_pattern is matched
+    against "<container>.<param>", not the module path), and so their expert count."""
+    rows = adapter.tensors[lora.a_key].shape[0]
+    r, alpha, scaling = next((v[1:] for v in lora.param_ranks if v[0] == param), (lora.r, lora.lora_alpha,
+                                                                                  lora.scaling))
+    if rows % r:
+        raise InputError(f"{adapter.weights_path}: {lora.module} ({param}) has lora_A with {rows} rows, not a "
+                         f"multiple of its r={r}; the adapter files are inconsistent")
+    return dataclasses.replace(lora, r=r, lora_alpha=alpha, scaling=scaling, experts=rows // r)
 
 
 def _vocab_size(config: dict[str, Any]) -> int | None:

@@ -43,6 +43,8 @@ RULES: tuple[Rule, ...] = (
          r"model.\1."),
     Rule("old in-memory names, new checkpoint (LLaVA lm_head)", r"^language_model\.lm_head$", "lm_head"),
     Rule("base_model_prefix stripped on disk (GPT-2 'transformer.')", r"^transformer\.", ""),
+    Rule("Mixtral router (transformers v5 mlp.gate, block_sparse_moe.gate on disk)", r"\.mlp\.gate$",
+         ".block_sparse_moe.gate"),
 )
 
 
