@@ -55,9 +55,11 @@ def extract_converter(root: Path) -> Path:
     return root / "ref"
 
 
-def with_tokenizer(base: Path, root: Path) -> Path:
+def with_tokenizer(base: Path, root: Path, *, beyond: bool = True) -> Path:
     """A SentencePiece BPE model trained here with identity normalisation and no whitespace
-    collapsing (llama.cpp and transformers then tokenize alike), saved into ``base``."""
+    collapsing (llama.cpp and transformers then tokenize alike), saved into ``base``, with added tokens
+    in tokenizer_config.json (special, special-looking, a piece with a space; with ``beyond``, one past
+    the vocabulary, which the converters skip, but Phi-3's, which fails on it)."""
     import sentencepiece as spm
 
     text = "\n".join([f"the quick brown fox jumps over the lazy dog {i}" for i in range(200)] + ["hello merge"] * 50)
@@ -66,9 +68,13 @@ def with_tokenizer(base: Path, root: Path) -> Path:
                                    model_type="bpe", normalization_rule_name="identity", remove_extra_whitespaces=False,
                                    character_coverage=1.0, bos_id=1, eos_id=2, unk_id=0, pad_id=-1,
                                    minloglevel=2)
-    (base / "tokenizer_config.json").write_text(json.dumps({
+    decoder = {i: {"content": text, "special": special, "lstrip": False, "rstrip": False, "normalized": False,
+                   "single_word": False} for i, text, special in
+               [(0, "<unk>", True), (1, "<s>", True), (2, "</s>", True), (150, "<|end|>", False),
+                (151, "\u2581extra", False), (152, "<tool>", True), *([(400, "<beyond>", True)] if beyond else [])]}
+    (base / "tokenizer_config.json").write_text(json.dumps({  # (added tokens as transformers saves them)
         "tokenizer_class": "LlamaTokenizer", "add_bos_token": True, "add_eos_token": False, "bos_token": "<s>",
-        "eos_token": "</s>", "unk_token": "<unk>"}))
+        "eos_token": "</s>", "unk_token": "<unk>", "added_tokens_decoder": decoder}))
     return base
 
 

@@ -16,6 +16,7 @@ import pytest
 import torch
 import transformers
 from gguf_ref import convert, read, same_file, with_bpe_tokenizer, with_tokenizer
+from oracle import build_adapter, build_base
 
 from streammerge.cli import main
 
@@ -74,3 +75,51 @@ def test_moe_gguf_is_the_reference_converters(tmp_path: Path, moe: dict, convert
     assert len(stacks) == 2 * 3 and all(v[1][-1] == 4 for v in stacks.values())  # layers x (gate, up, down), 4 experts
     assert kv[f"{kv['general.architecture']}.expert_count"] == 4
     assert tensors["blk.0.ffn_gate_inp.weight"][0] == "F32"  # (the router, as the converter keeps it)
+
+
+def test_phi3_gguf_is_the_reference_converters(tmp_path: Path, converter: Path) -> None:
+    """Phi-3: fused qkv_proj and gate_up_proj kept fused (attn_qkv, ffn_up), its own hyperparameters and
+    SentencePiece reading (added tokens typed by their special flag alone)."""
+    import json
+
+    base = with_tokenizer(build_base("phi3", tmp_path / "phi3", dtype="bf16", sharded=True), tmp_path, beyond=False)
+    (base / "tokenizer.json").write_text(json.dumps({"added_tokens": [  # (all Phi-3's converter reads of it)
+        {"id": 153, "content": "<|user|>", "special": True}, {"id": 154, "content": "<|x|>", "special": False}]}))
+    adapter = build_adapter(base, tmp_path / "lora", dtype="bf16", r=4, lora_alpha=8).adapter
+    merged = tmp_path / "merged"
+    assert main(["--base", str(base), "--adapter", str(adapter), "--output", str(merged), "-q"]) == 0
+    for dtype in ("q8_0", "f32"):
+        ours = tmp_path / f"ours-{dtype}.gguf"
+        assert main(["--base", str(base), "--adapter", str(adapter), "--output", str(ours), "--dtype", dtype,
+                     "-q"]) == 0
+        kv = same_file(ours, convert(converter, merged, dtype, tmp_path / f"ref-{dtype}.gguf"), converter)
+    assert kv["phi3.attention.sliding_window"] == 0 and kv["phi3.rope.dimension_count"] == 16
+    types = dict(zip(kv["tokenizer.ggml.tokens"], kv["tokenizer.ggml.token_type"]))
+    assert types["<|end|>"] == 4 and types["<tool>"] == 3 and types["<unk>"] == 3  # (special: CONTROL)
+    assert types["<|user|>"] == 3 and types["<|x|>"] == 4
+    assert {"blk.0.attn_qkv.weight", "blk.0.ffn_up.weight"} <= set(read(ours, converter)[1])
+
+
+@pytest.mark.parametrize("rope", [{"rope_type": "linear", "factor": 2.0, "rope_theta": 50000.0},
+                                  {"rope_type": "yarn", "factor": 4.0, "rope_theta": 10000.0, "beta_fast": 16.0,
+                                   "beta_slow": 2.0, "original_max_position_embeddings": 1024}])
+def test_rope_scaling_keys_are_the_reference_converters(tmp_path: Path, converter: Path, rope: dict) -> None:
+    """A Llama with linear or YaRN rope scaling: the scaling keys as the converter writes them. A rope
+    type llama.cpp takes as an extra tensor (llama3) is refused, nothing written."""
+    import json
+
+    base = with_tokenizer(build_base("llama", tmp_path / "base", dtype="bf16", sharded=False), tmp_path)
+    config = json.loads((base / "config.json").read_text())
+    (base / "config.json").write_text(json.dumps({**config, "rope_parameters": rope}))
+    adapter = build_adapter(base, tmp_path / "lora", dtype="bf16", r=4, lora_alpha=8).adapter
+    merged, ours = tmp_path / "merged", tmp_path / "ours.gguf"
+    assert main(["--base", str(base), "--adapter", str(adapter), "--output", str(merged), "-q"]) == 0
+    assert main(["--base", str(base), "--adapter", str(adapter), "--output", str(ours), "--dtype", "q8_0", "-q"]) == 0
+    kv = same_file(ours, convert(converter, merged, "q8_0", tmp_path / "ref.gguf"), converter)
+    assert kv["llama.rope.scaling.factor"] == rope["factor"] and kv["llama.rope.freq_base"] == rope["rope_theta"]
+    (base / "config.json").write_text(json.dumps({**config, "rope_parameters": {
+        "rope_type": "llama3", "factor": 8.0, "rope_theta": 500000.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 8192}}))
+    again = tmp_path / "llama3.gguf"
+    assert main(["--base", str(base), "--adapter", str(adapter), "--output", str(again), "--dtype", "q8_0", "-q"]) != 0
+    assert not again.exists() and not again.with_name("llama3.gguf.partial").exists()

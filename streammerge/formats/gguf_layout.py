@@ -64,7 +64,8 @@ class Arch:
     llama_hparams: bool = False  # {arch}.vocab_size and rope.dimension_count written (llama's converter)
     norms_plus_one: bool = False  # Gemma: every "*norm.weight" stored as 1 + w
     hparams: str = "text"  # which set of {arch}.* keys the converter writes ("text": its base class's; "gemma")
-    vocab: str = "spm"  # "spm": tokenizer.model when there is one, else tokenizer.json; "bpe": tokenizer.json only
+    vocab: str = "spm"  # "spm": tokenizer.model when there is one, else tokenizer.json; "bpe": tokenizer.json only;
+    # "phi3": tokenizer.model, with tokenizer.json's added tokens too
     experts: Stack | None = None  # MoE: how per-expert tensors stack
 
 
@@ -73,7 +74,8 @@ ARCHS = {"llama": LLAMA, "mistral": LLAMA, "mixtral": replace(LLAMA, experts=MIX
          "qwen2": Arch("QWEN2"), "qwen3": Arch("QWEN3"),
          "qwen2_moe": Arch("QWEN2MOE", vocab="bpe", experts=QWEN_EXPERTS, hparams="qwen2moe"),
          "qwen3_moe": Arch("QWEN3MOE", vocab="bpe", experts=QWEN_EXPERTS, hparams="qwen2moe"),
-         "gemma": Arch("GEMMA", norms_plus_one=True, hparams="gemma")}
+         "gemma": Arch("GEMMA", norms_plus_one=True, hparams="gemma"),
+         "phi3": Arch("PHI3", hparams="phi3", vocab="phi3")}  # (fused qkv_proj / gate_up_proj: attn_qkv / ffn_up)
 
 
 @dataclass

@@ -27,13 +27,28 @@ def write_metadata(writer: Any, config: dict[str, Any], file_type: str, tokenize
                    arch: Arch, pre: str | None = None) -> None:
     """Every KV pair but the architecture's name (GGUFWriter's own) into ``writer``, as the converter
     writes them for ``arch``: its base class's set (key / value lengths when the config names head_dim;
-    the vocabulary size and rotary dimensions for llama's family) or Gemma's own."""
+    the vocabulary size and rotary dimensions for llama's family; expert counts), Gemma's or Phi-3's."""
     import gguf
 
-    heads = int(config["num_attention_heads"])
-    head_dim = int(config.get("head_dim") or int(config["hidden_size"]) // heads)
     writer.add_type("model")
     writer.add_name(name)
+    (_phi3_hparams if arch.hparams == "phi3" else _text_hparams)(writer, config, arch)
+    writer.add_file_type(getattr(gguf.LlamaFileType, file_type))
+    writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    _tokenizer(writer, config, tokenizer_dir, pre, arch.vocab)
+    if arch.hparams == "gemma":  # (its converter's CodeGemma special tokens, at fixed ids, and no space prefix)
+        special = gguf.SpecialVocab(tokenizer_dir, load_merges=False,
+                                    special_token_types=["prefix", "suffix", "middle", "fsep", "eot"])
+        for kind, token_id in GEMMA_SPECIAL.items():
+            special._set_special_token(kind, token_id)
+        special.chat_template = None
+        special.add_to_gguf(writer)
+        writer.add_add_space_prefix(False)
+
+
+def _text_hparams(writer: Any, config: dict[str, Any], arch: Arch) -> None:
+    heads = int(config["num_attention_heads"])
+    head_dim = int(config.get("head_dim") or int(config["hidden_size"]) // heads)
     writer.add_block_count(int(config["num_hidden_layers"]))
     if (ctx := config.get("max_position_embeddings")) is not None:
         writer.add_context_length(int(ctx))
@@ -41,9 +56,11 @@ def write_metadata(writer: Any, config: dict[str, Any], file_type: str, tokenize
     writer.add_feed_forward_length(int(config["intermediate_size"]))
     writer.add_head_count(heads)
     writer.add_head_count_kv(int(config.get("num_key_value_heads") or heads))
-    theta = config.get("rope_theta", (config.get("rope_parameters") or {}).get("rope_theta"))
-    if theta is not None and arch.hparams != "gemma":
-        writer.add_rope_freq_base(float(theta))
+    if arch.hparams != "gemma":
+        rope = rope_parameters(config)
+        _rope_scaling(writer, rope)
+        if rope.get("rope_theta") is not None:
+            writer.add_rope_freq_base(float(rope["rope_theta"]))
     if (eps := config.get("rms_norm_eps")) is not None:
         writer.add_layer_norm_rms_eps(float(eps))
     if (experts := _first(config, "num_local_experts", "num_experts", "n_routed_experts")) is not None:
@@ -58,20 +75,68 @@ def write_metadata(writer: Any, config: dict[str, Any], file_type: str, tokenize
     if config.get("head_dim") is not None or arch.hparams == "gemma":
         writer.add_key_length(head_dim)
         writer.add_value_length(head_dim)
-    writer.add_file_type(getattr(gguf.LlamaFileType, file_type))
     if arch.llama_hparams:
         writer.add_vocab_size(int(config["vocab_size"]))
         writer.add_rope_dimension_count(head_dim)
-    writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
-    _tokenizer(writer, config, tokenizer_dir, pre, arch.vocab)
-    if arch.hparams == "gemma":  # (its converter's CodeGemma special tokens, at fixed ids, and no space prefix)
-        special = gguf.SpecialVocab(tokenizer_dir, load_merges=False,
-                                    special_token_types=["prefix", "suffix", "middle", "fsep", "eot"])
-        for kind, token_id in GEMMA_SPECIAL.items():
-            special._set_special_token(kind, token_id)
-        special.chat_template = None
-        special.add_to_gguf(writer)
-        writer.add_add_space_prefix(False)
+
+
+def _phi3_hparams(writer: Any, config: dict[str, Any], arch: Arch) -> None:
+    """Phi-3's own set (rotary dimensions from partial_rotary_factor; sliding_window 0 when none)."""
+    rope = rope_parameters(config)
+    if rope.get("long_factor"):
+        raise UnsupportedError("GGUF: a Phi-3 with long-context rope factors (rope_factors_long / _short tensors) is "
+                               "not converted by this version")
+    hidden, heads = int(config["hidden_size"]), int(config["num_attention_heads"])
+    writer.add_context_length(int(config["max_position_embeddings"]))
+    writer.add_rope_scaling_orig_ctx_len(int(rope["original_max_position_embeddings"]))
+    writer.add_embedding_length(hidden)
+    writer.add_feed_forward_length(int(config["intermediate_size"]))
+    writer.add_block_count(int(config["num_hidden_layers"]))
+    writer.add_head_count(heads)
+    writer.add_head_count_kv(int(config["num_key_value_heads"]))
+    writer.add_layer_norm_rms_eps(float(config["rms_norm_eps"]))
+    writer.add_rope_dimension_count(int(float(rope.get("partial_rotary_factor", 1.0)) * hidden) // heads)
+    writer.add_rope_freq_base(float(rope["rope_theta"]))
+    writer.add_sliding_window(int(config.get("sliding_window") or 0))
+
+
+def rope_parameters(config: dict[str, Any]) -> dict[str, Any]:
+    """The rotary parameters as the converter gathers them: ``rope_parameters`` (or the older
+    ``rope_scaling``), with theta, type, partial factor and original context from the top level."""
+    rope = dict(config.get("rope_parameters") or config.get("rope_scaling") or {})
+    if "full_attention" in rope or "sliding_attention" in rope:
+        raise UnsupportedError("GGUF: per-layer-type rope parameters (full / sliding attention) are not converted by "
+                               "this version")
+    for key, names in (("rope_theta", ("rope_theta", "rotary_emb_base")), ("rope_type", ("type",)),
+                       ("partial_rotary_factor", ("partial_rotary_factor",)),
+                       ("original_max_position_embeddings", ("original_max_position_embeddings",))):
+        if key not in rope and (value := _first({**config, **rope}, *names)) is not None:
+            rope[key] = value
+    return rope
+
+
+def _rope_scaling(writer: Any, rope: dict[str, Any]) -> None:
+    """Linear and YaRN scaling as keys; the types llama.cpp takes as extra tensors are refused."""
+    import gguf
+
+    kind, factor = rope.get("rope_type"), rope.get("factor")
+    if kind in (None, "default"):
+        return
+    if kind not in ("linear", "yarn"):
+        raise UnsupportedError(f"GGUF: rope_type {kind!r} (in config.json) is not converted by this version (default, "
+                               "linear and yarn are)")
+    if factor is None:
+        return
+    writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR if kind == "linear" else gguf.RopeScalingType.YARN)
+    writer.add_rope_scaling_factor(float(factor))
+    if kind == "yarn":
+        writer.add_rope_scaling_orig_ctx_len(int(rope["original_max_position_embeddings"]))
+        for key, add in (("extrapolation_factor", writer.add_rope_scaling_yarn_ext_factor),
+                         ("attention_factor", writer.add_rope_scaling_yarn_attn_factor),
+                         ("beta_fast", writer.add_rope_scaling_yarn_beta_fast),
+                         ("beta_slow", writer.add_rope_scaling_yarn_beta_slow)):
+            if (value := rope.get(key, rope.get("attn_factor") if key == "attention_factor" else None)) is not None:
+                add(float(value))
 
 
 def _first(config: dict[str, Any], *keys: str) -> Any:
@@ -98,7 +163,7 @@ def _tokenizer(writer: Any, config: dict[str, Any], where: Path, pre: str | None
         writer.add_token_types(types_bpe)
         gguf.SpecialVocab(where, load_merges=True).add_to_gguf(writer)
         return
-    tokens, scores, types = sentencepiece_vocab(model, int(config["vocab_size"]), where / "added_tokens.json")
+    tokens, scores, types = sentencepiece_vocab(model, int(config["vocab_size"]), where, phi3=vocab == "phi3")
     writer.add_tokenizer_model("llama")
     writer.add_tokenizer_pre("default")
     writer.add_token_list(tokens)
@@ -107,8 +172,12 @@ def _tokenizer(writer: Any, config: dict[str, Any], where: Path, pre: str | None
     gguf.SpecialVocab(where, n_vocab=len(tokens)).add_to_gguf(writer)
 
 
-def sentencepiece_vocab(model: Path, vocab_size: int, added: Path) -> tuple[list[bytes], list[float], list[int]]:
-    """Pieces, scores and llama.cpp token types, padded to ``vocab_size``."""
+def sentencepiece_vocab(model: Path, vocab_size: int, where: Path, *,
+                        phi3: bool = False) -> tuple[list[bytes], list[float], list[int]]:
+    """Pieces, scores and llama.cpp token types, padded to ``vocab_size``; then the added tokens of
+    added_tokens.json (USER_DEFINED) and tokenizer_config.json's added_tokens_decoder (CONTROL when
+    special or special-looking, else USER_DEFINED with the pieces' spaces restored). Phi-3's converter
+    also takes tokenizer.json's added tokens, and types by the special flag alone."""
     from sentencepiece import SentencePieceProcessor
 
     sp = SentencePieceProcessor()
@@ -120,11 +189,35 @@ def sentencepiece_vocab(model: Path, vocab_size: int, added: Path) -> tuple[list
         tokens[i], scores[i] = sp.IdToPiece(i).encode("utf-8"), sp.GetScore(i)
         types[i] = (UNKNOWN if sp.IsUnknown(i) else CONTROL if sp.IsControl(i) else UNUSED if sp.IsUnused(i)
                     else BYTE if sp.IsByte(i) else NORMAL)
+    added = where / "added_tokens.json"
     if added.is_file():
         for text, i in json.loads(added.read_text(encoding="utf-8")).items():
             if i < size:
                 tokens[i], scores[i], types[i] = text.encode("utf-8"), -1000.0, USER_DEFINED
+    for i, text, special in _added_tokens(where, phi3):
+        if i >= size:
+            continue  # (the converter's "out of range": not in the vocabulary)
+        if phi3:
+            kind = CONTROL if special else USER_DEFINED
+        else:
+            kind = CONTROL if special or looks_special(text) else USER_DEFINED
+            text = text if kind == CONTROL else text.replace("\u2581", " ")
+        tokens[i], scores[i], types[i] = text.encode("utf-8"), -1000.0, kind
     return tokens, scores, types
+
+
+def _added_tokens(where: Path, phi3: bool) -> list[tuple[int, str, bool]]:
+    """(id, content, special) of tokenizer_config.json's added_tokens_decoder (and, for Phi-3, then
+    tokenizer.json's added_tokens), in file order."""
+    out = []
+    config = where / "tokenizer_config.json"
+    if config.is_file():
+        decoder = json.loads(config.read_text(encoding="utf-8")).get("added_tokens_decoder") or {}
+        out += [(int(i), d["content"], bool(d.get("special"))) for i, d in decoder.items()]
+    if phi3 and (where / "tokenizer.json").is_file():
+        added = json.loads((where / "tokenizer.json").read_text(encoding="utf-8")).get("added_tokens") or []
+        out += [(int(d["id"]), d["content"], bool(d.get("special"))) for d in added]
+    return out
 
 
 def looks_special(token: str) -> bool:
