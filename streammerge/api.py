@@ -40,7 +40,7 @@ from .run.executor import LocalExecutor
 from .run.task import Target, tensor_kind
 from .run.workingset import WorkingSet
 from .sources import hub, modelscope
-from .sources.fetch import FETCH_DIR, HubShards, LocalShards
+from .sources.fetch import HubShards, LocalShards
 
 PathLike = Union[str, "os.PathLike[str]"]
 AdapterArg = Union[AdapterSpec, PathLike]
@@ -128,12 +128,12 @@ def _merge_many(base: PathLike, jobs: list[tuple[list[AdapterSpec], Path | None]
         outputs = [_output(inputs, adapters, output, opts, scratch) for adapters, output in jobs]
         _check_distinct([o.out for o in outputs])
         compute = _compute(outputs, opts, runtime, uploader)
-        sinks = [_gguf_sink(o, opts) if o.out.suffix == ".gguf" else
+        sinks = [_gguf_sink(o, opts, inputs) if o.out.suffix == ".gguf" else
                  SafetensorsSink(o.plan, o.out, checksum=opts.checksum, options=opts.recorded(),
                                  card=functools.partial(merge_card, o.plan, inputs, adapters, opts),
                                  uploader=uploader if i == 0 else None, low_disk=opts.low_disk)
                  for i, (o, (adapters, _)) in enumerate(zip(outputs, jobs))]
-        source = (HubShards(inputs.hub_base, private=sinks[0].staging / FETCH_DIR if opts.low_disk else None)
+        source = (HubShards(inputs.hub_base, private=sinks[0].fetch_dir if opts.low_disk else None)
                   if inputs.hub_base else LocalShards())
         executor = LocalExecutor(compute, events, source=source, hub_base=inputs.hub_base, low_disk=opts.low_disk)
         survival = Survival()
@@ -186,8 +186,9 @@ def _output(inputs: Inputs, adapters: list[AdapterSpec], output: Path | None, op
     return _Output(plan, out, notes)
 
 
-def _gguf_sink(o: _Output, opts: MergeOptions) -> Any:
-    """The GGUF file of one output: its layout and metadata from the plan and the base's config."""
+def _gguf_sink(o: _Output, opts: MergeOptions, inputs: Inputs) -> Any:
+    """The GGUF file of one output: its layout and metadata from the plan and the base's config;
+    general.name from the base's folder or Hub repo name, as the converter takes it from the folder."""
     import json
 
     from .formats.gguf_layout import layout
@@ -197,8 +198,31 @@ def _gguf_sink(o: _Output, opts: MergeOptions) -> Any:
     config = json.loads((root / "config.json").read_text(encoding="utf-8"))
     tokenizer_dir = o.plan.tokenizer_from or root
     dtype = opts.dtype if opts.dtype != "auto" else _auto_outtype(o.plan)
+    folder = inputs.hub_base.repo.split("/")[-1] if inputs.hub_base else root.name
     return GgufSink(o.plan, o.out, layout=layout(o.plan, dtype, config), config=config,
-                    tokenizer_dir=Path(tokenizer_dir), pre=opts.gguf_pre)
+                    tokenizer_dir=Path(tokenizer_dir), pre=opts.gguf_pre,
+                    name=folder.replace("-", " ").title() if folder else "model")
+
+
+def plan_gguf(inputs: Inputs, adapters: list[AdapterSpec], output: Path, opts: MergeOptions) -> tuple[
+        MergePlan, list[str], dict[str, Any]]:
+    """``plan --output FILE.gguf``: the merge's plan, and the GGUF file it would write (each tensor's
+    GGUF name, type and shape, the file's size, the free space), checked as a merge checks it: every
+    refusal (architecture, tokenizer, file type, output file, disk) now, nothing written."""
+    from .output.directory import check_free_space
+
+    o = _output(inputs, adapters, output, opts, None)
+    sink = _gguf_sink(o, opts, inputs)
+    check_free_space(o.out, sink.size, what="the GGUF file")
+    parts = sink.layout.files()
+    types: dict[str, int] = {}
+    for group in parts.values():
+        types[group[0].qtype] = types.get(group[0].qtype, 0) + 1
+    return o.plan, o.warnings, {
+        "path": str(o.out), "architecture": sink.layout.arch_name, "file_type": sink.layout.file_type,
+        "bytes": sink.size, "free_bytes": shutil.disk_usage(o.out.parent).free, "types": types,
+        "tensors": [{"name": name, "type": group[0].qtype, "shape": list(group[0].gguf_shape),
+                     "from": [t.name for t in group]} for name, group in parts.items()]}
 
 
 def _auto_outtype(plan: MergePlan) -> str:
@@ -268,7 +292,7 @@ def _report(o: _Output, sink: SafetensorsSink, opts: MergeOptions, stats: Comput
             report.tensors_replaced += 1
             report.tensors_merged_on_replaced += 1
     report.adapter_modules = sum(len(a.modules) for a in plan.adapters)
-    report.bytes_written = plan.output_size - sum(plan.shard_bytes(s) for s in sink.kept)
+    report.bytes_written = sink.bytes_to_write()
     report.files_copied, report.pushed_to = sink.files_copied, sink.pushed_to
     report.excluded = plan.excluded
     report.tensors_excluded = len(plan.excluded)

@@ -46,6 +46,7 @@ _MAX_PROBLEMS = 20
 @dataclass
 class VerifyReport:
     output: str
+    kind: str = "safetensors"  # or "gguf": every tensor sampled (no bytes to compare: they were converted)
     ok: bool = True
     problems: list[str] = field(default_factory=list)
     tensors_compared: int = 0  # untouched: every byte
@@ -53,6 +54,7 @@ class VerifyReport:
     rows_sampled: int = 0
     max_error_ratio: float = 0.0  # largest |out - exact| / bound seen (<= 1 passes)
     shards_hashed: int = 0
+    notes: list[str] = field(default_factory=list)  # what the checks could not tell
     seconds: float = 0.0
     baseline_rss: int = 0
     peak_rss: int = 0
@@ -121,47 +123,70 @@ def _check_finite(t: TensorPlan, out: BaseCheckpoint, io: Reader, report: Verify
             return
 
 
+class ExactRows:
+    """Rows of a merged tensor recomputed in float64 from base + adapters, each with the float32
+    arithmetic bound its merge may add (the output dtype's rounding not included)."""
+
+    def __init__(self, t: TensorPlan, base: BaseCheckpoint, io: Reader) -> None:
+        self.t, self.io = t, io
+        self.rows, self.cols = t.rows_cols
+        self.factors = [None if d.method in METHOD_ROWS else  # (other PEFT methods: checkrows.py, checkwhole.py)
+                        (None, d.adapter.load(d.lora.bias_key).double(), d.scale, "vector") if d.vector else
+                        (*(f.double() for f in _factors(d)), d.scale, d.transposed)
+                        for d in t.deltas]
+        self.f64 = Factors64()
+        self.dora_m = next((d.adapter.load(d.lora.magnitude_key).double() for d in t.deltas
+                            if d.lora.magnitude_key and not d.transposed), None)
+        self.r_max = max((f[0].shape[0] for f in self.factors if f is not None and f[0] is not None), default=0)
+        self.token_values = dict(zip(t.tokens.ids, t.tokens.adapter.load(t.tokens.key).double())) if t.tokens else {}
+        self.src = t.origin(base)
+        column_m = next((d.adapter.load(d.lora.magnitude_key).double() for d in t.deltas
+                         if d.lora.magnitude_key and d.transposed), None)
+        self.column_scale = None if column_m is None else \
+            column_m / _column_norms(t, self.src, self.factors, io, self.rows, self.cols)
+
+    def picks(self, rows_per_tensor: int, rng: random.Random) -> list[int]:
+        picks = {0, self.rows - 1} | {rng.randrange(self.rows) for _ in range(max(0, rows_per_tensor - 2))}
+        return sorted(picks | set(list(self.token_values)[:4]))
+
+    def base_row(self, row: int) -> torch.Tensor:
+        return base_rows(self.t, self.src, self.io, row, 1, self.cols)[0]
+
+    def __call__(self, row: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(base row, exact merged row, arithmetic bound) for ``row``."""
+        t, w = self.t, self.base_row(row)
+        exact, size, roundings = _exact_row(lambda r: w if r == row else self.base_row(r), t.deltas, self.factors,
+                                            row, self.f64)
+        # (+ 4: a dequantization's own float32 roundings: scale products, a double-quantized absmax)
+        arithmetic = (max(self.r_max, roundings) + 2 + (4 if t.quant else 0)) * 2.0**-24 * size
+        if self.column_scale is not None:  # column DoRA: the norms come from every row; float64 sums of squares
+            exact = exact * self.column_scale
+            arithmetic = arithmetic * self.column_scale.abs() + (self.rows + 4) * 2.0**-24 * exact.abs()
+        if row in self.token_values:  # a replaced token row: the saved values, rounded once
+            exact, arithmetic = self.token_values[row].clone(), torch.zeros_like(exact)
+        if self.dora_m is not None:  # DoRA: the row rescaled to m / ||row||; its float32 norm adds (cols + 4) * 2^-24
+            factor = float(self.dora_m[row] / exact.norm())
+            exact = exact * factor
+            arithmetic = arithmetic * abs(factor) + (self.cols + 4) * 2.0**-24 * exact.abs()
+        return w, exact, arithmetic
+
+
+def half_ulp(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Half an ulp of ``dtype`` at each |x| (subnormals: half the smallest step)."""
+    finfo = torch.finfo(dtype)
+    _, e = torch.frexp(x)
+    return torch.ldexp(torch.ones_like(x), e - 1).mul(finfo.eps).clamp_min(finfo.smallest_normal * finfo.eps) / 2
+
+
 def _sample_rows(t: TensorPlan, base: BaseCheckpoint, out: BaseCheckpoint, io: Reader, report: VerifyReport,
                  *, rows_per_tensor: int, rng: random.Random) -> None:
-    rows, cols = t.rows_cols
-    picks = sorted({0, rows - 1} | {rng.randrange(rows) for _ in range(max(0, rows_per_tensor - 2))})
-    factors = [None if d.method in METHOD_ROWS else  # (other PEFT methods: checkrows.py, checkwhole.py)
-               (None, d.adapter.load(d.lora.bias_key).double(), d.scale, "vector") if d.vector else
-               (*(f.double() for f in _factors(d)),
-                d.scale, d.transposed)
-               for d in t.deltas]
-    f64 = Factors64()
-    dora_m = next((d.adapter.load(d.lora.magnitude_key).double() for d in t.deltas
-                   if d.lora.magnitude_key and not d.transposed), None)
-    out_t = TORCH_DTYPES[t.out_dtype]
-    finfo = torch.finfo(out_t)
-    r_max = max((f[0].shape[0] for f in factors if f is not None and f[0] is not None), default=0)
-    token_values = dict(zip(t.tokens.ids, t.tokens.adapter.load(t.tokens.key).double())) if t.tokens else {}
-    picks = sorted(set(picks) | set(list(token_values)[:4]))
-    src, dst = t.origin(base), _output(out, t.name)
-    out_item = DTYPE_SIZES[t.out_dtype]
-    column_m = next((d.adapter.load(d.lora.magnitude_key).double() for d in t.deltas
-                     if d.lora.magnitude_key and d.transposed), None)
-    column_scale = None if column_m is None else column_m / _column_norms(t, src, factors, io, rows, cols)
-    for row in picks:
-        w = base_rows(t, src, io, row, 1, cols)[0]
+    exact_rows = ExactRows(t, base, io)
+    cols = exact_rows.cols
+    dst, out_item = _output(out, t.name), DTYPE_SIZES[t.out_dtype]
+    for row in exact_rows.picks(rows_per_tensor, rng):
+        _, exact, arithmetic = exact_rows(row)
         got = as_tensor(io.read(dst, row * cols * out_item, cols * out_item), t.out_dtype).double()
-        exact, size, roundings = _exact_row(lambda r: w if r == row else base_rows(t, src, io, r, 1, cols)[0],
-                                            t.deltas, factors, row, f64)
-        # (+ 4: a dequantization's own float32 roundings: scale products, a double-quantized absmax)
-        arithmetic = (max(r_max, roundings) + 2 + (4 if t.quant else 0)) * 2.0**-24 * size
-        if column_scale is not None:  # column DoRA: the norms come from every row; float64 sums of squares
-            exact = exact * column_scale
-            arithmetic = arithmetic * column_scale.abs() + (rows + 4) * 2.0**-24 * exact.abs()
-        if row in token_values:  # a replaced token row: the saved values, rounded once
-            exact, arithmetic = token_values[row].clone(), torch.zeros_like(exact)
-        if dora_m is not None:  # DoRA: the row rescaled to m / ||row||; its float32 norm adds (cols + 4) * 2^-24 relative
-            factor = float(dora_m[row] / exact.norm())
-            exact = exact * factor
-            arithmetic = arithmetic * abs(factor) + (cols + 4) * 2.0**-24 * exact.abs()
-        _, e = torch.frexp(exact)
-        ulp = torch.ldexp(torch.ones_like(exact), e - 1).mul(finfo.eps).clamp_min(finfo.smallest_normal * finfo.eps)
-        bound = ulp / 2 + arithmetic
+        bound = half_ulp(exact, TORCH_DTYPES[t.out_dtype]) + arithmetic
         err = (got - exact).abs()
         ratio = float((err / bound).nan_to_num(nan=float("inf")).max()) if cols else 0.0
         report.max_error_ratio = max(report.max_error_ratio, ratio)

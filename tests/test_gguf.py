@@ -183,3 +183,50 @@ def test_llama_cpp_runs_the_gguf(tmp_path: Path, merges: dict, arch: str, dtype:
         assert np.abs(got - want).max() <= 1e-4 * max(1.0, np.abs(want).max()), np.abs(got - want).max()
     else:
         assert (got.argmax(-1) == want.argmax(-1)).mean() >= 0.9
+
+
+def test_plan_shows_the_gguf_file_a_merge_writes(tmp_path: Path, merges: dict, converter: Path, capsys) -> None:
+    """``plan --output FILE.gguf``: each tensor's GGUF name, type and shape and the file's size, as the
+    merge then writes them (read back with the reference's reader); nothing written by the plan; a
+    tokenizer the GGUF cannot take is refused by the plan, in one line."""
+    base, adapter, _ = merges["qwen2"]
+    ours = tmp_path / "ours.gguf"
+    args = ["--base", str(base), "--adapter", str(adapter), "--output", str(ours), "--dtype", "q4_1"]
+    assert main(["plan", *args, "--json"]) == 0
+    doc = json.loads(capsys.readouterr().out)["gguf"]
+    assert not ours.exists() and not ours.with_name("ours.gguf.partial").exists()
+    assert main([*args, "-q"]) == 0
+    assert doc["bytes"] == ours.stat().st_size
+    tensors = read(ours, converter)[1]
+    assert {t["name"]: [t["type"], t["shape"][::-1]] for t in doc["tensors"]} == \
+        {n: [v[0], v[1]] for n, v in tensors.items()}
+    assert main(["plan", *args[:-4], "--output", str(tmp_path / "x.gguf"), "--dtype", "q8_0"]) == 0
+    assert "gguf " in capsys.readouterr().out
+    bpe = with_bpe_tokenizer(build_base("llama", tmp_path / "bpe", dtype="bf16", sharded=False))
+    assert main(["plan", "--base", str(bpe), "--adapter", str(adapter), "--output", str(tmp_path / "y.gguf")]) != 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--gguf-pre NAME" in err[0], err
+
+
+@pytest.mark.parametrize("arch, dtype", [("llama", "q8_0"), ("llama", "q4_0"), ("llama", "f16"), ("qwen2", "q5_1"),
+                                         ("gemma", "f32"), ("mistral", "q4_1"), ("qwen3", "q5_0")])
+def test_verify_reads_the_gguf_back(tmp_path: Path, merges: dict, arch: str, dtype: str, capsys) -> None:
+    """``verify`` of a GGUF: the layout, then sampled rows dequantized by gguf against the float64 merge
+    (q / k rows found through the converter's permutation, Gemma's norms as 1 + w). A file of another
+    merge (the adapter at weight 0.5) and a file of another base are told apart."""
+    base, adapter, _ = merges[arch]
+    ours, half = tmp_path / "ours.gguf", tmp_path / "half.gguf"
+    for out, spec in ((ours, str(adapter)), (half, f"{adapter}:0.5")):
+        assert main(["--base", str(base), "--adapter", spec, "--output", str(out), "--dtype", dtype, "-q"]) == 0
+    capsys.readouterr()
+    assert main(["verify", "--base", str(base), "--adapter", str(adapter), str(ours), "--json"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    every = json.loads((base / "model.safetensors.index.json").read_text())["weight_map"]
+    assert doc["ok"] and doc["kind"] == "gguf" and doc["tensors_sampled"] == len(every)
+    assert main(["verify", "--base", str(base), "--adapter", str(adapter), str(half)]) == 7
+    assert "DIFFERS: " in capsys.readouterr().out
+    other = merges["qwen3" if arch != "qwen3" else "llama"][0]
+    assert main(["verify", "--base", str(other), "--adapter", str(adapter), str(ours)]) != 0
+    capsys.readouterr()
+    assert main(["verify", str(ours)]) != 0  # (no manifest: the inputs must be named)
+    assert "give --base and --adapter" in capsys.readouterr().err

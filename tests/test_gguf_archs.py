@@ -17,6 +17,7 @@ import torch
 import transformers
 from gguf_ref import convert, read, same_file, with_bpe_tokenizer, with_tokenizer
 from oracle import build_adapter, build_base
+from test_fp8 import fp8  # noqa: F401  (the block FP8 base fixture)
 
 from streammerge.cli import main
 
@@ -75,6 +76,7 @@ def test_moe_gguf_is_the_reference_converters(tmp_path: Path, moe: dict, convert
     assert len(stacks) == 2 * 3 and all(v[1][-1] == 4 for v in stacks.values())  # layers x (gate, up, down), 4 experts
     assert kv[f"{kv['general.architecture']}.expert_count"] == 4
     assert tensors["blk.0.ffn_gate_inp.weight"][0] == "F32"  # (the router, as the converter keeps it)
+    assert main(["verify", "--base", str(base), "--adapter", str(adapter), str(ours)]) == 0  # (each expert's slice)
 
 
 def test_phi3_gguf_is_the_reference_converters(tmp_path: Path, converter: Path) -> None:
@@ -123,3 +125,15 @@ def test_rope_scaling_keys_are_the_reference_converters(tmp_path: Path, converte
     again = tmp_path / "llama3.gguf"
     assert main(["--base", str(base), "--adapter", str(adapter), "--output", str(again), "--dtype", "q8_0", "-q"]) != 0
     assert not again.exists() and not again.with_name("llama3.gguf.partial").exists()
+
+
+def test_gguf_from_a_block_fp8_base(tmp_path: Path, fp8: dict, converter: Path) -> None:
+    """A quantized base (block FP8, tests/test_fp8.py's fixture): its weights decoded, merged, rounded
+    once to bf16 and encoded to the GGUF type in the same pass: the reference converter's file of the
+    dequantized merged checkpoint, byte for byte; verify recomputes the rows from the FP8 codes."""
+    base = with_tokenizer(fp8["base"], tmp_path)
+    adapter, merged, ours = fp8["peft"].adapter, tmp_path / "merged", tmp_path / "ours.gguf"
+    assert main(["--base", str(base), "--adapter", str(adapter), "--output", str(merged), "-q"]) == 0
+    assert main(["--base", str(base), "--adapter", str(adapter), "--output", str(ours), "--dtype", "q8_0", "-q"]) == 0
+    same_file(ours, convert(converter, merged, "q8_0", tmp_path / "ref.gguf"), converter)
+    assert main(["verify", "--base", str(base), "--adapter", str(adapter), str(ours)]) == 0

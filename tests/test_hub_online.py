@@ -16,6 +16,7 @@ from fakehub import COMMIT, FakeHub
 from oracle import report as oracle_report
 from oracle import assert_merged, build_adapter, build_base
 
+from streammerge.cli import main
 from streammerge.sources.fetch import FETCH_DIR, HOLD
 from streammerge.output.directory import STAGING
 
@@ -289,3 +290,28 @@ def test_the_next_shard_is_requested_before_the_current_one_is_merged(tmp_path: 
         assert events.index(("local", shard)) < events.index(("release", shard))
         if k + 1 < len(names):  # asked for while shard k is still being merged
             assert events.index(("prefetch", names[k + 1])) < events.index(("release", shard))
+
+
+def test_gguf_from_a_hub_base_with_low_disk(tmp_path: Path) -> None:
+    """A GGUF straight from a Hub base (config and tokenizer fetched with the headers, shards one at a
+    time into a private folder beside the file, deleted): byte for byte the GGUF of a local run, the
+    cache untouched, nothing left beside the file (general.name: the repo's name as the folder's)."""
+    pytest.importorskip("gguf")
+    pytest.importorskip("sentencepiece")
+    from gguf_ref import with_tokenizer
+
+    base = with_tokenizer(build_base("llama", tmp_path / "tok-llama", dtype="bf16", sharded=True), tmp_path)
+    lora = build_adapter(base, tmp_path / "lora", dtype="bf16", r=4, lora_alpha=8).adapter
+    local, remote, home = tmp_path / "local.gguf", tmp_path / "out" / "remote.gguf", tmp_path / "hf"
+    remote.parent.mkdir()
+    assert main(["--base", str(base), "--adapter", str(lora), "--output", str(local), "--dtype", "q8_0", "-q"]) == 0
+    with FakeHub() as hub:
+        hub.add("org/tok-llama", base)
+        done = streammerge(["--base", "org/tok-llama", "--adapter", str(lora), "--output", str(remote), "--dtype",
+                            "q8_0", "--low-disk", "-q"], hub=hub, home=home, cwd=tmp_path)
+        fetched = [p for p in hub.downloads() if p.endswith(".safetensors")]
+    assert done.returncode == 0, done.stderr
+    assert remote.read_bytes() == local.read_bytes()
+    assert len(fetched) == len(shard_names(base))
+    assert sorted(p.name for p in remote.parent.iterdir()) == ["remote.gguf"]  # no partial, no fetch folder
+    assert not (home / "hub" / "models--org--tok-llama").exists()

@@ -59,8 +59,15 @@ def _verify(args: argparse.Namespace) -> int:
         raise UsageError("verify: name the merged directory: streammerge verify OUT")
     if (args.base is None) != (args.adapter is None):
         raise UsageError("verify: give both --base and --adapter, or neither (then they are read from OUT's manifest)")
-    result = (verify(args.base, args.adapter, out, rows_per_tensor=args.rows) if args.base else
-              verify_recorded(out, rows_per_tensor=args.rows)).to_dict()
+    if out.suffix == ".gguf":
+        from ..verify_gguf import verify_gguf
+
+        if args.base is None:
+            raise UsageError(f"verify: {out} is a GGUF file, which records no inputs: give --base and --adapter")
+        result = verify_gguf(args.base, args.adapter, out, rows_per_tensor=args.rows).to_dict()
+    else:
+        result = (verify(args.base, args.adapter, out, rows_per_tensor=args.rows) if args.base else
+                  verify_recorded(out, rows_per_tensor=args.rows)).to_dict()
     code = ExitCode.OK if result["ok"] else ExitCode.VERIFY
     if args.json:
         print_json({**result, "exit_code": int(code)})
@@ -80,9 +87,17 @@ def _plan(args: argparse.Namespace) -> int:
         progress_bars(not args.quiet)
     opts = MergeOptions.build(**input_options(args), max_mem=args.max_mem, overwrite=args.overwrite)
     inputs = open_inputs(args.base, opts)
-    plan, warnings = inputs.plan(args.adapter, opts)
+    gguf = None
+    if args.output is not None and args.output.suffix == ".gguf":
+        from ..api import plan_gguf
+
+        plan, warnings, gguf = plan_gguf(inputs, args.adapter, args.output, opts)
+    else:
+        plan, warnings = inputs.plan(args.adapter, opts)
     doc = {**summary(plan), "memory": WorkingSet.of(plan, args.max_mem).to_dict(), "warnings": warnings}
-    if args.output is not None:
+    if gguf is not None:
+        doc["gguf"] = gguf
+    elif args.output is not None:
         from ..output.space import check_output_space
 
         doc["output"] = check_output_space(args.output, plan, overwrite=args.overwrite)

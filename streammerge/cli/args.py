@@ -133,7 +133,8 @@ def plan_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-mem", type=size, default=DEFAULT_MAX_MEM, metavar="SIZE",
                    help="the budget to size the working set for (as for a merge)")
     p.add_argument("--output", type=Path, metavar="DIR",
-                   help="also check this output directory as a merge would (allowed, empty, enough free space)")
+                   help="also check this output directory as a merge would (allowed, empty, enough free space); "
+                        "an output ending in .gguf: also list the GGUF file's tensors (-v: each), types and size")
     p.add_argument("--overwrite", action="store_true", help="with --output: as for a merge")
     return p
 

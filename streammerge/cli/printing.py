@@ -86,10 +86,23 @@ def print_plan(summary: dict[str, Any], *, verbose: bool) -> None:
           f"output {format_size(summary['output_bytes'])}, dtype {summary['out_dtype']}; working set "
           f"{format_size(memory['working_set_bytes'])} of --max-mem {format_size(memory['max_mem'])} "
           f"(chunks of {memory['chunk_elements']} elements)")
+    if summary.get("gguf"):
+        _print_gguf(summary["gguf"], verbose=verbose)
     if summary.get("output"):
         out = summary["output"]
         print(f"output {out['path']}: allowed; {format_size(out['free_bytes'])} free, {format_size(out['needed_bytes'])} "
               "needed")
+
+
+def _print_gguf(g: dict[str, Any], *, verbose: bool) -> None:
+    """The GGUF file a merge would write: its tensors (each, or how many of each type) and size."""
+    if verbose:
+        for t in g["tensors"]:
+            parts = t["from"][0] if len(t["from"]) == 1 else f"{t['from'][0]} ... ({len(t['from'])} stacked)"
+            print(f"gguf: {t['name']} {t['type']} {t['shape']} <- {parts}")
+    types = ", ".join(f"{n} {t}" for t, n in sorted(g["types"].items()))
+    print(f"gguf {g['path']}: {g['architecture']} {g['file_type']}, {len(g['tensors'])} tensors ({types}); "
+          f"{format_size(g['bytes'])}, {format_size(g['free_bytes'])} free")
 
 
 def print_verify(result: dict[str, Any], *, quiet: bool) -> None:
@@ -97,7 +110,14 @@ def print_verify(result: dict[str, Any], *, quiet: bool) -> None:
         print(f"DIFFERS: {problem}")
     if quiet and result["ok"]:
         return
+    for note in result.get("notes", []):
+        print(f"note: {note}")
     verdict = "verified" if result["ok"] else "NOT verified"
+    if result.get("kind") == "gguf":
+        print(f"{verdict}: {result['output']}: layout as the merge writes it; {result['tensors_sampled']} tensors "
+              f"sampled ({result['rows_sampled']} rows, dequantized; worst {result['max_error_ratio']:.2f} of what "
+              "the merge's rounding and the GGUF type allow)")
+        return
     print(f"{verdict}: {result['output']}: {result['tensors_compared']} untouched tensors compared byte for byte, "
           f"{result['tensors_sampled']} merged tensors sampled ({result['rows_sampled']} rows, worst "
           f"{result['max_error_ratio']:.2f} of the one-rounding bound), {result['shards_hashed']} shard checksums")
@@ -112,7 +132,7 @@ class PlanLine:
         done = f", {format_size(event.data['bytes_done'])} already done" if event.data["bytes_done"] else ""
         outputs = event.data["outputs"]
         where = outputs[0] if len(outputs) == 1 else f"{len(outputs)} outputs"
-        print(f"streammerge: writing {format_size(event.data['bytes'])} in {event.data['shards']} shard(s) to "
+        print(f"streammerge: writing {format_size(event.data['bytes_out'])} in {event.data['shards']} shard(s) to "
               f"{where}{done}", file=sys.stderr, flush=True)
 
 

@@ -15,6 +15,7 @@ There is no resume: a rerun starts the file again (said in the README).
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -33,8 +34,8 @@ COPY_BYTES = 4 << 20  # read at a time when an untouched tensor is converted
 
 class GgufSink:
     def __init__(self, plan: MergePlan, out: Path, *, layout: GgufLayout, config: dict[str, Any],
-                 tokenizer_dir: Path, pre: str | None = None) -> None:
-        self.plan, self.out, self.layout, self.pre = plan, out, layout, pre
+                 tokenizer_dir: Path, pre: str | None = None, name: str = "model") -> None:
+        self.plan, self.out, self.layout, self.pre, self.name = plan, out, layout, pre, name
         self.config, self.tokenizer_dir = config, tokenizer_dir
         self.partial = out.with_name(out.name + ".partial")
         self.kept: dict[str, dict[str, Any]] = {}
@@ -43,41 +44,27 @@ class GgufSink:
         self.tokenizer_note: str | None = None
         self.pushed_to: str | None = None
         self.staging = self.partial
+        self.fetch_dir = out.with_name(f".{out.name}.streammerge-fetch")  # (--low-disk: removed at the end)
         self._fd = -1
-        self._data_start = 0
         self._carry: dict[str, bytes] = {}  # per tensor: bytes of a row not yet complete
         self._dtypes = {t.name: t.out_dtype for t in plan.tensors()}  # the bytes' dtype, as the plan writes them
+        self._header, self._data_start, data_bytes = _header(self)  # (refusals of the tokenizer come now)
+        self.size = self._data_start + data_bytes  # the file's bytes
 
     # Sink protocol
     def prepare(self, fingerprint: Callable[[str], str]) -> dict[str, dict[str, Any]]:
-        import gguf
-
-        from ..formats.gguf_meta import write_metadata
-
         if self.partial.exists():
             self.partial.unlink()  # (no resume: a GGUF is written again from its start)
-        writer = gguf.GGUFWriter(self.partial, self.layout.arch_name)
-        write_metadata(writer, self.config, self.layout.file_type, self.tokenizer_dir, _name(self.plan),
-                       arch=self.layout.arch, pre=self.pre)
-        offset = 0
-        for gguf_name, parts in self.layout.files().items():
-            first, nbytes = parts[0], sum(p.nbytes for p in parts)
-            for p in parts:  # (stacked experts: consecutive slices)
-                p.offset = offset + p.index * p.nbytes
-            writer.add_tensor_info(gguf_name, first.gguf_shape, _np_dtype(first.qtype), nbytes,
-                                   raw_dtype=getattr(gguf.GGMLQuantizationType, first.qtype))
-            offset += gguf.GGUFWriter.ggml_pad(nbytes, writer.data_alignment)
-        writer.open_output_file()
-        writer.write_header_to_file()
-        writer.write_kv_data_to_file()
-        writer.write_ti_data_to_file()
-        assert writer.fout is not None
-        header_end = writer.fout[0].tell()
-        writer.close()
-        self._data_start = gguf.GGUFWriter.ggml_pad(header_end, writer.data_alignment)
-        self._fd = os.open(self.partial, os.O_WRONLY)
-        os.ftruncate(self._fd, self._data_start + offset)  # (zero padding between tensors, and at the end)
+        self._fd = os.open(self.partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        os.write(self._fd, self._header)
+        os.ftruncate(self._fd, self.size)  # (zero padding between tensors, and at the end)
         return {}
+
+    def bytes_to_write(self) -> int:
+        return self.size
+
+    def extra_bytes(self) -> int:
+        return 0  # (no files beside it)
 
     def open_shard(self, shard: str) -> GgufSink:
         return self
@@ -98,10 +85,12 @@ class GgufSink:
         if self._carry:
             raise OutputError(f"GGUF: tensors {sorted(self._carry)} ended inside a row")
         os.replace(self.partial, self.out)
+        shutil.rmtree(self.fetch_dir, ignore_errors=True)
 
     def fail(self, exc: BaseException) -> None:
         self.close()
         self.partial.unlink(missing_ok=True)
+        shutil.rmtree(self.fetch_dir, ignore_errors=True)
 
     def close(self) -> None:
         if self._fd >= 0:
@@ -156,6 +145,37 @@ class GgufSink:
                 os.pwrite(self._fd, raw[i].tobytes(), self._data_start + t.offset + _permuted(first + i, t) * out_row)
 
 
+def _header(sink: GgufSink) -> tuple[bytes, int, int]:
+    """The file's header (metadata, tensor infos) as bytes, where the data starts, and the data's
+    size; each part's offset in the data set. Written to a temporary file by gguf's own writer."""
+    import tempfile
+
+    import gguf
+
+    from ..formats.gguf_meta import write_metadata
+
+    layout = sink.layout
+    with tempfile.TemporaryDirectory(prefix="streammerge-gguf-") as scratch:
+        writer = gguf.GGUFWriter(Path(scratch) / "header.gguf", layout.arch_name)
+        write_metadata(writer, sink.config, layout.file_type, sink.tokenizer_dir, sink.name, arch=layout.arch,
+                       pre=sink.pre)
+        offset = 0
+        for gguf_name, parts in layout.files().items():
+            first, nbytes = parts[0], sum(p.nbytes for p in parts)
+            for p in parts:  # (stacked experts: consecutive slices)
+                p.offset = offset + p.index * p.nbytes
+            writer.add_tensor_info(gguf_name, first.gguf_shape, _np_dtype(first.qtype), nbytes,
+                                   raw_dtype=getattr(gguf.GGMLQuantizationType, first.qtype))
+            offset += gguf.GGUFWriter.ggml_pad(nbytes, writer.data_alignment)
+        writer.open_output_file()
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_ti_data_to_file()
+        writer.close()
+        header = (Path(scratch) / "header.gguf").read_bytes()
+    return header, gguf.GGUFWriter.ggml_pad(len(header), writer.data_alignment), offset
+
+
 def _permuted(row: int, t: GgufTensor) -> int:
     """Where row ``row`` of a q / k weight goes (within its head: a * half + b -> b * 2 + a)."""
     head_dim = t.shape[0] // t.heads
@@ -186,8 +206,3 @@ def _np_dtype(qtype: str) -> Any:
     import numpy as np
 
     return np.float16 if qtype == "F16" else np.float32  # (the shape stays in elements: raw_dtype gives the type)
-
-
-def _name(plan: MergePlan) -> str:
-    """general.name: the base's directory name, as the converter's default takes it."""
-    return plan.base.root.name.replace("-", " ").title() if plan.base.root.name else "model"

@@ -25,11 +25,12 @@ from ..formats.checkpoint import INDEX_NAME
 from ..formats.shardwriter import ShardWriter
 from ..plan.types import CONFIG_DTYPE_NAMES, MergePlan
 from ..run.iothread import IOThread
+from ..sources.fetch import FETCH_DIR
 from ..codecs import QUANTIZATION_KEYS
 from .card import CARD_NAME
 from .checksum import Cancelled, add_checksum, drop_cached, sha256_while_written
 from .directory import STAGING, foreign_weights, lock_output, publish
-from .files import copy_aux_files, copy_tokenizer, write_index
+from .files import aux_files, copy_aux_files, copy_tokenizer, write_index
 from .manifest import (MANIFEST_NAME, build_manifest, read_manifest, record_shard, reusable_shards, set_checksum,
                        write_json_atomic, written_files)
 from .upload import Uploader
@@ -50,8 +51,13 @@ class Sink(Protocol):
     out: Path
     plan: MergePlan
     kept: dict[str, dict[str, Any]]  # shards an earlier run finished, by prepare()
+    fetch_dir: Path  # --low-disk with a Hub base (first output): where base shards are downloaded
 
     def prepare(self, fingerprint: Callable[[str], str]) -> dict[str, dict[str, Any]]: ...
+
+    def bytes_to_write(self) -> int: ...  # tensor data this run writes (after prepare: what was kept is not)
+
+    def extra_bytes(self) -> int: ...  # the files written beside it (config, tokenizer, ...)
 
     def open_shard(self, shard: str) -> ShardOut: ...
 
@@ -74,6 +80,7 @@ class SafetensorsSink:
                  low_disk: bool = False) -> None:
         self.plan, self.out = plan, out
         self.staging = out / STAGING
+        self.fetch_dir = self.staging / FETCH_DIR  # --low-disk: the base shards downloaded for this run
         self.checksum = checksum
         self.options = options  # recorded in the manifest
         self.card = card  # makes README.md, at the end (it imports huggingface_hub's card code: slow)
@@ -106,6 +113,13 @@ class SafetensorsSink:
             if self.uploader is not None:
                 self.hasher.submit(lambda s=shard: self._shard_done(s))
         return self.kept
+
+    def bytes_to_write(self) -> int:
+        return self.plan.output_size - sum(self.plan.shard_bytes(s) for s in self.kept)
+
+    def extra_bytes(self) -> int:
+        base = self.plan.base.root
+        return sum((base / f).stat().st_size for f in aux_files(base))
 
     # 2. per shard
     def open_shard(self, shard: str) -> ShardWriter:

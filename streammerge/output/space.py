@@ -26,9 +26,7 @@ def check_disk(sinks: list[Sink], hub_base: HubBase | None, *, low_disk: bool) -
         needs[dev] = (first, total + n)
 
     for sink in sinks:
-        base = sink.plan.base.root
-        aux = sum((base / f).stat().st_size for f in aux_files(base))
-        add(sink.out, sink.plan.output_size - sum(r["size"] for r in sink.kept.values()) + aux)
+        add(sink.out, sink.bytes_to_write() + sink.extra_bytes())
     left = set().union(*(set(s.plan.shards) - set(s.kept) for s in sinks))
     missing = [size for s, size in hub_base.sizes.items() if s not in hub_base.cached and s in left] if hub_base else []
     if missing and low_disk:

@@ -60,7 +60,8 @@ class LocalExecutor:
         check_disk([t.sink for t in targets], self.hub_base, low_disk=self.low_disk)
         total = sum(t.plan.output_size for t in targets)
         done = sum(t.plan.shard_bytes(s) for t in targets for s in t.sink.kept)
-        self.events.emit("plan", bytes=total, bytes_done=done, outputs=[t.name for t in targets],
+        self.events.emit("plan", bytes=total, bytes_done=done, bytes_out=sum(t.sink.bytes_to_write() for t in targets),
+                         outputs=[t.name for t in targets],
                          shards=len(targets[0].plan.shards) if targets else 0,
                          resumed={t.name: sorted(t.sink.kept) for t in targets})
 
