@@ -127,12 +127,12 @@ def _merge_many(base: PathLike, jobs: list[tuple[list[AdapterSpec], Path | None]
         inputs = open_inputs(base, opts, small_files_dir=scratch)
         outputs = [_output(inputs, adapters, output, opts, scratch) for adapters, output in jobs]
         _check_distinct([o.out for o in outputs])
-        compute = _compute(outputs, opts, runtime, uploader)
         sinks = [_gguf_sink(o, opts, inputs) if o.out.suffix == ".gguf" else
                  SafetensorsSink(o.plan, o.out, checksum=opts.checksum, options=opts.recorded(),
                                  card=functools.partial(merge_card, o.plan, inputs, adapters, opts),
                                  uploader=uploader if i == 0 else None, low_disk=opts.low_disk)
                  for i, (o, (adapters, _)) in enumerate(zip(outputs, jobs))]
+        compute = _compute(outputs, sinks, opts, runtime, uploader)
         source = (HubShards(inputs.hub_base, private=sinks[0].fetch_dir if opts.low_disk else None)
                   if inputs.hub_base else LocalShards())
         executor = LocalExecutor(compute, events, source=source, hub_base=inputs.hub_base, low_disk=opts.low_disk)
@@ -220,7 +220,7 @@ def plan_gguf(inputs: Inputs, adapters: list[AdapterSpec], output: Path, opts: M
         types[group[0].qtype] = types.get(group[0].qtype, 0) + 1
     return o.plan, o.warnings, {
         "path": str(o.out), "architecture": sink.layout.arch_name, "file_type": sink.layout.file_type,
-        "bytes": sink.size, "free_bytes": shutil.disk_usage(o.out.parent).free, "types": types,
+        "bytes": sink.size, "held_bytes": sink.held_bytes(), "free_bytes": shutil.disk_usage(o.out.parent).free, "types": types,
         "tensors": [{"name": name, "type": group[0].qtype, "shape": list(group[0].gguf_shape),
                      "from": [t.name for t in group]} for name, group in parts.items()]}
 
@@ -263,10 +263,12 @@ def _check_distinct(outs: list[Path]) -> None:
                 raise OutputError(f"--output {a} and {b} overlap; give each adapter its own output directory")
 
 
-def _compute(outputs: list[_Output], opts: MergeOptions, runtime: Runtime, uploader: Uploader | None) -> Compute:
-    """One set of buffers for every output (a budget too small is refused now, before any write); a
-    missing CUDA device or a refused Hub token fails here too."""
-    ws = WorkingSet.combine([WorkingSet.of(o.plan, opts.max_mem) for o in outputs], opts.max_mem)
+def _compute(outputs: list[_Output], sinks: list[Any], opts: MergeOptions, runtime: Runtime,
+             uploader: Uploader | None) -> Compute:
+    """One set of buffers for every output, beside what the sinks hold (a budget too small is refused
+    now, before any write); a missing CUDA device or a refused Hub token fails here too."""
+    held = sum(sink.held_bytes() for sink in sinks)
+    ws = WorkingSet.combine([WorkingSet.of(o.plan, opts.max_mem, held=held) for o in outputs], opts.max_mem)
     compute = Compute(ws, opts.device, runtime, reserve_core=opts.checksum)
     try:
         if opts.device != "cpu":

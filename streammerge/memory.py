@@ -98,6 +98,7 @@ def chunk_capacity(budget: int, *, fixed: int, bytes_per_element: int, minimum_e
         needed = fixed + minimum_elements * bytes_per_element
         raise DeviceError(
             f"--max-mem {budget} bytes cannot hold one row of the largest tensor plus its adapter "
-            f"factors and what their method derives from them (a whole tensor for OSF) ({needed} bytes needed); raise --max-mem to at least {format_size(needed)}"
+            f"factors, what their method derives from them (a whole tensor for OSF) and a GGUF output's "
+            f"conversion ({needed} bytes needed); raise --max-mem to at least {format_size(needed)}"
         )
     return elements

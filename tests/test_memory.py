@@ -327,3 +327,61 @@ def test_a_whole_tensor_method_fits_its_budget_or_is_refused(tmp_path: Path, big
     exact = (uu[:, :1016] * ss[:1016]) @ vt[:1016] + (u[:1024].double() * 0.01 * s.double()) @ (v[:, :1024].double() * 0.01)
     got = read_checkpoint(out)["proj.weight"].double()
     assert ((got - exact).abs() <= exact.abs() * 2.0**-8 + 1e-3).all()
+
+
+def test_a_gguf_output_stays_under_budget(tmp_path: Path) -> None:
+    """A GGUF output (q8_0) of a Llama-shaped checkpoint 5x the budget whose head (32768 x 2048 bf16,
+    128 MiB) is twice it: merged in row chunks and quantized in pieces, the peak RSS within the budget;
+    the file is then held against the float64 merge by ``verify``."""
+    pytest.importorskip("gguf")
+    pytest.importorskip("sentencepiece")
+    from gguf_ref import with_tokenizer
+
+    base, adapter = tmp_path / "base", tmp_path / "adapter"
+    base.mkdir()
+    adapter.mkdir()
+    hidden, ff, vocab, layers = 2048, 4096, 32768, 2
+    shapes = {"model.embed_tokens.weight": (vocab, hidden), "lm_head.weight": (vocab, hidden),
+              "model.norm.weight": (hidden,)}
+    for i in range(layers):
+        p = f"model.layers.{i}."
+        shapes |= {p + "self_attn.q_proj.weight": (hidden, hidden), p + "self_attn.k_proj.weight": (hidden // 2, hidden),
+                   p + "self_attn.v_proj.weight": (hidden // 2, hidden), p + "self_attn.o_proj.weight": (hidden, hidden),
+                   p + "mlp.gate_proj.weight": (ff, hidden), p + "mlp.up_proj.weight": (ff, hidden),
+                   p + "mlp.down_proj.weight": (hidden, ff), p + "input_layernorm.weight": (hidden,),
+                   p + "post_attention_layernorm.weight": (hidden,)}
+    gen = torch.Generator().manual_seed(0)
+    weight_map, lora = {}, {}
+    for n, s in shapes.items():
+        shard = "model-00001-of-00002.safetensors" if n.startswith(("lm_head", "model.embed")) else \
+            "model-00002-of-00002.safetensors"
+        weight_map[n] = shard
+    for shard in sorted(set(weight_map.values())):
+        save_file({n: torch.randn(shapes[n], generator=gen).to(torch.bfloat16) * 0.02 for n in shapes
+                   if weight_map[n] == shard}, base / shard, metadata={"format": "pt"})
+    for module in ("lm_head", "model.layers.1.self_attn.q_proj", "model.layers.0.mlp.down_proj"):
+        out_f, in_f = shapes[module + ".weight"]
+        lora[f"base_model.model.{module}.lora_A.weight"] = torch.randn(16, in_f, generator=gen) * 0.05
+        lora[f"base_model.model.{module}.lora_B.weight"] = torch.randn(out_f, 16, generator=gen) * 0.05
+    total = sum((base / s).stat().st_size for s in set(weight_map.values()))
+    (base / "model.safetensors.index.json").write_text(json.dumps({"metadata": {"total_size": total},
+                                                                    "weight_map": weight_map}))
+    (base / "config.json").write_text(json.dumps({
+        "model_type": "llama", "architectures": ["LlamaForCausalLM"], "hidden_size": hidden, "intermediate_size": ff,
+        "num_hidden_layers": layers, "num_attention_heads": 16, "num_key_value_heads": 8, "vocab_size": vocab,
+        "max_position_embeddings": 4096, "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "torch_dtype": "bfloat16"}))
+    with_tokenizer(base, tmp_path)
+    save_file(lora, adapter / "adapter_model.safetensors")
+    (adapter / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 16, "lora_alpha": 32}))
+    assert total > 5 * BUDGET
+    out = tmp_path / "out.gguf"
+    stdout, sampled = run_sampled([sys.executable, "-m", "streammerge", "--base", str(base), "--adapter", str(adapter),
+                                   "--output", str(out), "--dtype", "q8_0", "--max-mem", "64MB", "--json", "-q"])
+    (report,) = oracle_reports(stdout)
+    baseline, peak = report["baseline_rss"], report["peak_rss"]
+    print(f"gguf q8_0: peak {peak - baseline} bytes over the baseline (sampled {sampled - baseline}), budget {BUDGET}")
+    assert peak <= baseline + BUDGET and sampled <= baseline + BUDGET, (peak - baseline, sampled - baseline)
+    assert report["chunk_elements"] < vocab * hidden and report["tensors_merged"] == 3
+    check = subprocess.run([sys.executable, "-m", "streammerge", "verify", "--base", str(base), "--adapter",
+                            str(adapter), str(out), "--json"], capture_output=True, text=True)
+    assert check.returncode == 0 and json.loads(check.stdout)["ok"], check.stdout + check.stderr

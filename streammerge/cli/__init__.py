@@ -94,7 +94,8 @@ def _plan(args: argparse.Namespace) -> int:
         plan, warnings, gguf = plan_gguf(inputs, args.adapter, args.output, opts)
     else:
         plan, warnings = inputs.plan(args.adapter, opts)
-    doc = {**summary(plan), "memory": WorkingSet.of(plan, args.max_mem).to_dict(), "warnings": warnings}
+    held = gguf["held_bytes"] if gguf else 0  # (a GGUF sink's header and conversion pieces)
+    doc = {**summary(plan), "memory": WorkingSet.of(plan, args.max_mem, held=held).to_dict(), "warnings": warnings}
     if gguf is not None:
         doc["gguf"] = gguf
     elif args.output is not None:

@@ -28,8 +28,8 @@ if TYPE_CHECKING:
     from ..formats.gguf_layout import GgufLayout, GgufTensor
     from ..plan.types import MergePlan
 
-PIECE_ELEMENTS = 1 << 20
-COPY_BYTES = 4 << 20  # read at a time when an untouched tensor is converted
+PIECE_ELEMENTS = 1 << 18
+COPY_BYTES = 1 << 20  # read at a time when an untouched tensor is converted
 
 
 class GgufSink:
@@ -62,6 +62,11 @@ class GgufSink:
 
     def bytes_to_write(self) -> int:
         return self.size
+
+    def held_bytes(self) -> int:
+        """The header, and a piece's conversion: float32 rows, gguf's quantizer temporaries and the
+        bytes written (32 bytes an element, measured under 24), and a copied tensor's read and carry."""
+        return len(self._header) + 32 * PIECE_ELEMENTS + 3 * COPY_BYTES
 
     def extra_bytes(self) -> int:
         return 0  # (no files beside it)

@@ -59,6 +59,8 @@ class Sink(Protocol):
 
     def extra_bytes(self) -> int: ...  # the files written beside it (config, tokenizer, ...)
 
+    def held_bytes(self) -> int: ...  # memory it holds beside the working set's buffers
+
     def open_shard(self, shard: str) -> ShardOut: ...
 
     def commit_shard(self, shard: str) -> None: ...
@@ -120,6 +122,9 @@ class SafetensorsSink:
     def extra_bytes(self) -> int:
         base = self.plan.base.root
         return sum((base / f).stat().st_size for f in aux_files(base))
+
+    def held_bytes(self) -> int:
+        return 0  # (its buffers are the working set's)
 
     # 2. per shard
     def open_shard(self, shard: str) -> ShardWriter:

@@ -2,6 +2,7 @@
 
 Memory model (``max_mem`` = M bytes, on the merge device):
   fixed   = float32 A and B of the tensor being merged (largest over the plan) + a 32 MiB reserve
+            + what the outputs' sinks hold (a GGUF: its header and conversion pieces, ``output/gguf.py``)
   chunk   = E elements, each costing 4 bytes (float32 accumulator) + 2k bytes (two host I/O slots,
             k = the widest input or output itemsize), + 4 bytes for each temporary of a block's size a
             delta makes (LoHa: 2, LoKr: 1) and when a weight is re-quantized (the dequantized base
@@ -36,7 +37,7 @@ class WorkingSet:
     """What the merge holds at most, from the plan and the budget (the memory model above)."""
 
     max_mem: int
-    fixed_bytes: int  # float32 factors of the largest merged tensor + RESERVE
+    fixed_bytes: int  # float32 factors of the largest merged tensor + RESERVE + the sinks' own
     chunk_elements: int
     io_itemsize: int
     widest: int  # the longest row (times its row alignment): the smallest chunk possible
@@ -52,14 +53,15 @@ class WorkingSet:
         return 4 * floats + SLOTS * io_itemsize
 
     @classmethod
-    def of(cls, plan: MergePlan, max_mem: int) -> WorkingSet:
+    def of(cls, plan: MergePlan, max_mem: int, *, held: int = 0) -> WorkingSet:
+        """``held``: bytes the outputs' sinks hold beside the buffers (a GGUF's header and conversion)."""
         rewritten = [t for t in plan.tensors() if t.rewritten]
         io_itemsize = max((max(DTYPE_SIZES[t.origin(plan.base).info.dtype], DTYPE_SIZES[t.out_dtype])
                            for t in rewritten), default=1)
         widest = max((t.rows_cols[1] * t.row_alignment for t in rewritten), default=1)
         floats = (1 + max((method(d.method).block_buffers for t in rewritten for d in t.deltas), default=0)
                   + any(t.requant is not None for t in rewritten))
-        fixed = plan.max_factor_bytes + RESERVE
+        fixed = plan.max_factor_bytes + RESERVE + held
         chunk = chunk_capacity(max_mem, fixed=fixed, bytes_per_element=cls.per_element(io_itemsize, floats),
                                minimum_elements=widest)
         largest = max((t.info.numel for t in rewritten), default=1)
