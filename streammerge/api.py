@@ -189,13 +189,12 @@ def _output(inputs: Inputs, adapters: list[AdapterSpec], output: Path | None, op
 def _gguf_sink(o: _Output, opts: MergeOptions, inputs: Inputs) -> Any:
     """The GGUF file of one output: its layout and metadata from the plan and the base's config;
     general.name from the base's folder or Hub repo name, as the converter takes it from the folder."""
-    import json
-
     from .formats.gguf_layout import layout
+    from .formats.gguf_meta import read_config
     from .output.gguf import GgufSink
 
     root = o.plan.base.root
-    config = json.loads((root / "config.json").read_text(encoding="utf-8"))
+    config = read_config(root)
     tokenizer_dir = o.plan.tokenizer_from or root
     dtype = opts.dtype if opts.dtype != "auto" else _auto_outtype(o.plan)
     folder = inputs.hub_base.repo.split("/")[-1] if inputs.hub_base else root.name

@@ -76,12 +76,11 @@ def _field(reader: Any, key: str) -> Any:
 
 def _expected_layout(reader: Any, plan: Any) -> Any:
     """What a merge of ``plan`` writes in the file's own type (an unknown type or arch is refused)."""
-    import json
-
     import gguf
 
     from .errors import InputError
     from .formats.gguf_layout import OUTTYPES, layout
+    from .formats.gguf_meta import read_config
 
     file_type = _field(reader, "general.file_type")
     names = {ft: name for name, (ft, _) in OUTTYPES.items()}
@@ -89,7 +88,7 @@ def _expected_layout(reader: Any, plan: Any) -> Any:
     if kind not in names:
         raise InputError(f"general.file_type {kind or 'missing'} is not a type streammerge writes "
                          f"({', '.join(OUTTYPES)})")
-    config = json.loads((plan.base.root / "config.json").read_text(encoding="utf-8"))
+    config = read_config(plan.base.root)
     out = layout(plan, names[kind], config)
     if _field(reader, "general.architecture") != out.arch_name:
         raise InputError(f"general.architecture is {_field(reader, 'general.architecture')!r}, but a merge of "

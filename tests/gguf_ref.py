@@ -15,6 +15,7 @@ import pytest
 
 SDIST_NAME, SDIST_FILE = "llama-cpp-python", "llama_cpp_python-0.3.36.tar.gz"
 DESCRIPTIVE = ("general.name", "general.size_label", "general.tags")
+CHAT_TEMPLATE = "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}{% endfor %}"
 
 
 def fetch_sdist(root: Path) -> Path:
@@ -75,6 +76,7 @@ def with_tokenizer(base: Path, root: Path, *, beyond: bool = True) -> Path:
     (base / "tokenizer_config.json").write_text(json.dumps({  # (added tokens as transformers saves them)
         "tokenizer_class": "LlamaTokenizer", "add_bos_token": True, "add_eos_token": False, "bos_token": "<s>",
         "eos_token": "</s>", "unk_token": "<unk>", "added_tokens_decoder": decoder}))
+    (base / "chat_template.jinja").write_text(CHAT_TEMPLATE)  # (where transformers 5 saves it)
     return base
 
 

@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from gguf_ref import convert, read, same_file, with_bpe_tokenizer, with_tokenizer
+from gguf_ref import CHAT_TEMPLATE, convert, read, same_file, with_bpe_tokenizer, with_tokenizer
 from oracle import build_adapter, build_base
 
 from streammerge.cli import main
@@ -64,7 +64,8 @@ def test_gguf_is_the_reference_converters(tmp_path: Path, merges: dict, converte
     ours = tmp_path / "ours.gguf"
     assert main(["--base", str(base), "--adapter", str(adapter), "--output", str(ours), "--dtype", dtype, "-q"]) == 0
     assert not ours.with_name("ours.gguf.partial").exists()
-    same_file(ours, reference(arch, dtype), converter)  # names, types, shapes, bytes (sha256), metadata
+    kv = same_file(ours, reference(arch, dtype), converter)  # names, types, shapes, bytes (sha256), metadata
+    assert kv.get("tokenizer.chat_template") == CHAT_TEMPLATE  # (from chat_template.jinja)
     types = {v[0] for v in read(ours, converter)[1].values()}
     want = {"q8_0": {"F32", "Q8_0", "F16"}, "f32": {"F32"}, "auto": {"F32", "BF16"}}.get(dtype, {"F32", dtype.upper()})
     assert types == want  # (auto: the checkpoint is BF16)

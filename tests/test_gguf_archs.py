@@ -106,12 +106,14 @@ def test_phi3_gguf_is_the_reference_converters(tmp_path: Path, converter: Path) 
                                   {"rope_type": "yarn", "factor": 4.0, "rope_theta": 10000.0, "beta_fast": 16.0,
                                    "beta_slow": 2.0, "original_max_position_embeddings": 1024}])
 def test_rope_scaling_keys_are_the_reference_converters(tmp_path: Path, converter: Path, rope: dict) -> None:
-    """A Llama with linear or YaRN rope scaling: the scaling keys as the converter writes them. A rope
+    """A Llama with linear or YaRN rope scaling, and a config.json without the keys transformers
+    defaults: the scaling keys and the defaults as the converter writes them. A rope
     type llama.cpp takes as an extra tensor (llama3) is refused, nothing written."""
     import json
 
     base = with_tokenizer(build_base("llama", tmp_path / "base", dtype="bf16", sharded=False), tmp_path)
-    config = json.loads((base / "config.json").read_text())
+    config = {k: v for k, v in json.loads((base / "config.json").read_text()).items()
+              if k not in ("max_position_embeddings", "head_dim")}  # (defaults the converter's AutoConfig fills in)
     (base / "config.json").write_text(json.dumps({**config, "rope_parameters": rope}))
     adapter = build_adapter(base, tmp_path / "lora", dtype="bf16", r=4, lora_alpha=8).adapter
     merged, ours = tmp_path / "merged", tmp_path / "ours.gguf"

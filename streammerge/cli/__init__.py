@@ -4,6 +4,7 @@
     streammerge plan --base DIR --adapter DIR [...]               dry run from headers only
     streammerge verify OUT                                        check a merged output
     streammerge demo [DIR]                                        build a tiny model + adapter, merge, check
+    streammerge ui [--host H] [--port P] [--token T]              the web page (optional extra 'ui')
 
 Imports no torch until a merge actually starts, so ``--help`` is instant. With ``--json`` the
 result is one JSON object on stdout: ``{"exit_code": 0, "outputs": [report, ...]}`` for a merge
@@ -126,7 +127,13 @@ def _merge(args: argparse.Namespace) -> int:
     return ExitCode.OK
 
 
-COMMANDS = {"merge": _merge, "plan": _plan, "verify": _verify, "demo": _demo}
+def _ui(args: argparse.Namespace) -> int:
+    from ..ui import serve
+
+    return serve(host=args.host, port=args.port, token=args.token, jobs_dir=args.jobs_dir)
+
+
+COMMANDS = {"merge": _merge, "plan": _plan, "verify": _verify, "demo": _demo, "ui": _ui}
 
 
 def _fail(args: argparse.Namespace, message: str, code: int) -> int:

@@ -17,7 +17,7 @@ from ..memory import DEFAULT_MAX_MEM, format_size, parse_size
 from ..options import DTYPE_CHOICES
 from ..sources import hub
 
-SUBCOMMANDS = ("merge", "plan", "verify", "demo")
+SUBCOMMANDS = ("merge", "plan", "verify", "demo", "ui")
 
 
 def size(text: str) -> int:
@@ -165,7 +165,20 @@ def demo_parser() -> argparse.ArgumentParser:
     return p
 
 
-PARSERS = {"merge": merge_parser, "plan": plan_parser, "verify": verify_parser, "demo": demo_parser}
+def ui_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="streammerge ui", description="Serve the web page to plan, run, watch, cancel, "
+                                "resume and verify merges (pip install 'streammerge[ui]'). Whoever reaches the port "
+                                "can read and write what this user can.")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1; any other needs --token)")
+    p.add_argument("--port", type=int, default=7860)
+    p.add_argument("--token", help="required on every request (bearer header, or the cookie the printed link sets)")
+    p.add_argument("--jobs-dir", type=Path, default=Path.home() / ".streammerge" / "jobs",
+                   help="where the job history is kept (default ~/.streammerge/jobs)")
+    _output_flags(p)
+    return p
+
+
+PARSERS = {"merge": merge_parser, "plan": plan_parser, "verify": verify_parser, "demo": demo_parser, "ui": ui_parser}
 
 
 def batch(path: Path) -> list[tuple[list[Any], Path | None]]:

@@ -23,6 +23,18 @@ if TYPE_CHECKING:
 NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
 
 
+def read_config(root: Path) -> dict[str, Any]:
+    """config.json as the converter reads it: through transformers' AutoConfig (which fills in the
+    defaults a short config.json leaves out: max_position_embeddings, head_dim, ...) when it can, else
+    the file itself."""
+    try:
+        from transformers import AutoConfig
+
+        return AutoConfig.from_pretrained(root, trust_remote_code=False).to_dict()
+    except Exception:  # (as the converter: no transformers, an unknown model_type, a remote-code config)
+        return json.loads((root / "config.json").read_text(encoding="utf-8"))
+
+
 def write_metadata(writer: Any, config: dict[str, Any], file_type: str, tokenizer_dir: Path, name: str, *,
                    arch: Arch, pre: str | None = None) -> None:
     """Every KV pair but the architecture's name (GGUFWriter's own) into ``writer``, as the converter
