@@ -139,3 +139,24 @@ def test_gguf_from_a_block_fp8_base(tmp_path: Path, fp8: dict, converter: Path) 
     assert main(["--base", str(base), "--adapter", str(adapter), "--output", str(ours), "--dtype", "q8_0", "-q"]) == 0
     same_file(ours, convert(converter, merged, "q8_0", tmp_path / "ref.gguf"), converter)
     assert main(["verify", "--base", str(base), "--adapter", str(adapter), str(ours)]) == 0
+
+
+def test_gemma2_gguf_is_the_reference_converters(tmp_path: Path, converter: Path) -> None:
+    """Gemma 2: norms (and its extra post-norms) stored as 1 + w, softcapping and sliding window keys,
+    and an untied lm_head left out as the converter leaves it (llama.cpp ties Gemma's head)."""
+    torch.manual_seed(0)
+    base = tmp_path / "gemma2"
+    transformers.AutoModelForCausalLM.from_config(transformers.Gemma2Config(
+        **SMALL, intermediate_size=112, head_dim=16, tie_word_embeddings=False)).to(torch.bfloat16).save_pretrained(
+        base, max_shard_size="60KB")
+    with_tokenizer(base, tmp_path)
+    adapter = build_adapter(base, tmp_path / "lora", dtype="bf16", r=4, lora_alpha=8).adapter
+    merged = tmp_path / "merged"
+    assert main(["--base", str(base), "--adapter", str(adapter), "--output", str(merged), "-q"]) == 0
+    for dtype in ("q8_0", "f32"):
+        ours = tmp_path / f"ours-{dtype}.gguf"
+        assert main(["--base", str(base), "--adapter", str(adapter), "--output", str(ours), "--dtype", dtype,
+                     "-q"]) == 0
+        kv = same_file(ours, convert(converter, merged, dtype, tmp_path / f"ref-{dtype}.gguf"), converter)
+        assert main(["verify", "--base", str(base), "--adapter", str(adapter), str(ours)]) == 0
+    assert kv["gemma2.attn_logit_softcapping"] == 50.0 and "output.weight" not in read(ours, converter)[1]

@@ -170,7 +170,7 @@ def ui_parser() -> argparse.ArgumentParser:
                                 "resume and verify merges (pip install 'streammerge[ui]'). Whoever reaches the port "
                                 "can read and write what this user can.")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1; any other needs --token)")
-    p.add_argument("--port", type=int, default=7860)
+    p.add_argument("--port", type=int, default=7860, help="port to listen on (default 7860)")
     p.add_argument("--token", help="required on every request (bearer header, or the cookie the printed link sets)")
     p.add_argument("--jobs-dir", type=Path, default=Path.home() / ".streammerge" / "jobs",
                    help="where the job history is kept (default ~/.streammerge/jobs)")

@@ -63,10 +63,11 @@ class Arch:
     permute_qk: bool = False  # llama's rotary layout
     llama_hparams: bool = False  # {arch}.vocab_size and rope.dimension_count written (llama's converter)
     norms_plus_one: bool = False  # Gemma: every "*norm.weight" stored as 1 + w
-    hparams: str = "text"  # which set of {arch}.* keys the converter writes ("text": its base class's; "gemma")
+    hparams: str = "text"  # which set of {arch}.* keys the converter writes ("text": its base class's; "gemma", ...)
     vocab: str = "spm"  # "spm": tokenizer.model when there is one, else tokenizer.json; "bpe": tokenizer.json only;
     # "phi3": tokenizer.model, with tokenizer.json's added tokens too
     experts: Stack | None = None  # MoE: how per-expert tensors stack
+    drop: tuple[str, ...] = ()  # checkpoint tensors the converter leaves out (Gemma's lm_head: the head is tied)
 
 
 LLAMA = Arch("LLAMA", permute_qk=True, llama_hparams=True)
@@ -74,7 +75,8 @@ ARCHS = {"llama": LLAMA, "mistral": LLAMA, "mixtral": replace(LLAMA, experts=MIX
          "qwen2": Arch("QWEN2"), "qwen3": Arch("QWEN3"),
          "qwen2_moe": Arch("QWEN2MOE", vocab="bpe", experts=QWEN_EXPERTS, hparams="qwen2moe"),
          "qwen3_moe": Arch("QWEN3MOE", vocab="bpe", experts=QWEN_EXPERTS, hparams="qwen2moe"),
-         "gemma": Arch("GEMMA", norms_plus_one=True, hparams="gemma"),
+         "gemma": Arch("GEMMA", norms_plus_one=True, hparams="gemma", drop=("lm_head.weight",)),
+         "gemma2": Arch("GEMMA2", norms_plus_one=True, hparams="gemma2", drop=("lm_head.weight",)),
          "phi3": Arch("PHI3", hparams="phi3", vocab="phi3")}  # (fused qkv_proj / gate_up_proj: attn_qkv / ffn_up)
 
 
@@ -141,6 +143,8 @@ def layout(plan: MergePlan, dtype: str, config: dict[str, Any]) -> GgufLayout:
     always_f32 = [getattr(gguf.MODEL_TENSOR, t) for t in ALWAYS_F32]
     experts = int(config.get("num_local_experts") or config.get("num_experts") or 0)
     for t in plan.tensors():
+        if t.name in arch.drop:
+            continue
         if len(t.info.shape) > 2:
             raise UnsupportedError(f"GGUF: tensor {t.name!r} has {len(t.info.shape)} dimensions; this version writes "
                                    "experts kept one tensor an expert, as transformers saves them")

@@ -55,6 +55,7 @@ def write_metadata(writer: Any, config: dict[str, Any], file_type: str, tokenize
             special._set_special_token(kind, token_id)
         special.chat_template = None
         special.add_to_gguf(writer)
+    if arch.hparams in GEMMAS:
         writer.add_add_space_prefix(False)
 
 
@@ -68,7 +69,7 @@ def _text_hparams(writer: Any, config: dict[str, Any], arch: Arch) -> None:
     writer.add_feed_forward_length(int(config["intermediate_size"]))
     writer.add_head_count(heads)
     writer.add_head_count_kv(int(config.get("num_key_value_heads") or heads))
-    if arch.hparams != "gemma":
+    if arch.hparams not in GEMMAS:
         rope = rope_parameters(config)
         _rope_scaling(writer, rope)
         if rope.get("rope_theta") is not None:
@@ -84,9 +85,13 @@ def _text_hparams(writer: Any, config: dict[str, Any], arch: Arch) -> None:
             writer.add_expert_feed_forward_length(int(ff))
         if (ff := config.get("shared_expert_intermediate_size")) is not None:
             writer.add_expert_shared_feed_forward_length(int(ff))
-    if config.get("head_dim") is not None or arch.hparams == "gemma":
+    if config.get("head_dim") is not None or arch.hparams in GEMMAS:
         writer.add_key_length(head_dim)
         writer.add_value_length(head_dim)
+    if arch.hparams == "gemma2":
+        writer.add_attn_logit_softcapping(float(config["attn_logit_softcapping"]))
+        writer.add_final_logit_softcapping(float(config["final_logit_softcapping"]))
+        writer.add_sliding_window(int(config["sliding_window"]))
     if arch.llama_hparams:
         writer.add_vocab_size(int(config["vocab_size"]))
         writer.add_rope_dimension_count(head_dim)
@@ -155,6 +160,7 @@ def _first(config: dict[str, Any], *keys: str) -> Any:
     return next((config[k] for k in keys if config.get(k) is not None), None)
 
 
+GEMMAS = ("gemma", "gemma2")  # hyperparameter sets without rope keys, with key / value lengths, no space prefix
 GEMMA_SPECIAL = {"prefix": 67, "suffix": 69, "middle": 68, "fsep": 70, "eot": 107}  # (the converter's ids)
 
 

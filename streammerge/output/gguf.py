@@ -104,6 +104,8 @@ class GgufSink:
 
     # ShardOut: bytes of one tensor, in the checkpoint's output dtype, in order
     def write(self, name: str, offset_in_tensor: int, data: memoryview) -> None:
+        if name not in self.layout.tensors:
+            return  # (a tensor the converter leaves out)
         t, dtype = self.layout.tensors[name], self._dtypes[name]
         item = DTYPE_SIZES[dtype]
         row_bytes = (t.shape[-1] if len(t.shape) > 1 else t.shape[0]) * item
@@ -120,6 +122,8 @@ class GgufSink:
             self._convert(t, dtype, memoryview(pending)[:whole], start // row_bytes)
 
     def copy_range(self, src_fd: int, src_offset: int, name: str, nbytes: int) -> None:
+        if name not in self.layout.tensors:
+            return
         done = 0
         while done < nbytes:
             n = min(COPY_BYTES, nbytes - done)
