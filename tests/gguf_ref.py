@@ -5,6 +5,7 @@ streammerge's against the converter's of the same merge. The ``converter`` fixtu
 
 from __future__ import annotations
 
+import atexit
 import json
 import subprocess
 import sys
@@ -109,14 +110,42 @@ def with_bpe_tokenizer(base: Path) -> Path:
     return base
 
 
+WORKER = """
+import contextlib, json, runpy, sys, traceback
+sys.path.insert(0, sys.argv[1]); sys.path.insert(1, sys.argv[1] + "/gguf-py")
+import conversion.base as base
+script, answer, plain = sys.argv[1] + "/convert_hf_to_gguf.py", sys.stdout, base.TextModel.get_vocab_base_pre
+for line in sys.stdin:
+    job = json.loads(line)
+    base.TextModel.get_vocab_base_pre = (lambda self, tokenizer: job["pre"]) if job["pre"] else plain
+    sys.argv = ["convert", job["merged"], "--outtype", job["outtype"], "--outfile", job["out"]]
+    try:
+        with contextlib.redirect_stdout(sys.stderr):
+            runpy.run_path(script, run_name="__main__")
+        result = {"ok": True}
+    except BaseException as exc:  # (SystemExit too: the converter exits on errors)
+        result = {"ok": isinstance(exc, SystemExit) and not exc.code, "error": traceback.format_exc()}
+    answer.write(json.dumps(result) + "\\n")
+    answer.flush()
+"""
+_workers: dict[Path, subprocess.Popen] = {}
+
+
 def convert(converter: Path, merged: Path, outtype: str, out: Path, *, pre: str | None = None) -> Path:
     """The reference converter's GGUF of ``merged``; with ``pre``, its fingerprint lookup answers that
-    name (it raises on a fingerprint it does not know, as a home-made tokenizer's)."""
-    patch = f"import conversion.base as b; b.TextModel.get_vocab_base_pre = lambda self, tokenizer: {pre!r}\n" if pre else ""
-    run = (f"import sys, runpy; sys.path.insert(0, {str(converter)!r}); sys.path.insert(1, {str(converter / 'gguf-py')!r})\n"
-           f"{patch}sys.argv = ['convert', {str(merged)!r}, '--outtype', {outtype!r}, '--outfile', {str(out)!r}]\n"
-           f"runpy.run_path({str(converter / 'convert_hf_to_gguf.py')!r}, run_name='__main__')")
-    subprocess.run([sys.executable, "-c", run], capture_output=True, text=True, check=True)
+    name (it raises on a fingerprint it does not know, as a home-made tokenizer's). Conversions run in
+    one long-lived worker per converter, which imports torch and transformers once."""
+    worker = _workers.get(converter)
+    if worker is None or worker.poll() is not None:
+        worker = _workers[converter] = subprocess.Popen(
+            [sys.executable, "-c", WORKER, str(converter)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL, text=True)
+        atexit.register(worker.kill)
+    assert worker.stdin is not None and worker.stdout is not None
+    worker.stdin.write(json.dumps({"merged": str(merged), "outtype": outtype, "out": str(out), "pre": pre}) + "\n")
+    worker.stdin.flush()
+    result = json.loads(worker.stdout.readline() or '{"ok": false, "error": "the worker died"}')
+    assert result["ok"], result.get("error")
     return out
 
 
