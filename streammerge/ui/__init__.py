@@ -7,6 +7,7 @@ its own subprocess (``jobs.py``); the API is in ``server.py``.
 from __future__ import annotations
 
 import secrets
+import signal
 import sys
 from pathlib import Path
 
@@ -29,5 +30,7 @@ def serve(*, host: str, port: int, token: str | None, jobs_dir: Path) -> int:
     app = create_app(jobs_dir, token=token)
     link = f"http://{'[' + host + ']' if ':' in host else host}:{port}/" + (f"?token={token}" if token else "")
     print(f"streammerge ui: {link}  (jobs in {jobs_dir}; Ctrl-C stops)", file=sys.stderr, flush=True)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # (uvicorn's own handlers shut it down cleanly, not the merge's)
     uvicorn.run(app, host=host, port=port, log_level="warning")
+    print("streammerge ui: stopped", file=sys.stderr)
     return 0
