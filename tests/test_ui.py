@@ -154,3 +154,23 @@ def test_another_host_needs_a_token() -> None:
                           text=True, timeout=60)
     lines = done.stderr.strip().splitlines()
     assert done.returncode == 2 and len(lines) == 1 and "give --token" in lines[0], done.stderr
+
+
+def test_a_gguf_job(tmp_path: Path, tiny: dict) -> None:
+    """Format gguf: the GGUF types offered, the plan lists the file, the job writes it, verify reads it back."""
+    pytest.importorskip("gguf")
+    pytest.importorskip("sentencepiece")
+    from gguf_ref import with_tokenizer
+
+    base = with_tokenizer(build_base("llama", tmp_path / "base", dtype="bf16", sharded=True), tmp_path)
+    out = tmp_path / "merged.Q8_0.gguf"
+    with TestClient(create_app(tmp_path / "jobs")) as client:
+        assert "q8_0" in client.get("/api/info").json()["gguf_types"]
+        request = form(base, tiny["peft"].adapter, out, format="gguf", dtype="q8_0")
+        planned = client.post("/api/plan", json=request).json()
+        assert planned["gguf"]["file_type"] == "MOSTLY_Q8_0" and not out.exists()
+        job = client.post("/api/jobs", json=request).json()
+        done = wait(client, job["id"], ("finished", "failed"))
+        assert done["state"] == "finished", done
+        assert out.stat().st_size == planned["gguf"]["bytes"]
+        assert client.post(f"/api/jobs/{job['id']}/verify").json()["ok"]
