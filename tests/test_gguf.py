@@ -231,3 +231,26 @@ def test_verify_reads_the_gguf_back(tmp_path: Path, merges: dict, arch: str, dty
     capsys.readouterr()
     assert main(["verify", str(ours)]) != 0  # (no manifest: the inputs must be named)
     assert "give --base and --adapter" in capsys.readouterr().err
+
+
+def test_a_second_run_on_the_same_gguf_is_refused(tmp_path: Path, merges: dict, capsys) -> None:
+    """While one run holds NAME.gguf.partial (locked), another is refused in one line and leaves it;
+    a stale partial (no run holds it) is written over."""
+    import fcntl
+    import os
+
+    base, adapter, _ = merges["llama"]
+    out = tmp_path / "x.gguf"
+    partial = tmp_path / "x.gguf.partial"
+    partial.write_bytes(b"held")
+    fd = os.open(partial, os.O_RDWR)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    try:
+        assert main(["--base", str(base), "--adapter", str(adapter), "--output", str(out), "--dtype", "q8_0", "-q"]) != 0
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "another streammerge run is writing this file" in err[0], err
+        assert partial.read_bytes() == b"held" and not out.exists()
+    finally:
+        os.close(fd)
+    assert main(["--base", str(base), "--adapter", str(adapter), "--output", str(out), "--dtype", "q8_0", "-q"]) == 0
+    assert out.read_bytes()[:4] == b"GGUF" and not partial.exists()

@@ -53,9 +53,13 @@ class GgufSink:
 
     # Sink protocol
     def prepare(self, fingerprint: Callable[[str], str]) -> dict[str, dict[str, Any]]:
-        if self.partial.exists():
-            self.partial.unlink()  # (no resume: a GGUF is written again from its start)
-        self._fd = os.open(self.partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        try:
+            fd = os.open(self.partial, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as exc:
+            raise OutputError(f"{self.out}: cannot create {self.partial.name} ({exc.strerror})") from None
+        _lock(fd, self.out)
+        self._fd = fd  # (ours from here: fail() removes it)
+        os.ftruncate(self._fd, 0)  # (no resume: a GGUF is written again from its start)
         os.write(self._fd, self._header)
         os.ftruncate(self._fd, self.size)  # (zero padding between tensors, and at the end)
         return {}
@@ -93,6 +97,8 @@ class GgufSink:
         shutil.rmtree(self.fetch_dir, ignore_errors=True)
 
     def fail(self, exc: BaseException) -> None:
+        if self._fd < 0:
+            return  # (never ours: another run's file, or nothing staged yet)
         self.close()
         self.partial.unlink(missing_ok=True)
         shutil.rmtree(self.fetch_dir, ignore_errors=True)
@@ -152,6 +158,20 @@ class GgufSink:
                 continue
             for i in range(k):  # llama's rotary layout: each row to its place in its head
                 os.pwrite(self._fd, raw[i].tobytes(), self._data_start + t.offset + _permuted(first + i, t) * out_row)
+
+
+def _lock(fd: int, out: Path) -> None:
+    """The staged file locked for this run (released when closed): a second run at once is refused."""
+    try:
+        import fcntl
+
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except ImportError:  # (no flock on this platform: no protection)
+        return
+    except OSError:
+        os.close(fd)
+        raise OutputError(f"{out}: another streammerge run is writing this file right now; wait for it to finish or "
+                          "choose another --output") from None
 
 
 def _header(sink: GgufSink) -> tuple[bytes, int, int]:
