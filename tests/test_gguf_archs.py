@@ -17,6 +17,7 @@ import torch
 import transformers
 from gguf_ref import convert, read, same_file, with_bpe_tokenizer, with_tokenizer
 from oracle import build_adapter, build_base
+from test_bnb import qlora  # noqa: F401  (the bitsandbytes 4-bit base fixture)
 from test_fp8 import fp8  # noqa: F401  (the block FP8 base fixture)
 
 from streammerge.cli import main
@@ -160,3 +161,18 @@ def test_gemma2_gguf_is_the_reference_converters(tmp_path: Path, converter: Path
         kv = same_file(ours, convert(converter, merged, dtype, tmp_path / f"ref-{dtype}.gguf"), converter)
         assert main(["verify", "--base", str(base), "--adapter", str(adapter), str(ours)]) == 0
     assert kv["gemma2.attn_logit_softcapping"] == 50.0 and "output.weight" not in read(ours, converter)[1]
+
+
+def test_gguf_from_a_4bit_base_and_with_include_exclude(tmp_path: Path, qlora: dict, converter: Path) -> None:
+    """A bitsandbytes NF4 base (tests/test_bnb.py's fixture, rows of 200: Q8_0 falls back to F16 where
+    32 does not divide them), and --include / --exclude: each GGUF the reference converter's file of
+    the same run's safetensors output. verify, not told of the filters, finds the layers left unmerged."""
+    base = with_tokenizer(qlora["bases"]["nf4"], tmp_path)
+    adapter = qlora["peft"].adapter
+    for name, extra in (("nf4", []), ("filtered", ["--include", r"layers\.0\.", "--exclude", "down_proj"])):
+        merged, ours = tmp_path / f"{name}-merged", tmp_path / f"{name}.gguf"
+        assert main(["--base", str(base), "--adapter", str(adapter), "--output", str(merged), "-q", *extra]) == 0
+        assert main(["--base", str(base), "--adapter", str(adapter), "--output", str(ours), "--dtype", "q8_0", "-q",
+                     *extra]) == 0
+        same_file(ours, convert(converter, merged, "q8_0", tmp_path / f"{name}-ref.gguf"), converter)
+        assert main(["verify", "--base", str(base), "--adapter", str(adapter), str(ours)]) == (0 if not extra else 7)
