@@ -35,3 +35,26 @@ def _converter_fixture():  # noqa: ANN202
 
 
 converter = _converter_fixture()
+
+
+def _quantized_bases():  # noqa: ANN202
+    import pytest
+
+    @pytest.fixture(scope="session")
+    def fp8(tmp_path_factory: pytest.TempPathFactory):  # noqa: ANN202
+        """tests/test_fp8.py's block FP8 base, built once for every module that uses it."""
+        from test_fp8 import make_fp8
+
+        return make_fp8(tmp_path_factory.mktemp("fp8"))
+
+    @pytest.fixture(scope="session")
+    def qlora(tmp_path_factory: pytest.TempPathFactory):  # noqa: ANN202
+        """tests/test_bnb.py's bitsandbytes 4-bit bases, built once for every module that uses them."""
+        from test_bnb import make_qlora
+
+        return make_qlora(tmp_path_factory.mktemp("bnb"))
+
+    return fp8, qlora
+
+
+fp8, qlora = _quantized_bases()

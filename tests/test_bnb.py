@@ -22,9 +22,8 @@ bnb = pytest.importorskip("bitsandbytes", reason="bitsandbytes is a test extra: 
 STATE = ".quant_state.bitsandbytes__"
 
 
-@pytest.fixture(scope="module")
-def qlora(tmp_path_factory: pytest.TempPathFactory) -> dict:
-    root = tmp_path_factory.mktemp("bnb")
+def make_qlora(root: Path) -> dict:
+    """Three 4-bit bases of one tiny Llama and its adapter (conftest's session fixture ``qlora``)."""
     config, peft = odd_llama(root, hidden=200, intermediate=328, dtype="bf16", targets=["q_proj", "down_proj"])
     bases = {}
     for kind, double, storage in (("nf4", True, torch.uint8), ("fp4", False, torch.uint8),

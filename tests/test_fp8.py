@@ -49,9 +49,9 @@ def dequant64(q: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
     return q.double() * expand(s.double(), *q.shape)
 
 
-@pytest.fixture(scope="module")
-def fp8(tmp_path_factory: pytest.TempPathFactory) -> dict:
-    root = tmp_path_factory.mktemp("fp8")
+def make_fp8(root: Path) -> dict:
+    """The block FP8 base and its adapter (conftest's session fixture ``fp8``: built once, shared with
+    tests/test_gguf_archs.py, which works on copies)."""
     config, peft = odd_llama(root, hidden=192, intermediate=320, dtype="bf16", targets=["q_proj", "v_proj", "down_proj"])
     state = read_checkpoint(root / "bf16")
     shards: dict[str, dict[str, torch.Tensor]] = {"model-00001-of-00002.safetensors": {},

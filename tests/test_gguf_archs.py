@@ -17,13 +17,18 @@ import torch
 import transformers
 from gguf_ref import convert, read, same_file, with_bpe_tokenizer, with_tokenizer
 from oracle import build_adapter, build_base
-from test_bnb import qlora  # noqa: F401  (the bitsandbytes 4-bit base fixture)
-from test_fp8 import fp8  # noqa: F401  (the block FP8 base fixture)
 
 from streammerge.cli import main
 
 pytest.importorskip("gguf")
 pytest.importorskip("sentencepiece")
+
+def copy(base: Path, to: Path) -> Path:
+    """A private copy of a shared fixture's base (the tokenizer is added to the copy)."""
+    import shutil
+
+    return Path(shutil.copytree(base, to))
+
 
 SMALL = dict(vocab_size=160, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
 MOE = {  # model -> (config, tokenizer kind, --gguf-pre)
@@ -131,10 +136,10 @@ def test_rope_scaling_keys_are_the_reference_converters(tmp_path: Path, converte
 
 
 def test_gguf_from_a_block_fp8_base(tmp_path: Path, fp8: dict, converter: Path) -> None:
-    """A quantized base (block FP8, tests/test_fp8.py's fixture): its weights decoded, merged, rounded
+    """A quantized base (block FP8, conftest's ``fp8``, tests/test_fp8.py's): its weights decoded, merged, rounded
     once to bf16 and encoded to the GGUF type in the same pass: the reference converter's file of the
     dequantized merged checkpoint, byte for byte; verify recomputes the rows from the FP8 codes."""
-    base = with_tokenizer(fp8["base"], tmp_path)
+    base = with_tokenizer(copy(fp8["base"], tmp_path / "fp8"), tmp_path)
     adapter, merged, ours = fp8["peft"].adapter, tmp_path / "merged", tmp_path / "ours.gguf"
     assert main(["--base", str(base), "--adapter", str(adapter), "--output", str(merged), "-q"]) == 0
     assert main(["--base", str(base), "--adapter", str(adapter), "--output", str(ours), "--dtype", "q8_0", "-q"]) == 0
@@ -164,10 +169,10 @@ def test_gemma2_gguf_is_the_reference_converters(tmp_path: Path, converter: Path
 
 
 def test_gguf_from_a_4bit_base_and_with_include_exclude(tmp_path: Path, qlora: dict, converter: Path) -> None:
-    """A bitsandbytes NF4 base (tests/test_bnb.py's fixture, rows of 200: Q8_0 falls back to F16 where
+    """A bitsandbytes NF4 base (conftest's ``qlora``, tests/test_bnb.py's; rows of 200: Q8_0 falls back to F16 where
     32 does not divide them), and --include / --exclude: each GGUF the reference converter's file of
     the same run's safetensors output. verify, not told of the filters, finds the layers left unmerged."""
-    base = with_tokenizer(qlora["bases"]["nf4"], tmp_path)
+    base = with_tokenizer(copy(qlora["bases"]["nf4"], tmp_path / "nf4"), tmp_path)
     adapter = qlora["peft"].adapter
     for name, extra in (("nf4", []), ("filtered", ["--include", r"layers\.0\.", "--exclude", "down_proj"])):
         merged, ours = tmp_path / f"{name}-merged", tmp_path / f"{name}.gguf"
