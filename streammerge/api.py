@@ -12,6 +12,7 @@ Events (``events.py``) report progress to listeners: the progress bar, ``on_even
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import functools
 import os
@@ -214,13 +215,11 @@ def plan_gguf(inputs: Inputs, adapters: list[AdapterSpec], output: Path, opts: M
     sink = _gguf_sink(o, opts, inputs)
     check_free_space(o.out, sink.size, what="the GGUF file")
     parts = sink.layout.files()
-    types: dict[str, int] = {}
-    for group in parts.values():
-        types[group[0].qtype] = types.get(group[0].qtype, 0) + 1
+    types = dict(collections.Counter(group[0].qtype for group in parts.values()))
     return o.plan, o.warnings, {
         "path": str(o.out), "architecture": sink.layout.arch_name, "file_type": sink.layout.file_type,
-        "bytes": sink.size, "held_bytes": sink.held_bytes(), "free_bytes": shutil.disk_usage(o.out.parent).free, "types": types,
-        "tensors": [{"name": name, "type": group[0].qtype, "shape": list(group[0].gguf_shape),
+        "bytes": sink.size, "held_bytes": sink.held_bytes(), "free_bytes": shutil.disk_usage(o.out.parent).free,
+        "types": types, "tensors": [{"name": name, "type": group[0].qtype, "shape": list(group[0].gguf_shape),
                      "from": [t.name for t in group]} for name, group in parts.items()]}
 
 

@@ -146,8 +146,7 @@ class ExactRows:
             column_m / _column_norms(t, self.src, self.factors, io, self.rows, self.cols)
 
     def picks(self, rows_per_tensor: int, rng: random.Random) -> list[int]:
-        picks = {0, self.rows - 1} | {rng.randrange(self.rows) for _ in range(max(0, rows_per_tensor - 2))}
-        return sorted(picks | set(list(self.token_values)[:4]))
+        return pick_rows(self.rows, rows_per_tensor, rng, also=list(self.token_values)[:4])
 
     def base_row(self, row: int) -> torch.Tensor:
         return base_rows(self.t, self.src, self.io, row, 1, self.cols)[0]
@@ -169,6 +168,11 @@ class ExactRows:
             exact = exact * factor
             arithmetic = arithmetic * abs(factor) + (self.cols + 4) * 2.0**-24 * exact.abs()
         return w, exact, arithmetic
+
+
+def pick_rows(rows: int, count: int, rng: random.Random, *, also: Sequence[int] = ()) -> list[int]:
+    """The rows verify samples: the first, the last, ``count - 2`` drawn by ``rng``, and ``also``."""
+    return sorted({0, rows - 1} | {rng.randrange(rows) for _ in range(max(0, count - 2))} | set(also))
 
 
 def half_ulp(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

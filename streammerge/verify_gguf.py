@@ -32,7 +32,7 @@ from .errors import StreamMergeError
 from .inputs import AdapterSpec, load_inputs
 from .memory import current_rss, peak_rss, reset_peak_rss
 from .plan.types import TensorPlan
-from .verify import ExactRows, VerifyReport, half_ulp
+from .verify import ExactRows, VerifyReport, half_ulp, pick_rows
 
 # per block type: elements a block, the clamp or rounding step (in d), the largest |code|, whether m is stored
 BLOCKS = {"Q8_0": (32, 0.5, 127, False), "Q4_0": (32, 1.0, 16, False), "Q5_0": (32, 1.0, 16, False),
@@ -140,8 +140,7 @@ def _check_tensor(t: TensorPlan, part: Any, stored: Any, f: Any, base: Any, io: 
     rows = t.info.numel // cols if cols else 0  # (rows as the file keeps them: every dimension but the last)
     merged = t.merged or t.dequantized
     exact_rows = ExactRows(t, base, io) if merged else None
-    picks = exact_rows.picks(rows_per_tensor, rng) if exact_rows else \
-        sorted({0, rows - 1} | {rng.randrange(rows) for _ in range(max(0, rows_per_tensor - 2))})
+    picks = exact_rows.picks(rows_per_tensor, rng) if exact_rows else pick_rows(rows, rows_per_tensor, rng)
     where = _row_places(rows, part.heads)
     row_bytes = int(stored.n_bytes) // (rows * part.count)
     hidden = 0

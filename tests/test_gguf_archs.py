@@ -30,6 +30,23 @@ def copy(base: Path, to: Path) -> Path:
     return Path(shutil.copytree(base, to))
 
 
+def against_reference(base: Path, adapter: Path, root: Path, converter: Path, dtypes: tuple[str, ...] = ("q8_0",),
+                      *, extra: tuple[str, ...] = (), verified: int | None = 0) -> tuple[dict, Path]:
+    """Merge to safetensors (what the reference converts) and, per type, straight to GGUF with the same
+    arguments; each GGUF held against the reference's file (and, unless ``verified`` is None, verify's
+    exit code). The last type's metadata and file."""
+    merged = root / "merged"
+    assert main(["--base", str(base), "--adapter", str(adapter), "--output", str(merged), "-q", *extra]) == 0
+    for dtype in dtypes:
+        ours = root / f"ours-{dtype}.gguf"
+        assert main(["--base", str(base), "--adapter", str(adapter), "--output", str(ours), "--dtype", dtype, "-q",
+                     *extra]) == 0
+        kv = same_file(ours, convert(converter, merged, dtype, root / f"ref-{dtype}.gguf"), converter)
+        if verified is not None:
+            assert main(["verify", "--base", str(base), "--adapter", str(adapter), str(ours)]) == verified
+    return kv, ours
+
+
 SMALL = dict(vocab_size=160, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
 MOE = {  # model -> (config, tokenizer kind, --gguf-pre)
     "mixtral": (lambda: transformers.MixtralConfig(**SMALL, intermediate_size=32, num_local_experts=4,
@@ -94,13 +111,7 @@ def test_phi3_gguf_is_the_reference_converters(tmp_path: Path, converter: Path) 
     (base / "tokenizer.json").write_text(json.dumps({"added_tokens": [  # (all Phi-3's converter reads of it)
         {"id": 153, "content": "<|user|>", "special": True}, {"id": 154, "content": "<|x|>", "special": False}]}))
     adapter = build_adapter(base, tmp_path / "lora", dtype="bf16", r=4, lora_alpha=8).adapter
-    merged = tmp_path / "merged"
-    assert main(["--base", str(base), "--adapter", str(adapter), "--output", str(merged), "-q"]) == 0
-    for dtype in ("q8_0", "f32"):
-        ours = tmp_path / f"ours-{dtype}.gguf"
-        assert main(["--base", str(base), "--adapter", str(adapter), "--output", str(ours), "--dtype", dtype,
-                     "-q"]) == 0
-        kv = same_file(ours, convert(converter, merged, dtype, tmp_path / f"ref-{dtype}.gguf"), converter)
+    kv, ours = against_reference(base, adapter, tmp_path, converter, ("q8_0", "f32"), verified=None)
     assert kv["phi3.attention.sliding_window"] == 0 and kv["phi3.rope.dimension_count"] == 16
     types = dict(zip(kv["tokenizer.ggml.tokens"], kv["tokenizer.ggml.token_type"]))
     assert types["<|end|>"] == 4 and types["<tool>"] == 3 and types["<unk>"] == 3  # (special: CONTROL)
@@ -122,10 +133,7 @@ def test_rope_scaling_keys_are_the_reference_converters(tmp_path: Path, converte
               if k not in ("max_position_embeddings", "head_dim")}  # (defaults the converter's AutoConfig fills in)
     (base / "config.json").write_text(json.dumps({**config, "rope_parameters": rope}))
     adapter = build_adapter(base, tmp_path / "lora", dtype="bf16", r=4, lora_alpha=8).adapter
-    merged, ours = tmp_path / "merged", tmp_path / "ours.gguf"
-    assert main(["--base", str(base), "--adapter", str(adapter), "--output", str(merged), "-q"]) == 0
-    assert main(["--base", str(base), "--adapter", str(adapter), "--output", str(ours), "--dtype", "q8_0", "-q"]) == 0
-    kv = same_file(ours, convert(converter, merged, "q8_0", tmp_path / "ref.gguf"), converter)
+    kv, _ = against_reference(base, adapter, tmp_path, converter, verified=None)
     assert kv["llama.rope.scaling.factor"] == rope["factor"] and kv["llama.rope.freq_base"] == rope["rope_theta"]
     (base / "config.json").write_text(json.dumps({**config, "rope_parameters": {
         "rope_type": "llama3", "factor": 8.0, "rope_theta": 500000.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
@@ -140,11 +148,7 @@ def test_gguf_from_a_block_fp8_base(tmp_path: Path, fp8: dict, converter: Path) 
     once to bf16 and encoded to the GGUF type in the same pass: the reference converter's file of the
     dequantized merged checkpoint, byte for byte; verify recomputes the rows from the FP8 codes."""
     base = with_tokenizer(copy(fp8["base"], tmp_path / "fp8"), tmp_path)
-    adapter, merged, ours = fp8["peft"].adapter, tmp_path / "merged", tmp_path / "ours.gguf"
-    assert main(["--base", str(base), "--adapter", str(adapter), "--output", str(merged), "-q"]) == 0
-    assert main(["--base", str(base), "--adapter", str(adapter), "--output", str(ours), "--dtype", "q8_0", "-q"]) == 0
-    same_file(ours, convert(converter, merged, "q8_0", tmp_path / "ref.gguf"), converter)
-    assert main(["verify", "--base", str(base), "--adapter", str(adapter), str(ours)]) == 0
+    against_reference(base, fp8["peft"].adapter, tmp_path, converter)
 
 
 def test_gemma2_gguf_is_the_reference_converters(tmp_path: Path, converter: Path) -> None:
@@ -157,14 +161,7 @@ def test_gemma2_gguf_is_the_reference_converters(tmp_path: Path, converter: Path
         base, max_shard_size="60KB")
     with_tokenizer(base, tmp_path)
     adapter = build_adapter(base, tmp_path / "lora", dtype="bf16", r=4, lora_alpha=8).adapter
-    merged = tmp_path / "merged"
-    assert main(["--base", str(base), "--adapter", str(adapter), "--output", str(merged), "-q"]) == 0
-    for dtype in ("q8_0", "f32"):
-        ours = tmp_path / f"ours-{dtype}.gguf"
-        assert main(["--base", str(base), "--adapter", str(adapter), "--output", str(ours), "--dtype", dtype,
-                     "-q"]) == 0
-        kv = same_file(ours, convert(converter, merged, dtype, tmp_path / f"ref-{dtype}.gguf"), converter)
-        assert main(["verify", "--base", str(base), "--adapter", str(adapter), str(ours)]) == 0
+    kv, ours = against_reference(base, adapter, tmp_path, converter, ("q8_0", "f32"))
     assert kv["gemma2.attn_logit_softcapping"] == 50.0 and "output.weight" not in read(ours, converter)[1]
 
 
@@ -174,10 +171,6 @@ def test_gguf_from_a_4bit_base_and_with_include_exclude(tmp_path: Path, qlora: d
     the same run's safetensors output. verify, not told of the filters, finds the layers left unmerged."""
     base = with_tokenizer(copy(qlora["bases"]["nf4"], tmp_path / "nf4"), tmp_path)
     adapter = qlora["peft"].adapter
-    for name, extra in (("nf4", []), ("filtered", ["--include", r"layers\.0\.", "--exclude", "down_proj"])):
-        merged, ours = tmp_path / f"{name}-merged", tmp_path / f"{name}.gguf"
-        assert main(["--base", str(base), "--adapter", str(adapter), "--output", str(merged), "-q", *extra]) == 0
-        assert main(["--base", str(base), "--adapter", str(adapter), "--output", str(ours), "--dtype", "q8_0", "-q",
-                     *extra]) == 0
-        same_file(ours, convert(converter, merged, "q8_0", tmp_path / f"{name}-ref.gguf"), converter)
-        assert main(["verify", "--base", str(base), "--adapter", str(adapter), str(ours)]) == (0 if not extra else 7)
+    for name, extra in (("plain", ()), ("filtered", ("--include", r"layers\.0\.", "--exclude", "down_proj"))):
+        (tmp_path / name).mkdir()
+        against_reference(base, adapter, tmp_path / name, converter, extra=extra, verified=0 if not extra else 7)

@@ -3,7 +3,8 @@
 started here on 127.0.0.1 and stopped by its pid. The test fills the form by its labels, plans,
 starts a merge and waits for it, checks the output against the float64 oracle, cancels a second
 (larger) job midway, resumes it, verifies it, and counts the page's requests: every one goes to the
-server. A screenshot of the finished page is saved beside the test's files (``page.png``)."""
+server. A reload while the second job runs picks it up. A screenshot of the finished page is saved
+beside the test's files (``page.png``)."""
 
 from __future__ import annotations
 
@@ -99,6 +100,8 @@ def test_the_page_plans_runs_cancels_resumes_and_verifies(tmp_path: Path, server
 
         fill(page, big_base, big_adapter, big_out, "64MB")
         page.get_by_role("button", name="Start merge").click()
+        page.wait_for_selector("#job-state.running", timeout=120_000)
+        page.reload()  # (a reload picks the running job up where it is)
         page.wait_for_function("document.getElementById('log').textContent.includes('shard done')", timeout=120_000)
         page.get_by_role("button", name="Cancel").click()
         page.wait_for_selector("#job-state.cancelled", timeout=120_000)

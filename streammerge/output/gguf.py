@@ -43,7 +43,6 @@ class GgufSink:
         self.notes: list[str] = []
         self.tokenizer_note: str | None = None
         self.pushed_to: str | None = None
-        self.staging = self.partial
         self.fetch_dir = out.with_name(f".{out.name}.streammerge-fetch")  # (--low-disk: removed at the end)
         self._fd = -1
         self._carry: dict[str, bytes] = {}  # per tensor: bytes of a row not yet complete

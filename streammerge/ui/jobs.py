@@ -87,30 +87,19 @@ class Form:
         if self.dtype not in allowed:
             raise FormError("dtype", f"Output dtype: {self.dtype!r} is not one of {', '.join(allowed)}")
 
-    def argv(self) -> list[str]:
-        """The merge's arguments, as the command line takes them."""
+    def argv(self, *, device: bool = True) -> list[str]:
+        """The merge's arguments, as the command line takes them (``device=False``: plan's, which has none)."""
         out = ["--base", self.base]
         for a in self.adapters:
             out += ["--adapter", a]
-        out += ["--output", self.output, "--dtype", self.dtype, "--device", self.device, "--max-mem", self.max_mem]
+        out += ["--output", self.output, "--dtype", self.dtype, "--max-mem", self.max_mem]
+        out += ["--device", self.device] if device else []
         out += [x for p in self.include for x in ("--include", p)] + [x for p in self.exclude for x in ("--exclude", p)]
         if self.tokenizer:
             out += ["--tokenizer", self.tokenizer]
         if self.gguf_pre:
             out += ["--gguf-pre", self.gguf_pre]
         return out + (["--overwrite"] if self.overwrite else [])
-
-    def plan_argv(self) -> list[str]:
-        skip = {"--device"}
-        argv, out = self.argv(), []
-        i = 0
-        while i < len(argv):
-            if argv[i] in skip:
-                i += 2
-                continue
-            out.append(argv[i])
-            i += 1
-        return out
 
 
 @dataclass

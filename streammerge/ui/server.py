@@ -160,7 +160,7 @@ def plan_of(form: Form) -> Any:
     with the CLI's line and the field it is about."""
     from fastapi.responses import JSONResponse
 
-    done = subprocess.run([sys.executable, "-m", "streammerge", "plan", *form.plan_argv(), "--json"],
+    done = subprocess.run([sys.executable, "-m", "streammerge", "plan", *form.argv(device=False), "--json"],
                           capture_output=True, text=True, stdin=subprocess.DEVNULL)
     try:
         doc = json.loads(done.stdout)
