@@ -49,7 +49,7 @@ __all__ = ["merge", "merge_many", "AdapterSpec", "MergeReport"]
 
 
 def merge(base: PathLike, adapters: AdapterArg | Sequence[AdapterArg], *, output: PathLike | None = None,
-          on_event: Listener | None = None, hub_api: Any = None, **options: Any) -> MergeReport:
+          on_event: Listener | None = None, hub_api: Any = None, executor: Any = None, **options: Any) -> MergeReport:
     """Merge adapters into a safetensors checkpoint, shard by shard, within ``max_mem`` bytes.
 
     Each touched weight becomes ``W + sum_i w_i * s_i * (B_i @ A_i)`` computed in float32 and
@@ -64,20 +64,28 @@ def merge(base: PathLike, adapters: AdapterArg | Sequence[AdapterArg], *, output
     ``base`` and adapters may be Hub repo ids (``org/name[@rev]``): the base's shards are then
     downloaded one at a time as the merge reaches them (``low_disk``: into a private folder, each
     deleted once merged). ``push_to_hub``: upload the result as one commit with a model card.
+    ``executor``: where the work runs (None: here; ``streammerge.distributed.Ray(...)``: a cluster).
     """
-    return merge_many(base, [(adapters, output)], on_event=on_event, hub_api=hub_api, **options)[0]
+    return merge_many(base, [(adapters, output)], on_event=on_event, hub_api=hub_api, executor=executor,
+                      **options)[0]
 
 
 def merge_many(base: PathLike, jobs: Sequence[tuple[AdapterArg | Sequence[AdapterArg], PathLike | None]], *,
-               on_event: Listener | None = None, hub_api: Any = None, **options: Any) -> list[MergeReport]:
+               on_event: Listener | None = None, hub_api: Any = None, executor: Any = None,
+               **options: Any) -> list[MergeReport]:
     """Several merged checkpoints from one pass over the base: ``jobs`` is a list of (adapters,
     output); each output is what ``merge(base, adapters, output=output)`` would write, and the base
-    is read once for all of them, within the same ``max_mem``."""
+    is read once for all of them, within the same ``max_mem``.
+
+    ``executor``: None runs here; an object with ``run(base, jobs, options, events)`` returning the
+    reports runs elsewhere: ``streammerge.distributed.Ray(address, group=8)`` spreads the jobs over a
+    Ray cluster, ``Ray(address, shards=True)`` one output's shards (see the README's cluster section)."""
     opts = MergeOptions.build(**options)
     checked = _jobs(base, jobs)
     events = Events([ProgressBar(enabled=opts.progress)] + ([on_event] if on_event is not None else []))
     try:
-        reports = _merge_many(base, checked, opts, events, hub_api)
+        reports = (_merge_many(base, checked, opts, events, hub_api) if executor is None else
+                   executor.run(base, checked, opts, events))
     except BaseException as exc:
         events.emit("failed", error=str(exc) or type(exc).__name__, exit_code=int(getattr(exc, "exit_code", 1)))
         raise
@@ -122,17 +130,7 @@ def _merge_many(base: PathLike, jobs: list[tuple[list[AdapterSpec], Path | None]
     uploader = _uploader(opts, jobs, hub_api)
     scratch = Path(tempfile.mkdtemp(prefix="streammerge-")) if opts.low_disk else None  # Hub files, not the cache
     try:
-        named = [str(base)] + [str(a.path) for adapters, _ in jobs for a in adapters]
-        if uploader or any(hub.is_repo_id(n) for n in named):
-            hub.progress_bars(opts.progress)
-        inputs = open_inputs(base, opts, small_files_dir=scratch)
-        outputs = [_output(inputs, adapters, output, opts, scratch) for adapters, output in jobs]
-        _check_distinct([o.out for o in outputs])
-        sinks = [_gguf_sink(o, opts, inputs) if o.out.suffix == ".gguf" else
-                 SafetensorsSink(o.plan, o.out, checksum=opts.checksum, options=opts.recorded(),
-                                 card=functools.partial(merge_card, o.plan, inputs, adapters, opts),
-                                 uploader=uploader if i == 0 else None, low_disk=opts.low_disk)
-                 for i, (o, (adapters, _)) in enumerate(zip(outputs, jobs))]
+        inputs, outputs, sinks = _prepared(base, jobs, opts, scratch, uploader)
         compute = _compute(outputs, sinks, opts, runtime, uploader)
         source = (HubShards(inputs.hub_base, private=sinks[0].fetch_dir if opts.low_disk else None)
                   if inputs.hub_base else LocalShards())
@@ -147,12 +145,83 @@ def _merge_many(base: PathLike, jobs: list[tuple[list[AdapterSpec], Path | None]
             shutil.rmtree(scratch, ignore_errors=True)
     assert executor.stats is not None
     seconds = time.perf_counter() - started
-    reports = [_report(o, sink, opts, executor.stats, compute, inputs, seconds, source)
+    downloaded = len(source.fetched) if isinstance(source, HubShards) else None
+    reports = [_report(o, sink, opts, executor.stats, compute.notes, inputs, seconds, downloaded)
                for o, sink in zip(outputs, sinks)]
     for report in reports:
         report.requantized = survival.by_output.get(report.output, {})
         report.warnings += [w for w in [survival.warning(report.output)] if w]
     return reports
+
+
+def _prepared(base: PathLike, jobs: list[tuple[list[AdapterSpec], Path | None]], opts: MergeOptions,
+              scratch: Path | None, uploader: Uploader | None) -> tuple[Inputs, list[_Output], list[Any]]:
+    """Steps 1 and 2: the inputs opened, one plan and one sink per output, every output checked."""
+    named = [str(base)] + [str(a.path) for adapters, _ in jobs for a in adapters]
+    if uploader or any(hub.is_repo_id(n) for n in named):
+        hub.progress_bars(opts.progress)
+    inputs = open_inputs(base, opts, small_files_dir=scratch)
+    outputs = [_output(inputs, adapters, output, opts, scratch) for adapters, output in jobs]
+    _check_distinct([o.out for o in outputs])
+    sinks = [_gguf_sink(o, opts, inputs) if o.out.suffix == ".gguf" else
+             SafetensorsSink(o.plan, o.out, checksum=opts.checksum, options=opts.recorded(),
+                             card=functools.partial(merge_card, o.plan, inputs, adapters, opts),
+                             uploader=uploader if i == 0 else None, low_disk=opts.low_disk)
+             for i, (o, (adapters, _)) in enumerate(zip(outputs, jobs))]
+    return inputs, outputs, sinks
+
+
+@dataclass
+class Planned:
+    """What a driver that runs the merge elsewhere (``distributed``) checks first: every output's
+    plan and sink, the shared working set (a budget too small refused), and the free disk space for
+    every output (less what earlier runs staged)."""
+
+    inputs: Inputs
+    outputs: list[_Output]
+    sinks: list[Any]
+    working_set: WorkingSet
+
+
+def plan_outputs(base: PathLike, jobs: Sequence[tuple[AdapterArg | Sequence[AdapterArg], PathLike | None]],
+                 opts: MergeOptions) -> Planned:
+    """Everything ``merge_many`` refuses before its first write, with nothing written and no lock."""
+    from .output.manifest import staged_shards
+    from .output.space import check_disk
+
+    if opts.push_to_hub or opts.low_disk:
+        from .errors import UsageError
+
+        raise UsageError("--push-to-hub and --low-disk are not available on a cluster yet: merge there, then "
+                         "upload, or run on one machine")
+    inputs, outputs, sinks = _prepared(base, _jobs(base, jobs), opts, None, None)
+    for sink in sinks:
+        if isinstance(sink, SafetensorsSink):
+            sink.kept = staged_shards(sink.staging, list(sink.plan.shards))
+    check_disk(sinks, inputs.hub_base, low_disk=opts.low_disk)
+    return Planned(inputs, outputs, sinks, _working_set(outputs, sinks, opts))
+
+
+def merge_shards(base: PathLike, adapters: AdapterArg | Sequence[AdapterArg], output: PathLike, shards: list[str],
+                 *, on_event: Listener | None = None, **options: Any) -> dict[str, Any]:
+    """One worker's part of a merge spread over machines: ``shards`` of ``output``, written into the
+    staging area the driver owns (``output/shardfiles.py``); no lock, no publish, no other file.
+    Returns each shard's record and what the worker ran on."""
+    from .output.shardfiles import ShardFilesSink
+
+    opts = MergeOptions.build(**options)
+    events = Events([on_event] if on_event is not None else [])
+    started = time.perf_counter()
+    inputs = open_inputs(base, opts)
+    plan, notes = inputs.plan(adapter_specs(adapters), opts)
+    sink = ShardFilesSink(plan, Path(output), shards, checksum=opts.checksum)
+    compute = _compute([_Output(plan, Path(output), notes)], [sink], opts, Runtime(), None)
+    source = HubShards(inputs.hub_base, private=None) if inputs.hub_base else LocalShards()  # (the node's cache)
+    executor = LocalExecutor(compute, events, source=source, hub_base=inputs.hub_base, low_disk=False)
+    executor.run([Target(plan, sink, events)])
+    assert executor.stats is not None
+    return {"records": sink.records, "device": executor.stats.device, "peak_rss": peak_rss(),
+            "peak_gpu": executor.stats.peak_gpu, "seconds": time.perf_counter() - started}
 
 
 def _uploader(opts: MergeOptions, jobs: list[Any], hub_api: Any) -> Uploader | None:
@@ -265,9 +334,7 @@ def _compute(outputs: list[_Output], sinks: list[Any], opts: MergeOptions, runti
              uploader: Uploader | None) -> Compute:
     """One set of buffers for every output, beside what the sinks hold (a budget too small is refused
     now, before any write); a missing CUDA device or a refused Hub token fails here too."""
-    held = sum(sink.held_bytes() for sink in sinks)
-    ws = WorkingSet.combine([WorkingSet.of(o.plan, opts.max_mem, held=held) for o in outputs], opts.max_mem)
-    compute = Compute(ws, opts.device, runtime, reserve_core=opts.checksum)
+    compute = Compute(_working_set(outputs, sinks, opts), opts.device, runtime, reserve_core=opts.checksum)
     try:
         if opts.device != "cpu":
             compute.start()
@@ -279,8 +346,21 @@ def _compute(outputs: list[_Output], sinks: list[Any], opts: MergeOptions, runti
     return compute
 
 
-def _report(o: _Output, sink: SafetensorsSink, opts: MergeOptions, stats: ComputeSummary, compute: Compute,
-            inputs: Inputs, seconds: float, source: LocalShards | HubShards) -> MergeReport:
+def _working_set(outputs: list[_Output], sinks: list[Any], opts: MergeOptions) -> WorkingSet:
+    held = sum(sink.held_bytes() for sink in sinks)
+    return WorkingSet.combine([WorkingSet.of(o.plan, opts.max_mem, held=held) for o in outputs], opts.max_mem)
+
+
+def spread_report(planned: Planned, sink: SafetensorsSink, opts: MergeOptions, *, device: str, baseline_rss: int,
+                  peak_gpu: int | None, seconds: float) -> MergeReport:
+    """The report of one output whose shards other processes merged (``merge_shards``): figures
+    of the workers, the rest from the plan and the sink as for a local merge."""
+    stats = ComputeSummary(device, baseline_rss, planned.working_set.chunk_elements, peak_gpu)
+    return _report(planned.outputs[0], sink, opts, stats, [], planned.inputs, seconds, None)
+
+
+def _report(o: _Output, sink: SafetensorsSink, opts: MergeOptions, stats: ComputeSummary, notes: list[str],
+            inputs: Inputs, seconds: float, downloaded: int | None) -> MergeReport:
     plan = o.plan
     report = MergeReport(str(o.out), stats.device, opts.max_mem, opts.dtype, shards=len(plan.shards),
                          shards_resumed=len(sink.kept), seconds=seconds, baseline_rss=stats.baseline_rss,
@@ -301,9 +381,9 @@ def _report(o: _Output, sink: SafetensorsSink, opts: MergeOptions, stats: Comput
     scheme = plan.dequantized or plan.requantized
     report.base_kind = f"quantized ({scheme})" if scheme else "16-bit"
     report.warnings = list(o.warnings)
-    report.notes = plan.notes + compute.notes + ([sink.tokenizer_note] if sink.tokenizer_note else []) + sink.notes
-    if isinstance(source, HubShards):
-        report.shards_downloaded = len(source.fetched)
+    report.notes = plan.notes + notes + ([sink.tokenizer_note] if sink.tokenizer_note else []) + sink.notes
+    if downloaded is not None:
+        report.shards_downloaded = downloaded
     if inputs.hub_base is not None:
         report.base_commit = inputs.hub_base.commit
     elif opts.low_disk and not opts.push_to_hub:

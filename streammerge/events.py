@@ -3,7 +3,9 @@ cluster driver are all listeners.
 
 Kinds, in order: ``plan`` (outputs, shards, bytes), then per output and shard ``shard_started`` /
 ``tensor`` (name, kind, bytes) / ``shard_done`` (bytes), then ``note`` (text: each warning and note
-of the reports), and last ``finished`` (the reports) or ``failed`` (error, exit_code). Listeners run on the thread that emits
+of the reports), and last ``finished`` (the reports) or ``failed`` (error, exit_code). On a cluster
+(``distributed``) the shard events carry the worker's ``pid`` and ``node``, and each output's end is
+``output_done`` (node, host, seconds, retries). Listeners run on the thread that emits
 (the merge thread, or an I/O thread for ``shard_done``) and must be quick.
 """
 

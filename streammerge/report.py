@@ -44,6 +44,7 @@ class MergeReport:
     excluded: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
+    cluster: dict[str, Any] | None = None  # run on a cluster: nodes, retries, seconds (distributed/)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

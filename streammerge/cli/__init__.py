@@ -1,6 +1,7 @@
 """Command line: ``main(argv) -> int``, the only place that prints errors and sets exit codes.
 
     streammerge [merge] --base DIR --adapter DIR[:WEIGHT] [...]   merge (the default command)
+    streammerge --base DIR --batch JOBS.json --ray auto           the same on a Ray cluster
     streammerge plan --base DIR --adapter DIR [...]               dry run from headers only
     streammerge verify OUT                                        check a merged output
     streammerge demo [DIR]                                        build a tiny model + adapter, merge, check
@@ -23,8 +24,8 @@ from collections.abc import Sequence
 from typing import Any
 
 from ..errors import ExitCode, Interrupted, StreamMergeError, UsageError
-from .args import PARSERS, SUBCOMMANDS, input_options, jobs, merge_parser
-from .printing import PlanLine, print_json, print_plan, print_reports, print_verify
+from .args import PARSERS, SUBCOMMANDS, executor, input_options, jobs, merge_parser
+from .printing import OutputLine, PlanLine, print_json, print_plan, print_reports, print_verify
 
 __all__ = ["main", "console_main"]
 
@@ -114,8 +115,8 @@ def _merge(args: argparse.Namespace) -> int:
     from ..api import merge_many
     from ..events import JsonLines, Listener
 
-    listener: Listener | None = JsonLines() if args.progress == "json" else None if args.quiet else PlanLine()
-    reports = merge_many(args.base, jobs(args), on_event=listener,
+    listener: Listener | None = JsonLines() if args.progress == "json" else None if args.quiet else OutputLine()
+    reports = merge_many(args.base, jobs(args), on_event=listener, executor=executor(args),
                          device=args.device, max_mem=args.max_mem, overwrite=args.overwrite,
                          progress=args.progress == "auto" and not args.quiet, checksum=args.checksum,
                          allow_noop=args.allow_noop, low_disk=args.low_disk, push_to_hub=args.push_to_hub,

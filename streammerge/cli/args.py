@@ -122,6 +122,17 @@ def merge_parser(prog: str = "streammerge") -> argparse.ArgumentParser:
                        "model card (with --low-disk, local shards are deleted once uploaded)")
     group.add_argument("--private", action="store_true", help="create the --push-to-hub repo as private")
     group.add_argument("--revision", metavar="BRANCH", help="branch to commit to with --push-to-hub (default main)")
+    group = p.add_argument_group("Ray cluster (optional extra ray; see the README's 'Running on a cluster')")
+    group.add_argument("--ray", metavar="auto|local|HOST:PORT",
+                       help="run on a Ray cluster: auto (the one this machine is in), local (Ray on this machine, "
+                       "loopback only) or the head's HOST:PORT; paths must be shared by every node at the same path")
+    group.add_argument("--ray-group", type=int, default=8, metavar="N",
+                       help="outputs one worker writes in one pass over the base (default 8)")
+    group.add_argument("--ray-shards", action="store_true",
+                       help="spread the shards of one output over the cluster instead of outputs over workers")
+    group.add_argument("--ray-summary", type=Path, metavar="FILE",
+                       help="the run's summary, written last (default: FILE.summary.json beside --batch FILE, or "
+                       "OUT.ray-summary.json beside a single --output OUT)")
     return p
 
 
@@ -216,6 +227,24 @@ def jobs(args: argparse.Namespace) -> list[tuple[list[Any], Path | None]]:
         return [([a], o) for a, o in zip(args.adapter, outputs)]
     raise UsageError(f"{len(outputs)} --output for {len(args.adapter)} --adapter: give one --output per --adapter "
                      "(one merged checkpoint each, one pass over the base), or a single --output for their weighted sum")
+
+
+def executor(args: argparse.Namespace) -> Any:
+    """--ray and its companions: a ``distributed.Ray``, or None to run here."""
+    if args.ray is None:
+        for flag, given in (("--ray-shards", args.ray_shards), ("--ray-summary", args.ray_summary),
+                            ("--ray-group", args.ray_group != 8)):
+            if given:
+                raise UsageError(f"{flag} only applies with --ray auto|local|HOST:PORT")
+        return None
+    from ..distributed import Ray
+
+    summary = args.ray_summary
+    if summary is None and args.batch is not None:
+        summary = args.batch.with_name(args.batch.stem + ".summary.json")
+    elif summary is None and args.output and len(args.output) == 1:
+        summary = args.output[0].with_name(args.output[0].name + ".ray-summary.json")
+    return Ray(args.ray, group=args.ray_group, shards=args.ray_shards, summary=summary)
 
 
 def input_options(args: argparse.Namespace) -> dict[str, Any]:

@@ -39,6 +39,10 @@ def _print_report(report: dict[str, Any]) -> None:
         kept = sorted(report["requantized"].values())
         print(f"re-quantized: {len(kept)} weights kept {kept[0]:.0%} (least) to {kept[-1]:.0%} of their delta "
               "(survives, per tensor, in --json)")
+    if report.get("cluster"):
+        c = report["cluster"]
+        where = f"node {c['host']} ({c['node'][:12]})" if "node" in c else f"{len(c['nodes'])} node(s)"
+        print(f"on the cluster: {where}, {c['retries']} retried task(s)")
     if report.get("pushed_to"):
         print(f"pushed: {report['pushed_to']}")
     if report.get("excluded"):
@@ -134,6 +138,18 @@ class PlanLine:
         where = outputs[0] if len(outputs) == 1 else f"{len(outputs)} outputs"
         print(f"streammerge: writing {format_size(event.data['bytes_out'])} in {event.data['shards']} shard(s) to "
               f"{where}{done}", file=sys.stderr, flush=True)
+
+
+class OutputLine(PlanLine):
+    """The plan line, then on a cluster a line for each output as it is published."""
+
+    def __call__(self, event: Event) -> None:
+        super().__call__(event)
+        if event.kind == "output_done":
+            retries = event.data["retries"]
+            again = f" ({retries} retr{'y' if retries == 1 else 'ies'})" if retries else ""
+            print(f"streammerge: {event.output} done on {event.data.get('host') or event.data['node']} in "
+                  f"{event.data['seconds']:.1f} s{again}", file=sys.stderr, flush=True)
 
 
 def _quantized(q: dict[str, Any]) -> str:

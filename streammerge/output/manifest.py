@@ -20,6 +20,7 @@ import hashlib
 import json
 import os
 import shutil
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -81,8 +82,9 @@ def shard_fingerprint(plan: MergePlan, shard: str, *, device: str, chunk: int) -
 
 
 def write_json_atomic(path: Path, doc: dict[str, Any]) -> None:
-    """Write, fsync, rename: a reader sees the old file or the whole new one, never a part."""
-    tmp = path.with_name(path.name + ".tmp")
+    """Write, fsync, rename: a reader sees the old file or the whole new one, never a part. The
+    temporary name is the writer's own (two processes may record the same shard at once)."""
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
     try:
         with open(tmp, "w", encoding="utf-8") as f:
             json.dump(doc, f, indent=2)
@@ -104,6 +106,20 @@ def record_shard(staging: Path, shard: str, *, fingerprint: str) -> dict[str, An
 def set_checksum(staging: Path, record: dict[str, Any], sha256: str) -> None:
     record["sha256"] = sha256
     write_json_atomic(staging / (record["shard"] + RECORD_SUFFIX), record)
+
+
+def staged_shards(staging: Path, shards: list[str]) -> dict[str, dict[str, Any]]:
+    """The records of staged shards whose file is complete, read only (nothing checked or removed):
+    what an earlier run left, for a free-space estimate made before the staging area is locked."""
+    found: dict[str, dict[str, Any]] = {}
+    for shard in shards if staging.is_dir() else []:
+        try:
+            record = json.loads((staging / (shard + RECORD_SUFFIX)).read_text(encoding="utf-8"))
+            if isinstance(record, dict) and (staging / shard).stat().st_size == record.get("size"):
+                found[shard] = record
+        except (OSError, ValueError):
+            continue
+    return found
 
 
 def reusable_shards(staging: Path, shards: list[str], fingerprint: Callable[[str], str]) -> dict[str, dict[str, Any]]:
