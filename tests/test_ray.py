@@ -156,15 +156,39 @@ def workers_of_this_cluster() -> list[psutil.Process]:
     return [p for p in psutil.Process().children(recursive=True) if p.name().startswith("ray::Worker")]
 
 
-def test_a_rerun_after_the_driver_is_killed_resumes(cluster: Any, inputs: dict, tmp_path: Path) -> None:
-    """The driver (the command line, in its own process) killed at its first shard: with a shard of
-    each tensor (21 shards, each waiting for the driver's acknowledgement) its workers are far from done."""
+@pytest.fixture(scope="module")
+def fine_base(inputs: dict, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The same model with a shard of each tensor (21 shards)."""
     import transformers
 
-    base = tmp_path / "base"
+    base = tmp_path_factory.mktemp("fine") / "base"
     transformers.AutoModelForCausalLM.from_pretrained(inputs["base"]).save_pretrained(base, max_shard_size="10KB")
+    assert len(set(json.loads((base / "model.safetensors.index.json").read_text())["weight_map"].values())) >= 15
+    return base
+
+
+def test_the_driver_hears_of_each_shard_before_the_worker_goes_on(cluster: Any, inputs: dict, fine_base: Path,
+                                                                 tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    seen, behind = [0], []
+
+    def listener(event: Event) -> None:
+        if event.kind == "shard_done":
+            seen[0] += 1
+            recorded = len(list((out / ".streammerge-partial").glob("*.done.json")))
+            if recorded != seen[0]:
+                behind.append((seen[0], recorded))
+
+    streammerge.merge(fine_base, inputs["adapters"][0], output=out, on_event=listener, executor=Ray(group=1), **OPTS)
+    assert seen[0] >= 15 and behind == []
+
+
+def test_a_rerun_after_the_driver_is_killed_resumes(cluster: Any, inputs: dict, fine_base: Path,
+                                                    tmp_path: Path) -> None:
+    """The driver (the command line, in its own process) killed at its first shard: with a shard of
+    each tensor (21 shards, each waiting for the driver's acknowledgement) its workers are far from done."""
+    base = fine_base
     shards = set(json.loads((base / "model.safetensors.index.json").read_text())["weight_map"].values())
-    assert len(shards) >= 15
     jobs = [{"output": f"o{i}", "adapters": [str(a)]} for i, a in enumerate(inputs["adapters"][:2])]
     (tmp_path / "jobs.json").write_text(json.dumps(jobs))
     cmd = [sys.executable, "-m", "streammerge", "--base", str(base), "--batch", str(tmp_path / "jobs.json"),
@@ -244,3 +268,22 @@ def test_a_worker_declared_dead_cannot_clobber_its_retry(inputs: dict, tmp_path:
     local = tmp_path / "local"
     streammerge.merge(inputs["base"], inputs["adapters"][0], output=local, **OPTS)
     assert (staged / shard).read_bytes() == (local / shard).read_bytes()
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--ray-shards"], "--ray-shards only applies with --ray"),
+    (["--ray-group", "3"], "--ray-group only applies with --ray"),
+    (["--ray", "127.0.0.1:9", "--ray-shards"], "--ray-shards spreads the shards of one safetensors output"),
+    (["--ray", "127.0.0.1:9", "--ray-group", "0"], "Ray(group=0): expected a whole number of at least 1"),
+    (["--ray", "127.0.0.1:9", "--low-disk"], "--low-disk are not available on a cluster"),
+    (["--ray", "not an address"], "--ray not an address: expected auto, local or HOST:PORT"),
+])
+def test_cluster_options_that_do_not_fit_are_one_line(inputs: dict, tmp_path: Path, extra: list[str], message: str,
+                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    args = ["--base", str(inputs["base"]), "--device", "cpu", "--max-mem", "64MB", "-q"]
+    for i, adapter in enumerate(inputs["adapters"][:2]):
+        args += ["--adapter", str(adapter), "--output", str(tmp_path / f"o{i}")]
+    assert main(args + extra) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and message in err, err
+    assert list(tmp_path.iterdir()) == []
