@@ -105,9 +105,18 @@ def test_a_batch_is_the_local_runs_and_survives_a_killed_worker(cluster: Any, in
     outs = [tmp_path / f"out{i}" for i in range(4)]
     summary = tmp_path / "summary.json"
     kill = KillOnce(outs[0], sigkill)
-    reports = streammerge.merge_many(inputs["base"], list(zip(inputs["adapters"], outs)), on_event=kill,
+    ends: list[Event] = []
+
+    def listen(event: Event) -> None:
+        kill(event)
+        if event.kind in ("output_done", "finished"):
+            ends.append(event)
+
+    reports = streammerge.merge_many(inputs["base"], list(zip(inputs["adapters"], outs)), on_event=listen,
                                      executor=Ray(group=2, summary=summary), **OPTS)
     assert kill.fired is not None
+    assert [e.kind for e in ends] == ["output_done"] * 4 + ["finished"]  # a line per output, then the end
+    assert sorted(e.output for e in ends[:4]) == sorted(map(str, outs))
     assert [r.output for r in reports] == [str(o) for o in outs]
     for out, local in zip(outs, inputs["local"]):
         assert weights(out) == local

@@ -140,8 +140,10 @@ class _Pool:
         for actor in self.actors + [self.relay]:
             self.ray.kill(actor, no_restart=True)
 
-    def _run(self, items: list[Any], call: Callable[[Any, Any], Any]) -> tuple[dict[int, Any], list[tuple[int, BaseException]]]:
-        """Each item on a free actor, events pumped meanwhile; results by item index, and the errors."""
+    def _run(self, items: list[Any], call: Callable[[Any, Any], Any],
+             done: Callable[[int, Any], None]) -> tuple[dict[int, Any], list[tuple[int, BaseException]]]:
+        """Each item on a free actor, events pumped meanwhile; ``done(index, result)`` as each ends.
+        Returns the results by item index, and the errors."""
         ray = self.ray
         free, queue = list(self.actors), list(range(len(items)))
         pending: dict[Any, tuple[Any, int]] = {}
@@ -158,6 +160,7 @@ class _Pool:
                 try:
                     results[i] = ray.get(ref)
                     free.append(actor)
+                    done(i, results[i])
                 except ray.exceptions.RayTaskError as exc:  # raised by the task: not retried
                     errors.append((i, _cause(exc)))
                     free.append(actor)
@@ -190,12 +193,10 @@ class _Pool:
         self._plan_event({str(s.out): sorted(s.kept) for s in self.planned.sinks if getattr(s, "kept", None)})
         self._start(len(groups))
         keys = [f"group {i}" for i in range(len(groups))]
-        results, errors = self._run(list(range(len(groups))), lambda actor, g: actor.merge_group.remote(
-            keys[g], self.base, groups[g], options))
-        attempts = self._attempts()
         reports: list[MergeReport] = []
-        for g, result in sorted(results.items()):
-            tried = attempts.get(keys[g], [])
+
+        def done(g: int, result: dict[str, Any]) -> None:  # each output's line as its group publishes it
+            tried = self._attempts().get(keys[g], [])
             for doc in result["reports"]:
                 report = MergeReport(**doc)
                 report.cluster = {"node": result["node"], "host": result["host"], "pid": result["pid"],
@@ -203,6 +204,9 @@ class _Pool:
                 self.events.emit("output_done", report.output, node=result["node"], host=result["host"],
                                  seconds=report.seconds, retries=report.cluster["retries"])
                 reports.append(report)
+
+        _, errors = self._run(list(range(len(groups))), lambda actor, g: actor.merge_group.remote(
+            keys[g], self.base, groups[g], options), done)
         _raise_first(errors, [", ".join(out for _, out in groups[g]) for g, _ in errors])
         order = {out: i for i, (_, out) in enumerate(jobs)}
         return sorted(reports, key=lambda r: order.get(r.output, len(order)))
@@ -221,7 +225,7 @@ class _Pool:
             self._plan_event({output: sorted(kept)})
             todo = [s for s in plan.shards if s not in kept]
             results, errors = self._run(todo, lambda actor, shard: actor.merge_shards.remote(
-                f"shard {shard}", self.base, adapters, output, [shard], options))
+                f"shard {shard}", self.base, adapters, output, [shard], options), lambda i, result: None)
             _raise_first(errors, [todo[i] for i, _ in errors])
             sink.records = reusable_shards(sink.staging, list(plan.shards), fingerprint)
             missing = [s for s in plan.shards if s not in sink.records]
@@ -236,7 +240,8 @@ class _Pool:
         finally:
             sink.close()
         attempts = self._attempts()
-        done = list(results.values())
+        by_shard = {todo[i]: r for i, r in results.items()}
+        done = list(by_shard.values())
         report = spread_report(self.planned, sink, self.opts, device=done[0]["device"] if done else kind,
                                baseline_rss=0, peak_gpu=max((r["peak_gpu"] or 0 for r in done), default=None) or None,
                                seconds=time.perf_counter() - started)
@@ -245,7 +250,7 @@ class _Pool:
         retries = sum(max(len(a) - 1, 0) for a in attempts.values())
         report.cluster = {"nodes": nodes, "retries": retries, "shards": {
             s: {"node": r["node"], "host": r["host"], "seconds": round(r["seconds"], 3), "attempts": len(
-                attempts.get(f"shard {s}", []))} for s, r in zip((todo[i] for i in results), done)}}
+                attempts.get(f"shard {s}", []))} for s, r in by_shard.items()}}
         self.events.emit("output_done", output, node=",".join(nodes), seconds=report.seconds, retries=retries)
         return [report]
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import socket
+from collections.abc import Callable
 from typing import Any
 
 from .relay import Forwarder
@@ -30,26 +31,25 @@ class Worker:
         return str(resolve_device(device).type)
 
     def merge_group(self, key: str, base: str, jobs: list[tuple[list[Any], str]], options: dict[str, Any]) -> dict[str, Any]:
-        import ray
-
         from ..api import merge_many
 
-        where = self.where()
-        attempt = ray.get(self.relay.attempt.remote(key, where))
-        forward = Forwarder(self.relay, where)
-        reports = merge_many(base, jobs, on_event=forward, **options)
-        forward.flush()
-        return {**where, "attempt": attempt, "reports": [r.to_dict() for r in reports]}
+        return self._attempt(key, lambda forward: {
+            "reports": [r.to_dict() for r in merge_many(base, jobs, on_event=forward, **options)]})
 
     def merge_shards(self, key: str, base: str, adapters: list[Any], output: str, shards: list[str],
                      options: dict[str, Any]) -> dict[str, Any]:
-        import ray
-
         from ..api import merge_shards
 
+        return self._attempt(key, lambda forward: merge_shards(base, adapters, output, shards, on_event=forward,
+                                                               **options))
+
+    def _attempt(self, key: str, work: Callable[[Forwarder], dict[str, Any]]) -> dict[str, Any]:
+        """One attempt at ``key``, counted by the relay, its events forwarded; the result and where it ran."""
+        import ray
+
         where = self.where()
-        attempt = ray.get(self.relay.attempt.remote(key, where))
+        ray.get(self.relay.attempt.remote(key, where))
         forward = Forwarder(self.relay, where)
-        result = merge_shards(base, adapters, output, shards, on_event=forward, **options)
+        result = work(forward)
         forward.flush()
-        return {**where, "attempt": attempt, **result}
+        return {**where, **result}

@@ -19,6 +19,7 @@ from typing import Any
 from ..errors import OutputError
 from ..formats.shardwriter import ShardWriter
 from ..plan.types import MergePlan
+from ..sources.fetch import FETCH_DIR
 from .checksum import sha256_file
 from .directory import STAGING
 from .manifest import RECORD_SUFFIX, write_json_atomic
@@ -31,7 +32,7 @@ class ShardFilesSink:
             raise OutputError(f"{out}: shard(s) {', '.join(unknown)} are not in the base's plan")
         self.plan, self.out, self.mine = plan, out, list(shards)
         self.staging = out / STAGING
-        self.fetch_dir = self.staging / f"base-shards.{uuid.uuid4().hex[:12]}"  # (unused: no --low-disk here)
+        self.fetch_dir = self.staging / FETCH_DIR  # (the Sink protocol's; no --low-disk on a cluster)
         self.checksum = checksum
         self.attempt = f"{os.getpid()}.{uuid.uuid4().hex[:12]}"
         self.kept: dict[str, dict[str, Any]] = {}
